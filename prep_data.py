@@ -1,0 +1,647 @@
+"""Read cluster cutouts from disk and prepare them for the ICL model.
+
+Inputs
+------
+Every reader yields :class:`Cutout` records (image in counts, HSC mask plane, metadata),
+whatever the file format:
+
+* **HSC FITS cutouts**: an image HDU, a mask HDU and a variance HDU, found by ``EXTNAME``
+  (``IMAGE``, ``MASK``, ``VARIANCE``) or else as the first and second 2-D HDUs. Mask bit
+  numbers come from the mask header's ``MP_*`` keywords (``MP_BAD``, ``MP_NO_DATA``,
+  ``MP_BRIGHT_OBJECT``) and fall back to BAD = 0, NO_DATA = 8, BRIGHT_OBJECT = 9. The
+  redshift, if any, is read from the ``Z`` or ``REDSHIFT`` keyword.
+* **HDF5, this project's layouts** (see :data:`HDF5_FORMAT`):
+
+  - *stacked* (fixed-size cutouts, used by the mock generator): root datasets
+    ``image`` (N, H, W) float16/float32 counts, optional ``mask`` (N, H, W) integer HSC mask
+    plane, optional ``id`` (N,) UTF-8 strings, optional ``z`` (N,) and any other 1-D (N,)
+    dataset as a per-cutout column (``f_icl_true``, ``f_icl_sb``, ``params`` as JSON text...).
+    File attributes: ``format = "icl-cutouts"``, ``layout = "stacked"``, optional
+    ``mask_bits`` (JSON object plane -> bit), optional ``pixel_scale`` (arcsec/px).
+  - *groups* (cutouts of any size): one group per cutout, named by its id, holding
+    datasets ``image`` and optional ``mask``; group attributes (``z`` and any scalar) are the
+    cutout's metadata. File attributes as above with ``layout = "groups"``.
+* **HDF5, the original code's layouts**: one group per cutout with ``<id>/HDU0/DATA`` (image)
+  and ``<id>/HDU1/DATA`` (mask), or ``<id>/DATA`` and ``<id>/MASK``.
+* **.npy** arrays of *prepared* images (the output of :func:`prepare_image`), shape
+  (N, 224, 224), (N, 224, 224, 1) or a single (224, 224); they skip the preprocessing.
+
+Preprocessing (SPEC Part A, identical for training and inference)
+-----------------------------------------------------------------
+1. NaN or infinite pixels are treated as masked (NO_DATA) and set to 0.
+2. Non-square cutouts (cut at a survey edge) are padded symmetrically on the short axis to a
+   square, the padding flagged NO_DATA. Padding, not stretching, keeps the physical scale the
+   same on both axes, so 112 px stays 300 kpc in x and y.
+3. Resize to 224 x 224 with ``skimage.transform.resize`` (bilinear with anti-aliasing, as the
+   original). The mask is resized as the fraction of each output pixel that was masked, and
+   an output pixel is masked when that fraction exceeds one half.
+4. Clip to [0, 10] counts, stretch with arcsinh(x / 0.017359), set BAD | NO_DATA |
+   BRIGHT_OBJECT pixels to 0. Normalisation (mean 0.948, std 1.108) happens inside the model.
+
+The ``tf.data`` pipelines stream cutouts from disk in parallel, one cutout at a time, so
+inputs of any size never have to fit in memory.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import threading
+import warnings
+
+import h5py
+import numpy as np
+
+import hsc
+
+logger = logging.getLogger(__name__)
+
+#: Value of the ``format`` attribute of HDF5 files written in this project's layouts.
+HDF5_FORMAT = "icl-cutouts"
+#: File suffixes read as FITS, HDF5 and prepared NumPy arrays.
+FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fits.fz")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+NPY_SUFFIXES = (".npy",)
+
+
+class CutoutError(ValueError):
+    """A cutout (or a whole file) that cannot be read or prepared; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CutoutRef:
+    """Where one cutout lives: a file and, for multi-cutout files, its key inside.
+
+    Attributes
+    ----------
+    path : str
+        File path.
+    key : str or int or None
+        HDF5 group name, row of a stacked HDF5 / .npy file, or None for a FITS file.
+    id : str
+        Identifier written to outputs.
+    """
+
+    path: str
+    key: object
+    id: str
+
+    @property
+    def source(self):
+        """Human-readable location, ``file`` or ``file:key``."""
+        return self.path if self.key is None else f"{self.path}:{self.key}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cutout:
+    """One cutout as read from disk.
+
+    Attributes
+    ----------
+    ref : CutoutRef
+        Where it came from.
+    image : ndarray, shape (H, W)
+        Pixel values in counts (zero point 27), or a prepared image if ``prepared``.
+    mask : ndarray of int, shape (H, W), or None
+        HSC mask plane.
+    mask_bits : dict of str -> int
+        Mask plane name to bit number.
+    meta : dict
+        Per-cutout metadata (``z`` and, for mocks, the truth columns).
+    prepared : bool
+        True when ``image`` is already the model's 224 x 224 input (from .npy).
+    """
+
+    ref: CutoutRef
+    image: np.ndarray
+    mask: np.ndarray = None
+    mask_bits: dict = dataclasses.field(default_factory=lambda: dict(hsc.DEFAULT_MASK_BITS))
+    meta: dict = dataclasses.field(default_factory=dict)
+    prepared: bool = False
+
+    @property
+    def id(self):
+        return self.ref.id
+
+
+# ----------------------------------------------------------------------------------------
+# Finding inputs
+
+
+def _suffix_kind(path):
+    name = path.name.lower()
+    if name.endswith(FITS_SUFFIXES):
+        return "fits"
+    if name.endswith(HDF5_SUFFIXES):
+        return "hdf5"
+    if name.endswith(NPY_SUFFIXES):
+        return "npy"
+    return None
+
+
+def find_files(inputs):
+    """Expand files and directories into a list of readable cutout files, in input order.
+
+    Directories are searched (not recursively) for FITS, HDF5 and .npy files, sorted by name.
+
+    Raises
+    ------
+    CutoutError
+        If an input does not exist, has an unknown suffix, or a directory holds no cutouts.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    files = []
+    for item in inputs:
+        path = pathlib.Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and _suffix_kind(p))
+            if not found:
+                raise CutoutError(f"{path}: directory holds no FITS, HDF5 or .npy files")
+            files.extend(str(p) for p in found)
+        elif path.is_file():
+            if _suffix_kind(path) is None:
+                raise CutoutError(
+                    f"{path}: unknown file type; expected one of "
+                    f"{', '.join(FITS_SUFFIXES + HDF5_SUFFIXES + NPY_SUFFIXES)}"
+                )
+            files.append(str(path))
+        else:
+            raise CutoutError(f"{path}: no such file or directory")
+    return files
+
+
+def index_cutouts(inputs):
+    """List every cutout in the inputs without reading pixels.
+
+    Parameters
+    ----------
+    inputs : str or sequence of str
+        Files and directories (see :func:`find_files`).
+
+    Returns
+    -------
+    refs : list of CutoutRef
+        One per cutout, in input order.
+    errors : list of (str, str)
+        (source, message) for files that could not even be listed; they hold no refs.
+    """
+    refs, errors = [], []
+    for path in find_files(inputs):
+        try:
+            refs.extend(_list_file(path))
+        except CutoutError as error:
+            errors.append((path, str(error)))
+    return refs, errors
+
+
+def _list_file(path):
+    kind = _suffix_kind(pathlib.Path(path))
+    stem = pathlib.Path(path).name.split(".")[0]
+    if kind == "fits":
+        return [CutoutRef(path, None, stem)]
+    if kind == "npy":
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as error:
+            raise CutoutError(f"{path}: cannot read .npy file ({error})") from None
+        if array.ndim == 2:
+            return [CutoutRef(path, None, stem)]
+        return [CutoutRef(path, i, f"{stem}_{i}") for i in range(array.shape[0])]
+    try:
+        with h5py.File(path, "r") as f:
+            if _is_stacked(f):
+                n = f["image"].shape[0]
+                ids = _decode(f["id"][()]) if "id" in f else [f"{stem}_{i}" for i in range(n)]
+                return [CutoutRef(path, i, str(ids[i])) for i in range(n)]
+            return [CutoutRef(path, key, key) for key in f.keys() if isinstance(f[key], h5py.Group)]
+    except OSError as error:
+        raise CutoutError(f"{path}: cannot read HDF5 file ({error})") from None
+
+
+def _is_stacked(f):
+    return "image" in f and isinstance(f["image"], h5py.Dataset) and f["image"].ndim == 3
+
+
+def _decode(values):
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in np.atleast_1d(values)]
+
+
+# ----------------------------------------------------------------------------------------
+# Reading
+
+
+_open_files = threading.local()
+
+
+def _h5(path):
+    """An open, read-only h5py file, cached per thread (reopening costs more than reading)."""
+    cache = getattr(_open_files, "cache", None)
+    if cache is None:
+        cache = _open_files.cache = {}
+    if path not in cache:
+        if len(cache) > 8:
+            cache.pop(next(iter(cache))).close()
+        cache[path] = h5py.File(path, "r")
+    return cache[path]
+
+
+def read_cutout(ref):
+    """Read one cutout from disk.
+
+    Raises
+    ------
+    CutoutError
+        If the file cannot be read or its layout is not one described in this module.
+    """
+    kind = _suffix_kind(pathlib.Path(ref.path))
+    try:
+        if kind == "fits":
+            return _read_fits(ref)
+        if kind == "npy":
+            array = np.load(ref.path, mmap_mode="r")
+            image = np.asarray(array if ref.key is None else array[ref.key], dtype=np.float32)
+            return Cutout(ref, np.squeeze(image, axis=-1) if image.ndim == 3 else image, prepared=True)
+        return _read_hdf5(ref)
+    except CutoutError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as error:
+        raise CutoutError(f"{ref.source}: cannot read cutout ({error})") from None
+
+
+def _read_fits(ref):
+    from astropy.io import fits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            hdus = fits.open(ref.path, memmap=False)
+        except (OSError, ValueError) as error:
+            raise CutoutError(f"{ref.source}: cannot read FITS file ({error})") from None
+        with hdus:
+            named = {hdu.name.upper(): hdu for hdu in hdus}
+            arrays = [hdu for hdu in hdus if hdu.data is not None and np.ndim(hdu.data) >= 2]
+            image_hdu = named.get("IMAGE") or (arrays[0] if arrays else None)
+            if image_hdu is None or image_hdu.data is None:
+                raise CutoutError(f"{ref.source}: FITS file holds no image data")
+            mask_hdu = named.get("MASK")
+            if mask_hdu is None and len(arrays) > 1 and arrays[1] is not image_hdu:
+                mask_hdu = arrays[1]
+            image = np.asarray(image_hdu.data, dtype=np.float32)
+            mask = None if mask_hdu is None or mask_hdu.data is None else np.asarray(mask_hdu.data)
+            mask_bits = dict(hsc.DEFAULT_MASK_BITS)
+            if mask_hdu is not None:
+                for plane in mask_bits:
+                    key = f"MP_{plane}"
+                    if key in mask_hdu.header:
+                        mask_bits[plane] = int(mask_hdu.header[key])
+            meta = {}
+            for header in (hdus[0].header, image_hdu.header):
+                for key in ("Z", "REDSHIFT"):
+                    if key in header and "z" not in meta:
+                        meta["z"] = float(header[key])
+    return Cutout(ref, image, mask, mask_bits, meta)
+
+
+def _read_hdf5(ref):
+    f = _h5(ref.path)
+    mask_bits = dict(hsc.DEFAULT_MASK_BITS)
+    if "mask_bits" in f.attrs:
+        mask_bits.update(json.loads(f.attrs["mask_bits"]))
+    if _is_stacked(f):
+        row = int(ref.key)
+        image = np.asarray(f["image"][row], dtype=np.float32)
+        mask = np.asarray(f["mask"][row]) if "mask" in f else None
+        meta = {}
+        for name, dataset in f.items():
+            if name not in ("image", "mask", "id") and isinstance(dataset, h5py.Dataset) and dataset.ndim == 1:
+                meta[name] = _scalar(dataset[row])
+        return Cutout(ref, image, mask, mask_bits, meta)
+    if ref.key not in f:
+        raise CutoutError(f"{ref.source}: no such cutout in the file")
+    group = f[ref.key]
+    if not isinstance(group, h5py.Group):
+        raise CutoutError(f"{ref.source}: unknown HDF5 layout (expected a group per cutout)")
+    if "mask_bits" in group.attrs:
+        mask_bits.update(json.loads(group.attrs["mask_bits"]))
+    for image_key, mask_key in (("image", "mask"), ("HDU0/DATA", "HDU1/DATA"), ("DATA", "MASK")):
+        if image_key in group:
+            image = np.asarray(group[image_key][()], dtype=np.float32)
+            mask = np.asarray(group[mask_key][()]) if mask_key in group else None
+            break
+    else:
+        raise CutoutError(
+            f"{ref.source}: unknown HDF5 layout; expected datasets 'image' (+'mask'), "
+            f"'HDU0/DATA' (+'HDU1/DATA') or 'DATA' (+'MASK') in each cutout group, found {sorted(group.keys())}"
+        )
+    meta = {k: _scalar(v) for k, v in group.attrs.items() if k != "mask_bits"}
+    return Cutout(ref, image, mask, mask_bits, meta)
+
+
+def _scalar(value):
+    value = value.item() if isinstance(value, np.generic) else value
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# ----------------------------------------------------------------------------------------
+# Preprocessing
+
+
+def resize_image(image, size=hsc.ICL_IMAGE_SIZE):
+    """Resize a 2-D image to (size, size) exactly as the original pipeline did.
+
+    ``skimage.transform.resize`` with bilinear interpolation and anti-aliasing: the same
+    call shrinks real cutouts and the mocks, so both get the same smoothing of the noise.
+    """
+    from skimage.transform import resize
+
+    image = np.asarray(image, dtype=np.float32)
+    if image.shape == (size, size):
+        return image.copy()
+    return resize(image, (size, size), order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
+
+
+def resize_mask(bad, size=hsc.ICL_IMAGE_SIZE):
+    """Resize a boolean mask: an output pixel is masked when more than half its area was."""
+    from skimage.transform import resize
+
+    bad = np.asarray(bad, dtype=bool)
+    if bad.shape == (size, size):
+        return bad.copy()
+    fraction = resize(bad.astype(np.float32), (size, size), order=1, anti_aliasing=True, preserve_range=True)
+    return fraction > 0.5
+
+
+def bad_pixels(cutout, planes=hsc.ICL_MASK_PLANES):
+    """Boolean map of pixels the model must not see: flagged planes plus non-finite pixels."""
+    bad = ~np.isfinite(cutout.image)
+    if cutout.mask is not None:
+        bad |= (cutout.mask.astype(np.int64) & hsc.mask_value(cutout.mask_bits, planes)) != 0
+    return bad
+
+
+def pad_to_square(image, bad):
+    """Pad the short axis symmetrically so that both axes keep the same physical scale.
+
+    Returns copies; padded pixels are 0 in ``image`` and True in ``bad``.
+    """
+    height, width = image.shape
+    side = max(height, width)
+    if height == width:
+        return image, bad
+    top, left = (side - height) // 2, (side - width) // 2
+    padded = np.zeros((side, side), dtype=image.dtype)
+    padded[top : top + height, left : left + width] = image
+    padded_bad = np.ones((side, side), dtype=bool)
+    padded_bad[top : top + height, left : left + width] = bad
+    return padded, padded_bad
+
+
+def check_cutout(cutout):
+    """Validate a cutout read from disk; raise :class:`CutoutError` naming the problem."""
+    source = cutout.ref.source
+    image = cutout.image
+    if image.ndim != 2:
+        raise CutoutError(f"{source}: image must be 2-D, got shape {image.shape}")
+    if image.size == 0 or min(image.shape) < 2:
+        raise CutoutError(f"{source}: image is empty (shape {image.shape})")
+    if cutout.mask is not None and cutout.mask.shape != image.shape:
+        raise CutoutError(f"{source}: mask shape {cutout.mask.shape} does not match image shape {image.shape}")
+    if cutout.mask is not None and not np.issubdtype(cutout.mask.dtype, np.integer):
+        raise CutoutError(f"{source}: mask must hold integer mask-plane bits, got dtype {cutout.mask.dtype}")
+    if not np.isfinite(image).any():
+        raise CutoutError(f"{source}: image has no finite pixels")
+
+
+def prepare_image(image, bad=None, size=hsc.ICL_IMAGE_SIZE):
+    """Turn an image in counts into the ICL model's input (SPEC Part A preprocessing).
+
+    Parameters
+    ----------
+    image : ndarray, shape (H, W)
+        Counts at zero point 27; NaN pixels are treated as masked.
+    bad : ndarray of bool, shape (H, W), optional
+        Pixels to zero (BAD | NO_DATA | BRIGHT_OBJECT).
+    size : int
+        Output side in pixels.
+
+    Returns
+    -------
+    ndarray of float32, shape (size, size, 1)
+        arcsinh(clip(image, 0, 10) / 0.017359) with bad pixels set to 0.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    bad = np.zeros(image.shape, dtype=bool) if bad is None else np.asarray(bad, dtype=bool)
+    bad = bad | ~np.isfinite(image)
+    image = np.where(bad, 0.0, image).astype(np.float32)
+    image, bad = pad_to_square(image, bad)
+    image = resize_image(image, size)
+    bad = resize_mask(bad, size)
+    image = np.arcsinh(np.clip(image, *hsc.CLIP_RANGE) / hsc.ARCSINH_SCALE)
+    image[bad] = 0.0
+    return image[..., None].astype(np.float32)
+
+
+def prepare_cutout(cutout, size=hsc.ICL_IMAGE_SIZE):
+    """Validate and prepare one :class:`Cutout`; returns the (size, size, 1) model input.
+
+    Warns (and carries on) when more than half the cutout is masked.
+    """
+    if cutout.prepared:
+        image = cutout.image
+        if image.shape != (size, size):
+            raise CutoutError(f"{cutout.ref.source}: prepared image must be {size}x{size}, got shape {image.shape}")
+        if not np.isfinite(image).all():
+            raise CutoutError(f"{cutout.ref.source}: prepared image holds NaN or infinite values")
+        return image[..., None].astype(np.float32)
+    check_cutout(cutout)
+    bad = bad_pixels(cutout)
+    if bad.mean() > 0.5:
+        logger.warning("%s: %.0f%% of the pixels are masked", cutout.ref.source, 100 * bad.mean())
+    return prepare_image(cutout.image, bad, size)
+
+
+def load_prepared(ref, size=hsc.ICL_IMAGE_SIZE):
+    """Read and prepare one cutout; raises :class:`CutoutError`."""
+    return prepare_cutout(read_cutout(ref), size)
+
+
+# ----------------------------------------------------------------------------------------
+# tf.data pipelines
+
+
+def cutout_dataset(refs, batch_size, size=hsc.ICL_IMAGE_SIZE, labels=None):
+    """Stream prepared cutouts from disk in order, in parallel, batched and prefetched.
+
+    Parameters
+    ----------
+    refs : sequence of CutoutRef
+    batch_size : int
+    size : int
+        Side of the prepared images.
+    labels : sequence of float, optional
+        One label per ref; when given, each element also carries ``label``.
+
+    Returns
+    -------
+    tf.data.Dataset
+        Batches of dicts: ``image`` (B, size, size, 1) float32, ``index`` (B,) int64 position in
+        ``refs``, ``error`` (B,) string, empty when the cutout was prepared; a bad cutout gives
+        a zero image and its message, so one broken file never stops a stream.
+    """
+    import tensorflow as tf
+
+    refs = list(refs)
+
+    def load(index):
+        index = int(index)
+        try:
+            return load_prepared(refs[index], size), b""
+        except CutoutError as error:
+            return np.zeros((size, size, 1), np.float32), str(error).encode()
+
+    def load_tf(index):
+        image, error = tf.numpy_function(load, [index], [tf.float32, tf.string], stateful=False)
+        image.set_shape((size, size, 1))
+        error.set_shape(())
+        return {"image": image, "index": index, "error": error}
+
+    dataset = tf.data.Dataset.range(len(refs)).map(load_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if labels is not None:
+        label_tensor = tf.constant(np.asarray(labels, dtype=np.float32))
+        dataset = dataset.map(lambda e: {**e, "label": tf.gather(label_tensor, e["index"])})
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def read_labels(refs, label_key):
+    """Per-cutout labels from the files' metadata (e.g. ``f_icl_sb`` of the mocks)."""
+    labels = []
+    for ref in refs:
+        cutout = read_cutout(ref)
+        if label_key not in cutout.meta:
+            raise CutoutError(f"{ref.source}: has no label '{label_key}' (available: {sorted(cutout.meta)})")
+        labels.append(float(cutout.meta[label_key]))
+    return np.asarray(labels, dtype=np.float32)
+
+
+def load_labelled_arrays(inputs, label_key):
+    """Prepared images and labels of every cutout in the inputs, in memory (small sets only).
+
+    Returns ``(ids, images (N, 224, 224, 1), labels (N,))``; raises on the first bad cutout,
+    since a training or fine-tuning set with a silently dropped cluster is a different set.
+    """
+    refs, errors = index_cutouts(inputs)
+    if errors:
+        raise CutoutError(errors[0][1])
+    if not refs:
+        raise CutoutError(f"{inputs}: no cutouts found")
+    images = np.stack([load_prepared(ref) for ref in refs])
+    return [ref.id for ref in refs], images, read_labels(refs, label_key)
+
+
+# ----------------------------------------------------------------------------------------
+# Writing
+
+
+def atomic_path(path):
+    """Temporary sibling path to write to before ``os.replace`` onto ``path``."""
+    path = pathlib.Path(path)
+    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
+def write_stacked_hdf5(path, images, masks=None, ids=None, columns=None, mask_bits=None, pixel_scale=None):
+    """Write cutouts in the *stacked* layout, atomically (temporary file, then rename).
+
+    Parameters
+    ----------
+    path : str
+    images : ndarray, shape (N, H, W)
+        Counts; stored as given (float16 halves the size and stays far below the noise).
+    masks : ndarray of int, shape (N, H, W), optional
+    ids : sequence of str, optional
+    columns : dict of str -> sequence, optional
+        Per-cutout values (numbers, or strings such as JSON parameters).
+    mask_bits : dict, optional
+    pixel_scale : float, optional
+    """
+    images = np.asarray(images)
+    if images.ndim != 3:
+        raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
+    path = pathlib.Path(path)
+    temporary = atomic_path(path)
+    with h5py.File(temporary, "w") as f:
+        f.attrs["format"] = HDF5_FORMAT
+        f.attrs["layout"] = "stacked"
+        f.attrs["mask_bits"] = json.dumps(mask_bits or hsc.DEFAULT_MASK_BITS)
+        if pixel_scale is not None:
+            f.attrs["pixel_scale"] = float(pixel_scale)
+        f.create_dataset("image", data=images, chunks=(1,) + images.shape[1:])
+        if masks is not None:
+            f.create_dataset("mask", data=np.asarray(masks), chunks=(1,) + images.shape[1:], compression="gzip")
+        if ids is not None:
+            f.create_dataset("id", data=np.asarray([str(i) for i in ids], dtype=h5py.string_dtype()))
+        for name, values in (columns or {}).items():
+            values = list(values)
+            if values and isinstance(values[0], str):
+                f.create_dataset(name, data=np.asarray(values, dtype=h5py.string_dtype()))
+            else:
+                f.create_dataset(name, data=np.asarray(values))
+    os.replace(temporary, path)
+
+
+def write_groups_hdf5(path, cutouts):
+    """Write :class:`Cutout` records of any size in the *groups* layout, atomically."""
+    path = pathlib.Path(path)
+    temporary = atomic_path(path)
+    with h5py.File(temporary, "w") as f:
+        f.attrs["format"] = HDF5_FORMAT
+        f.attrs["layout"] = "groups"
+        for cutout in cutouts:
+            group = f.create_group(cutout.id)
+            group.create_dataset("image", data=cutout.image)
+            if cutout.mask is not None:
+                group.create_dataset("mask", data=cutout.mask, compression="gzip")
+            group.attrs["mask_bits"] = json.dumps(cutout.mask_bits)
+            for key, value in cutout.meta.items():
+                group.attrs[key] = value
+    os.replace(temporary, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Prepare cluster cutouts (FITS, HDF5) into a .npy array of 224x224 model inputs."
+    )
+    parser.add_argument("inputs", nargs="+", help="FITS or HDF5 files, or directories of them")
+    parser.add_argument("--out", required=True, help="output .npy file; the ids go to OUT.ids.txt")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from tqdm import tqdm
+
+    try:
+        refs, errors = index_cutouts(args.inputs)
+    except CutoutError as error:
+        parser.exit(2, f"error: {error}\n")
+    images, ids = [], []
+    for ref in tqdm(refs, desc="preparing", unit="cutout", disable=len(refs) < 20):
+        try:
+            images.append(load_prepared(ref)[..., 0])
+            ids.append(ref.id)
+        except CutoutError as error:
+            errors.append((ref.source, str(error)))
+    for _, message in errors:
+        print(f"error: {message}")
+    out = pathlib.Path(args.out)
+    temporary = atomic_path(out)
+    with open(temporary, "wb") as handle:
+        np.save(handle, np.asarray(images, dtype=np.float32).reshape(-1, hsc.ICL_IMAGE_SIZE, hsc.ICL_IMAGE_SIZE))
+    os.replace(temporary, out)
+    ids_path = out.with_suffix(".ids.txt")
+    ids_path.write_text("".join(f"{i}\n" for i in ids))
+    print(f"wrote {len(images)} prepared images to {out} (ids in {ids_path})")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""Pre-activation bottleneck ResNet v2 for CIFAR-sized inputs, as a Keras 3 functional builder.
+
+Adapted in spirit from the keras-idiomatic-programmer ``resnet_cifar10_v2`` that both
+original codebases used. Depth is 9 N + 2: a 3x3 stem, three stages of one projection
+block and N - 1 identity blocks each, then ReLU and global average pooling.
+
+* ICL regressor (Canepa et al. 2025): N = 6 (depth 56), no batch normalisation, no weight decay.
+* NNCLR tidal encoder (Desmons et al. 2023): N = 2 (depth 20), L2 weight decay 5e-4.
+"""
+
+import keras
+from keras import layers
+
+#: (bottleneck width, output width, stride of the projection block) for each of the three stages.
+STAGES = ((16, 64, 1), (64, 128, 2), (128, 256, 2))
+#: Name of the layer whose output is the last convolutional feature map (used by GradCAM).
+FEATURE_LAYER_NAME = "final_activation"
+
+
+def build_resnet_v2(input_shape, n_blocks=6, weight_decay=0.0, batch_norm=False, name="resnet_v2"):
+    """Build the encoder: image -> 256-d vector (global average of the last feature map).
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        (height, width, channels) of the input images.
+    n_blocks : int
+        N, blocks per stage (one projection + N - 1 identity); depth = 9 N + 2.
+    weight_decay : float
+        L2 factor on every convolution kernel; 0 disables regularisation.
+    batch_norm : bool
+        Insert batch normalisation before every pre-activation ReLU.
+    name : str
+        Name of the returned model.
+
+    Returns
+    -------
+    keras.Model
+        Functional model with output shape (batch, 256).
+    """
+    if n_blocks < 1:
+        raise ValueError(f"n_blocks must be >= 1, got {n_blocks}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    builder = _Builder(weight_decay, batch_norm)
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = builder.conv(16, 3, name="stem_conv")(inputs)
+    x = builder.activation(x, "stem")
+    for stage, (width, out_width, stride) in enumerate(STAGES, start=1):
+        x = builder.block(x, width, out_width, stride, projection=True, name=f"stage{stage}_block1")
+        for block in range(2, n_blocks + 1):
+            x = builder.block(x, width, out_width, 1, projection=False, name=f"stage{stage}_block{block}")
+    if batch_norm:
+        x = layers.BatchNormalization(name="final_bn")(x)
+    x = layers.ReLU(name=FEATURE_LAYER_NAME)(x)
+    outputs = layers.GlobalAveragePooling2D(name="global_pool")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+class _Builder:
+    """Holds the shared layer options so each block reads as its diagram."""
+
+    def __init__(self, weight_decay, batch_norm):
+        self.regularizer = keras.regularizers.L2(weight_decay) if weight_decay else None
+        self.batch_norm = batch_norm
+
+    def conv(self, filters, kernel_size, strides=1, name=None):
+        return layers.Conv2D(
+            filters,
+            kernel_size,
+            strides=strides,
+            padding="same",
+            use_bias=False,
+            kernel_initializer="he_normal",
+            kernel_regularizer=self.regularizer,
+            name=name,
+        )
+
+    def activation(self, x, name):
+        if self.batch_norm:
+            x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        return layers.ReLU(name=f"{name}_relu")(x)
+
+    def block(self, x, width, out_width, stride, projection, name):
+        """Pre-activation bottleneck: (BN) ReLU 1x1 -> (BN) ReLU 3x3 -> (BN) ReLU 1x1, plus shortcut."""
+        if projection:
+            shortcut = self.conv(out_width, 1, strides=stride, name=f"{name}_shortcut")(x)
+        else:
+            shortcut = x
+        y = self.activation(x, f"{name}_pre1")
+        y = self.conv(width, 1, name=f"{name}_conv1")(y)
+        y = self.activation(y, f"{name}_pre2")
+        y = self.conv(width, 3, strides=stride, name=f"{name}_conv2")(y)
+        y = self.activation(y, f"{name}_pre3")
+        y = self.conv(out_width, 1, name=f"{name}_conv3")(y)
+        return layers.Add(name=f"{name}_add")([shortcut, y])
