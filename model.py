@@ -1,0 +1,365 @@
+"""The ICL-fraction regressor of Canepa et al. 2025 (ApJ, arXiv:2501.08378) in Keras 3.
+
+A ResNet v2 encoder reads a prepared 224x224 r-band cluster image (see ``prep_data``) and a
+dense head turns its 256-d representation into the 3 K parameters of a mixture of K = 16
+Beta distributions over the ICL fraction:
+
+    logits = p[:K],  alpha = 1 + softplus(p[K:2K]),  beta = 1 + softplus(p[2K:])
+
+The model's output is the raw parameter vector; the distribution, its negative
+log-likelihood and its summaries (mode = the estimate, 15th and 85th percentiles = the
+uncertainty, mean) are pure functions of that vector, vectorised over a batch and a grid.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import augmentations
+import hsc
+import resnet_cifar10_v2
+
+#: Label floor in training: a Beta density needs f > 0 (SPEC Part A).
+LABEL_FLOOR = 1e-9
+#: Label ceiling: 1 - 1e-9 rounds to 1 in float32, where log(1 - f) is -inf.
+LABEL_CEILING = 1.0 - 1e-6
+#: Default grid step of the summaries; results are exact to this step.
+GRID_STEP = 1e-3
+#: Percentiles reported as the uncertainty.
+PERCENTILES = (0.15, 0.85)
+#: Name of the nested encoder model inside the ICL model (freeze it by this structure).
+ENCODER_NAME = "encoder"
+
+
+@dataclasses.dataclass(frozen=True)
+class ICLConfig:
+    """Architecture of the ICL regressor; saved next to every checkpoint."""
+
+    image_size: int = hsc.ICL_IMAGE_SIZE  # side of the square input image in pixels
+    n_blocks: int = 6  # ResNet N: blocks per stage, depth 9 N + 2 (N = 6 is the paper's "ResNet-50")
+    hidden_units: int = 2048  # width of the dense hidden layer of the head
+    n_components: int = 16  # Beta components of the output mixture
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text):
+        values = json.loads(text)
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ICL config fields {sorted(unknown)}")
+        return cls(**values)
+
+
+#: The published architecture (about 2.27 M parameters).
+PAPER = ICLConfig()
+#: A tiny architecture for tests and quick CPU runs.
+TESTING = ICLConfig(image_size=32, n_blocks=1, hidden_units=32, n_components=16)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing or does not match the ICL architecture."""
+
+
+# ----------------------------------------------------------------------------------------
+# The model
+
+
+def build_icl_model(config=PAPER, augment=False, seed=None):
+    """Build the ICL regressor.
+
+    Parameters
+    ----------
+    config : ICLConfig
+    augment : bool
+        Put the training augmentation (flips, noise, random 90-degree rotation) in front of the
+        normalisation; it acts only when ``training=True``. Inference models leave it out.
+    seed : int or None
+        Seed of the augmentation layers.
+
+    Returns
+    -------
+    keras.Model
+        Input (batch, S, S, 1) prepared images; output (batch, 3 K) mixture parameters.
+    """
+    inputs = keras.Input((config.image_size, config.image_size, 1), name="image")
+    x = augmentations.icl_augmentation(seed=seed)(inputs) if augment else inputs
+    x = augmentations.icl_normalisation()(x)
+    encoder = resnet_cifar10_v2.build_resnet_v2(
+        (config.image_size, config.image_size, 1), n_blocks=config.n_blocks, name=ENCODER_NAME
+    )
+    x = encoder(x)
+    x = keras.layers.Dense(config.hidden_units, activation="relu", name="hidden")(x)
+    outputs = keras.layers.Dense(3 * config.n_components, name="mixture_params")(x)
+    return keras.Model(inputs, outputs, name="icl_regressor")
+
+
+def freeze_encoder(model, frozen=True):
+    """Freeze (or unfreeze) the encoder by structure, leaving the dense head trainable."""
+    model.get_layer(ENCODER_NAME).trainable = not frozen
+    return model
+
+
+def config_path_for(weights_path):
+    """Path of the JSON config saved beside a ``.weights.h5`` checkpoint."""
+    weights_path = str(weights_path)
+    stem = weights_path[: -len(".weights.h5")] if weights_path.endswith(".weights.h5") else weights_path
+    return pathlib.Path(stem + ".config.json")
+
+
+def save_weights(model, path, config):
+    """Save weights and the config beside them, each written atomically.
+
+    ``path`` must end with ``.weights.h5``; the config goes to ``<stem>.config.json``.
+    """
+    path = pathlib.Path(path)
+    if not path.name.endswith(".weights.h5"):
+        raise ValueError(f"weights path must end with '.weights.h5', got {path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    model.save_weights(temporary)
+    os.replace(temporary, path)
+    config_file = config_path_for(path)
+    temporary_config = config_file.with_name(f".partial-{os.getpid()}-{config_file.name}")
+    temporary_config.write_text(config.to_json())
+    os.replace(temporary_config, config_file)
+
+
+def save_model(model, path):
+    """Save the whole model (architecture and weights) as a ``.keras`` file, atomically."""
+    path = pathlib.Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(f"whole-model path must end with '.keras', got {path.name}")
+    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    model.save(temporary)
+    os.replace(temporary, path)
+
+
+def read_config(path):
+    """The ICLConfig of a checkpoint (``.weights.h5`` with its JSON, or ``.keras``)."""
+    path = pathlib.Path(path)
+    if path.suffix == ".keras":
+        model = _load_keras_file(path)
+        _, size, _, _ = model.input_shape
+        encoder = model.get_layer(ENCODER_NAME)
+        n_blocks = sum(1 for layer in encoder.layers if layer.name.startswith("stage1_block") and layer.name.endswith("_add"))
+        hidden = model.get_layer("hidden").units
+        return ICLConfig(size, n_blocks, hidden, model.get_layer("mixture_params").units // 3)
+    config_file = config_path_for(path)
+    if not config_file.exists():
+        raise CheckpointError(f"{path}: no config file {config_file.name} beside the weights")
+    try:
+        return ICLConfig.from_json(config_file.read_text())
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{config_file}: not an ICL config ({error})") from None
+
+
+def _load_keras_file(path):
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except (ValueError, OSError, TypeError, KeyError) as error:
+        raise CheckpointError(f"{path}: cannot load the model ({error})") from None
+
+
+def load_icl_model(path, config=None, augment=False, seed=None):
+    """Build the ICL model and load a checkpoint into it.
+
+    Parameters
+    ----------
+    path : str
+        ``.weights.h5`` file (with its ``.config.json``) or ``.keras`` file.
+    config : ICLConfig, optional
+        Architecture to build; read from the checkpoint when omitted.
+    augment : bool
+        False (default) builds the inference model: normalisation only, no random augmentation.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing or its weights do not fit the architecture.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    config = config or read_config(path)
+    model = build_icl_model(config, augment=augment, seed=seed)
+    if path.suffix == ".keras":
+        source = _load_keras_file(path)
+        try:
+            for name in (ENCODER_NAME, "hidden", "mixture_params"):
+                model.get_layer(name).set_weights(source.get_layer(name).get_weights())
+        except ValueError as error:
+            raise CheckpointError(f"{path}: does not match the ICL architecture {config} ({error})") from None
+        return model
+    try:
+        model.load_weights(path)
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"{path}: does not match the ICL architecture {config} ({error})") from None
+    return model
+
+
+# ----------------------------------------------------------------------------------------
+# The Beta mixture: pure functions of the parameter vector
+
+
+def _tfd():
+    import tensorflow_probability as tfp
+
+    return tfp.distributions
+
+
+def mixture_parameters(params):
+    """Split raw outputs (..., 3 K) into (logits, alpha, beta), each (..., K).
+
+    alpha = 1 + softplus, beta = 1 + softplus keep every component unimodal and finite at 0 and 1.
+    """
+    params = tf.convert_to_tensor(params)
+    logits, raw_alpha, raw_beta = tf.split(params, 3, axis=-1)
+    return logits, 1.0 + tf.nn.softplus(raw_alpha), 1.0 + tf.nn.softplus(raw_beta)
+
+
+def beta_mixture(params):
+    """The mixture of Beta distributions, a ``tfp.distributions.MixtureSameFamily`` of batch shape (...)."""
+    tfd = _tfd()
+    logits, alpha, beta = mixture_parameters(params)
+    return tfd.MixtureSameFamily(
+        mixture_distribution=tfd.Categorical(logits=logits),
+        components_distribution=tfd.Beta(alpha, beta),
+    )
+
+
+def negative_log_likelihood(labels, params):
+    """Per-example negative log-likelihood of ``labels`` (B,) or (B, 1) under the mixture.
+
+    Labels are clamped to [LABEL_FLOOR, LABEL_CEILING] so a 0 or 1 label stays finite.
+    """
+    params = tf.convert_to_tensor(params)
+    labels = tf.reshape(tf.cast(labels, params.dtype), [-1])
+    labels = tf.clip_by_value(labels, LABEL_FLOOR, LABEL_CEILING)
+    return -beta_mixture(params).log_prob(labels)
+
+
+@keras.saving.register_keras_serializable(package="icl")
+class BetaMixtureNLL(keras.losses.Loss):
+    """Keras loss: mean negative log-likelihood of the label under the predicted Beta mixture."""
+
+    def __init__(self, name="beta_mixture_nll", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        return negative_log_likelihood(y_true, tf.cast(y_pred, tf.float32))
+
+
+def summary_grid(step=GRID_STEP, lower=0.0, upper=1.0):
+    """Grid of ICL fractions on which the summaries are evaluated (both ends included)."""
+    if not 0 < step <= 0.1:
+        raise ValueError(f"grid step must be in (0, 0.1], got {step}")
+    if not 0 <= lower < upper <= 1:
+        raise ValueError(f"grid bounds must satisfy 0 <= lower < upper <= 1, got ({lower}, {upper})")
+    n = int(round((upper - lower) / step)) + 1
+    return np.linspace(lower, upper, n, dtype=np.float32)
+
+
+def mixture_pdf(params, grid):
+    """Mixture density on a grid, computed in closed form: (B, G) for params (B, 3 K), grid (G,).
+
+    log p(x) = logsumexp_k [log w_k + (a_k - 1) log x + (b_k - 1) log(1 - x) - log B(a_k, b_k)]
+    """
+    logits, alpha, beta = mixture_parameters(tf.cast(params, tf.float32))
+    grid = tf.convert_to_tensor(grid, tf.float32)
+    x = tf.clip_by_value(grid, 1e-12, 1.0 - 1e-12)[None, :, None]
+    log_weights = tf.nn.log_softmax(logits, axis=-1)[:, None, :]
+    alpha, beta = alpha[:, None, :], beta[:, None, :]
+    log_norm = tf.math.lgamma(alpha) + tf.math.lgamma(beta) - tf.math.lgamma(alpha + beta)
+    log_pdf = (alpha - 1.0) * tf.math.log(x) + (beta - 1.0) * tf.math.log1p(-x) - log_norm
+    pdf = tf.exp(tf.reduce_logsumexp(log_weights + log_pdf, axis=-1))
+    # alpha, beta > 1: the density vanishes at 0 and 1; the clip above only avoids log(0).
+    at_edge = tf.logical_or(grid <= 0.0, grid >= 1.0)[None, :]
+    return tf.where(at_edge, tf.zeros_like(pdf), pdf)
+
+
+def mixture_summary(params, step=GRID_STEP, percentiles=PERCENTILES):
+    """Mode, percentiles and mean of each predicted mixture, vectorised over batch and grid.
+
+    The mode is the grid point of highest density (exact to ``step``). Percentiles come from
+    the CDF, integrated exactly per component at the grid points with the regularised
+    incomplete Beta function and interpolated linearly between them (exact to ``step``).
+    The mean is analytic: sum_k w_k a_k / (a_k + b_k).
+
+    Parameters
+    ----------
+    params : array-like, shape (B, 3 K)
+    step : float
+        Grid step on [0, 1].
+    percentiles : tuple of float
+        CDF levels to report, in (0, 1).
+
+    Returns
+    -------
+    dict of str -> tf.Tensor, each (B,)
+        ``mode``, ``mean`` and ``p15``, ``p85`` (named after the percentiles).
+    """
+    grid = summary_grid(step)
+    params = tf.cast(tf.convert_to_tensor(params), tf.float32)
+    return _summary(params, tf.constant(grid), tuple(float(q) for q in percentiles))
+
+
+def _summary(params, grid, percentiles):
+    logits, alpha, beta = mixture_parameters(params)
+    weights = tf.nn.softmax(logits, axis=-1)
+    pdf = mixture_pdf(params, grid)
+    mode = tf.gather(grid, tf.argmax(pdf, axis=-1))
+    mean = tf.reduce_sum(weights * alpha / (alpha + beta), axis=-1)
+    shape = tf.stack([tf.shape(params)[0], tf.size(grid), tf.shape(alpha)[-1]])
+    a = tf.broadcast_to(alpha[:, None, :], shape)
+    b = tf.broadcast_to(beta[:, None, :], shape)
+    x = tf.broadcast_to(grid[None, :, None], shape)
+    cdf = tf.reduce_sum(weights[:, None, :] * tf.math.betainc(a, b, x), axis=-1)
+    result = {"mode": mode, "mean": mean}
+    for q in percentiles:
+        result[f"p{round(q * 100):d}"] = _interpolate_quantile(cdf, grid, q)
+    return result
+
+
+def _interpolate_quantile(cdf, grid, q):
+    """First crossing of level q by each row of a monotone CDF (B, G), linearly interpolated."""
+    levels = tf.fill([tf.shape(cdf)[0], 1], tf.constant(q, cdf.dtype))
+    upper = tf.clip_by_value(tf.searchsorted(cdf, levels, side="left")[:, 0], 1, tf.size(grid) - 1)
+    lower = upper - 1
+    c0 = tf.gather(cdf, lower, batch_dims=1)
+    c1 = tf.gather(cdf, upper, batch_dims=1)
+    x0, x1 = tf.gather(grid, lower), tf.gather(grid, upper)
+    t = tf.clip_by_value((q - c0) / tf.maximum(c1 - c0, 1e-12), 0.0, 1.0)
+    return x0 + t * (x1 - x0)
+
+
+def summarise(params, step=GRID_STEP):
+    """:func:`mixture_summary` as NumPy arrays: dict with mode, mean, p15, p85, each (B,)."""
+    return {key: value.numpy() for key, value in mixture_summary(params, step).items()}
+
+
+class Predictor:
+    """Compiled forward pass plus mixture summary, one call per batch of prepared images.
+
+    The model and the summary run in one ``tf.function`` (optionally XLA-compiled), so the
+    summary stays on the accelerator and a batch costs one dispatch.
+    """
+
+    def __init__(self, model, step=GRID_STEP, jit_compile=False):
+        self.model = model
+        self.grid = tf.constant(summary_grid(step))
+        self._function = tf.function(self._forward, jit_compile=jit_compile, reduce_retracing=True)
+
+    def _forward(self, images):
+        params = tf.cast(self.model(images, training=False), tf.float32)
+        return _summary(params, self.grid, PERCENTILES)
+
+    def __call__(self, images):
+        """Summaries (dict of NumPy arrays, each (B,)) for images (B, S, S, 1)."""
+        return {key: value.numpy() for key, value in self._function(tf.convert_to_tensor(images, tf.float32)).items()}

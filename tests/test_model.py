@@ -1,0 +1,132 @@
+"""The ICL model: architecture, the Beta mixture against scipy, save/load round trips."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import model
+
+
+def _scipy_mixture(params):
+    logits, alpha, beta = (t.numpy().astype(np.float64) for t in model.mixture_parameters(params))
+    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return weights / weights.sum(axis=-1, keepdims=True), alpha, beta
+
+
+@pytest.fixture(scope="module")
+def random_params():
+    return np.random.default_rng(7).normal(0.0, 1.5, size=(12, 48)).astype(np.float32)
+
+
+def test_full_size_model_has_published_size():
+    icl_model = model.build_icl_model(model.PAPER)
+    assert icl_model.count_params() == 2_269_120
+    assert icl_model.output_shape == (None, 48)
+    assert icl_model.get_layer(model.ENCODER_NAME).output_shape == (None, 256)
+
+
+def test_testing_config_builds_small_model():
+    icl_model = model.build_icl_model(model.TESTING, augment=True, seed=1)
+    out = icl_model(np.zeros((2, 32, 32, 1), np.float32))
+    assert out.shape == (2, 3 * model.TESTING.n_components)
+
+
+def test_density_matches_scipy(random_params):
+    grid = np.linspace(0.01, 0.99, 41)
+    weights, alpha, beta = _scipy_mixture(random_params)
+    expected = (weights[:, None, :] * stats.beta.pdf(grid[None, :, None], alpha[:, None, :], beta[:, None, :])).sum(-1)
+    closed_form = model.mixture_pdf(random_params, grid).numpy()
+    via_tfp = np.exp(model.beta_mixture(random_params[:, None, :]).log_prob(grid[None, :].astype(np.float32)).numpy())
+    np.testing.assert_allclose(closed_form, expected, rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(via_tfp, expected, rtol=2e-4, atol=1e-5)
+
+
+def test_summary_matches_scipy_to_grid_step(random_params):
+    step = 1e-3
+    summary = model.summarise(random_params, step=step)
+    weights, alpha, beta = _scipy_mixture(random_params)
+    fine = np.linspace(0, 1, 200_001)
+    for i in range(len(random_params)):
+        components = stats.beta(alpha[i][:, None], beta[i][:, None])
+        pdf = (weights[i][:, None] * components.pdf(fine[None, :])).sum(0)
+        cdf = (weights[i][:, None] * components.cdf(fine[None, :])).sum(0)
+        assert abs(summary["mode"][i] - fine[pdf.argmax()]) <= step
+        assert abs(summary["p15"][i] - fine[np.searchsorted(cdf, 0.15)]) <= step
+        assert abs(summary["p85"][i] - fine[np.searchsorted(cdf, 0.85)]) <= step
+        assert summary["mean"][i] == pytest.approx((weights[i] * alpha[i] / (alpha[i] + beta[i])).sum(), abs=1e-6)
+        assert summary["p15"][i] < summary["p85"][i]
+
+
+def test_known_mode_of_single_dominant_component():
+    # One component with weight ~1, alpha = 3, beta = 9: mode (a - 1) / (a + b - 2) = 0.2.
+    raw = lambda value: np.log(np.expm1(value - 1.0))  # inverse of 1 + softplus
+    params = np.zeros((1, 48), np.float32)
+    params[0, :16] = -50.0
+    params[0, 0] = 50.0
+    params[0, 16] = raw(3.0)
+    params[0, 32] = raw(9.0)
+    summary = model.summarise(params, step=1e-4)
+    # One grid step plus float32 rounding of the flat top.
+    assert summary["mode"][0] == pytest.approx(0.2, abs=1.01e-4)
+    assert summary["mean"][0] == pytest.approx(0.25, abs=1e-6)
+
+
+def test_negative_log_likelihood_matches_scipy_and_clamps(random_params):
+    labels = np.linspace(0.05, 0.9, len(random_params))
+    weights, alpha, beta = _scipy_mixture(random_params)
+    expected = -np.log((weights * stats.beta.pdf(labels[:, None], alpha, beta)).sum(-1))
+    nll = model.negative_log_likelihood(labels, random_params).numpy()
+    np.testing.assert_allclose(nll, expected, rtol=1e-4)
+    edge = model.negative_log_likelihood(np.array([0.0, 1.0]), random_params[:2]).numpy()
+    assert np.isfinite(edge).all()
+
+
+def test_summary_rejects_bad_grid():
+    with pytest.raises(ValueError, match="grid step must be in"):
+        model.summary_grid(0.0)
+
+
+def test_predictor_equals_model_then_summary():
+    icl_model = model.build_icl_model(model.TESTING)
+    images = np.random.default_rng(0).normal(1.0, 1.0, (3, 32, 32, 1)).astype(np.float32)
+    direct = model.summarise(icl_model.predict(images, verbose=0))
+    compiled = model.Predictor(icl_model)(images)
+    for key in ("mode", "p15", "p85", "mean"):
+        np.testing.assert_allclose(compiled[key], direct[key], atol=1e-5)
+
+
+def test_weights_round_trip(tmp_path):
+    icl_model = model.build_icl_model(model.TESTING, augment=True, seed=0)
+    path = tmp_path / "tiny.weights.h5"
+    model.save_weights(icl_model, path, model.TESTING)
+    loaded = model.load_icl_model(path)
+    images = np.random.default_rng(1).normal(size=(2, 32, 32, 1)).astype(np.float32)
+    np.testing.assert_allclose(loaded(images), icl_model(images, training=False), atol=1e-6)
+    assert not any("augmentation" in layer.name for layer in loaded.layers)
+    assert not list(tmp_path.glob(".partial*"))
+
+
+def test_whole_model_round_trip(tmp_path):
+    icl_model = model.build_icl_model(model.TESTING, augment=True, seed=0)
+    path = tmp_path / "tiny.keras"
+    model.save_model(icl_model, path)
+    assert model.read_config(path) == model.TESTING
+    loaded = model.load_icl_model(path)
+    images = np.random.default_rng(2).normal(size=(2, 32, 32, 1)).astype(np.float32)
+    np.testing.assert_allclose(loaded(images), icl_model(images, training=False), atol=1e-6)
+
+
+def test_mismatched_checkpoint_is_reported(tmp_path):
+    path = tmp_path / "tiny.weights.h5"
+    model.save_weights(model.build_icl_model(model.TESTING), path, model.TESTING)
+    other = model.ICLConfig(image_size=32, n_blocks=2, hidden_units=32, n_components=16)
+    with pytest.raises(model.CheckpointError, match="does not match the ICL architecture"):
+        model.load_icl_model(path, config=other)
+    with pytest.raises(model.CheckpointError, match="checkpoint not found"):
+        model.load_icl_model(tmp_path / "missing.weights.h5")
+
+
+def test_freeze_encoder_leaves_head_trainable():
+    icl_model = model.freeze_encoder(model.build_icl_model(model.TESTING))
+    trainable = {v.path.split("/")[0] for v in icl_model.trainable_variables}
+    assert trainable == {"hidden", "mixture_params"}
