@@ -363,3 +363,46 @@ class Predictor:
     def __call__(self, images):
         """Summaries (dict of NumPy arrays, each (B,)) for images (B, S, S, 1)."""
         return {key: value.numpy() for key, value in self._function(tf.convert_to_tensor(images, tf.float32)).items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation
+
+
+def predict_dataset(predictor, dataset):
+    """Run a :class:`Predictor` over a dataset of ``(image, label)`` batches.
+
+    Returns
+    -------
+    labels : ndarray (N,)
+    summary : dict of str -> ndarray (N,)
+        mode, mean, p15, p85 per example, in dataset order.
+    """
+    labels, parts = [], []
+    for images, batch_labels in dataset:
+        labels.append(np.reshape(batch_labels, [-1]))
+        parts.append(predictor(images))
+    if not parts:
+        raise ValueError("dataset is empty")
+    summary = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    return np.concatenate(labels).astype(np.float32), summary
+
+
+def regression_metrics(labels, estimates):
+    """Mean absolute error, bias, scatter (std of residuals) and Pearson r of estimates against labels."""
+    labels = np.asarray(labels, dtype=np.float64)
+    estimates = np.asarray(estimates, dtype=np.float64)
+    if labels.shape != estimates.shape or labels.size == 0:
+        raise ValueError(f"labels and estimates must be non-empty and of one shape, got {labels.shape} and {estimates.shape}")
+    residuals = estimates - labels
+    if labels.size > 1 and labels.std() > 0 and estimates.std() > 0:
+        pearson = float(np.corrcoef(labels, estimates)[0, 1])
+    else:
+        pearson = float("nan")
+    return {
+        "n": int(labels.size),
+        "mae": float(np.abs(residuals).mean()),
+        "bias": float(residuals.mean()),
+        "scatter": float(residuals.std()),
+        "pearson_r": pearson,
+    }

@@ -472,7 +472,7 @@ def load_prepared(ref, size=hsc.ICL_IMAGE_SIZE):
 # tf.data pipelines
 
 
-def cutout_dataset(refs, batch_size, size=hsc.ICL_IMAGE_SIZE, labels=None):
+def cutout_dataset(refs, batch_size, size=hsc.ICL_IMAGE_SIZE, labels=None, shuffle_seed=None, strict=False):
     """Stream prepared cutouts from disk in order, in parallel, batched and prefetched.
 
     Parameters
@@ -483,6 +483,11 @@ def cutout_dataset(refs, batch_size, size=hsc.ICL_IMAGE_SIZE, labels=None):
         Side of the prepared images.
     labels : sequence of float, optional
         One label per ref; when given, each element also carries ``label``.
+    shuffle_seed : int, optional
+        Shuffle the order (anew each epoch, reproducibly) before reading, for training.
+    strict : bool
+        Stop the stream at the first bad cutout (a ``tf.errors.OpError`` carrying its message)
+        instead of marking it; training and fine-tuning sets must not lose examples silently.
 
     Returns
     -------
@@ -500,6 +505,8 @@ def cutout_dataset(refs, batch_size, size=hsc.ICL_IMAGE_SIZE, labels=None):
         try:
             return load_prepared(refs[index], size), b""
         except CutoutError as error:
+            if strict:
+                raise
             return np.zeros((size, size, 1), np.float32), str(error).encode()
 
     def load_tf(index):
@@ -508,7 +515,10 @@ def cutout_dataset(refs, batch_size, size=hsc.ICL_IMAGE_SIZE, labels=None):
         error.set_shape(())
         return {"image": image, "index": index, "error": error}
 
-    dataset = tf.data.Dataset.range(len(refs)).map(load_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = tf.data.Dataset.range(len(refs))
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(len(refs), seed=shuffle_seed, reshuffle_each_iteration=True)
+    dataset = dataset.map(load_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if labels is not None:
         label_tensor = tf.constant(np.asarray(labels, dtype=np.float32))
         dataset = dataset.map(lambda e: {**e, "label": tf.gather(label_tensor, e["index"])})

@@ -1,0 +1,88 @@
+"""Figures shared by the scripts: predicted against true ICL fractions, and training curves.
+
+Matplotlib runs with the non-interactive Agg backend; every figure is written atomically.
+"""
+
+import os
+import pathlib
+
+import numpy as np
+
+
+def _figure(*args, **kwargs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, plt.subplots(*args, **kwargs)
+
+
+def save_figure(figure, path):
+    """Write a figure to ``path`` through a temporary file, then close it."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    figure.savefig(temporary, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    os.replace(temporary, path)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def binned_statistics(labels, estimates, n_bins=20, lower=0.0, upper=None):
+    """Median and percentile bands of ``estimates`` in bins of ``labels``.
+
+    Returns a dict of arrays (one entry per non-empty bin): ``centre``, ``median``, and the
+    bands ``p15``/``p85`` (median +- 35 percentiles) and ``p5``/``p95`` (+- 45 percentiles).
+    """
+    labels = np.asarray(labels, dtype=float)
+    estimates = np.asarray(estimates, dtype=float)
+    upper = float(labels.max()) if upper is None else upper
+    edges = np.linspace(lower, max(upper, lower + 1e-6), n_bins + 1)
+    which = np.clip(np.digitize(labels, edges) - 1, 0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        values = estimates[which == b]
+        if values.size:
+            rows.append([0.5 * (edges[b] + edges[b + 1]), *np.percentile(values, [50, 15, 85, 5, 95])])
+    rows = np.asarray(rows).reshape(-1, 6)
+    return dict(zip(("centre", "median", "p15", "p85", "p5", "p95"), rows.T))
+
+
+def plot_binned(labels, estimates, path, n_bins=20, title=None, label_name="true $f_{ICL}$"):
+    """Median predicted ICL fraction in bins of the true one, with 35 and 45 percentile bands."""
+    stats = binned_statistics(labels, estimates, n_bins)
+    plt, (figure, axis) = _figure(figsize=(5, 5))
+    axis.fill_between(stats["centre"], stats["p5"], stats["p95"], color="tab:blue", alpha=0.2, label="5-95%")
+    axis.fill_between(stats["centre"], stats["p15"], stats["p85"], color="tab:blue", alpha=0.4, label="15-85%")
+    axis.plot(stats["centre"], stats["median"], "o-", color="tab:blue", label="median")
+    top = max(float(np.max(labels)), float(np.max(estimates))) * 1.05
+    axis.plot([0, top], [0, top], "k--", lw=1, label="1:1")
+    axis.set(xlim=(0, top), ylim=(0, top), xlabel=label_name, ylabel="predicted $f_{ICL}$ (mode)", title=title)
+    axis.legend(loc="upper left")
+    save_figure(figure, path)
+
+
+def plot_scatter(labels, summary, path, title=None, label_name="measured $f_{ICL}$"):
+    """Predicted mode against the label, with 15-85% error bars."""
+    labels = np.asarray(labels)
+    mode = np.asarray(summary["mode"])
+    errors = np.vstack([mode - np.asarray(summary["p15"]), np.asarray(summary["p85"]) - mode]).clip(min=0)
+    plt, (figure, axis) = _figure(figsize=(5, 5))
+    axis.errorbar(labels, mode, yerr=errors, fmt="o", ms=3, alpha=0.7, elinewidth=0.8)
+    top = max(float(labels.max()), float(np.asarray(summary["p85"]).max())) * 1.05
+    axis.plot([0, top], [0, top], "k--", lw=1)
+    axis.set(xlim=(0, top), ylim=(0, top), xlabel=label_name, ylabel="predicted $f_{ICL}$ (mode, 15-85%)", title=title)
+    save_figure(figure, path)
+
+
+def plot_history(history, path, keys=("loss", "val_loss"), ylabel="loss"):
+    """Training curves from a dict (or DataFrame) of per-epoch values."""
+    plt, (figure, axis) = _figure(figsize=(6, 4))
+    for key in keys:
+        if key in history:
+            axis.plot(np.arange(1, len(history[key]) + 1), history[key], label=key)
+    axis.set(xlabel="epoch", ylabel=ylabel)
+    axis.legend()
+    save_figure(figure, path)

@@ -1,0 +1,138 @@
+"""Predict the ICL fraction of cluster cutouts with a trained ICL regressor.
+
+Each INPUT is a FITS cutout, an HDF5 file of cutouts, a .npy file of prepared images, or a
+directory of them. The output CSV has one row per readable cutout, in input order:
+
+    id, source, f_icl (the mode), f_icl_p15, f_icl_p85, f_icl_mean
+
+Cutouts that cannot be read or prepared are reported on the console (one line each, naming
+the file and the cutout); the other rows are still written and the exit status is 1.
+``--strict`` stops at the first bad cutout. The CSV is written under a temporary name and
+renamed when complete, so an interrupted run never leaves a CSV that looks finished.
+
+Example::
+
+    python predict.py clusters/ --out predictions.csv
+"""
+
+import argparse
+import csv
+import logging
+import os
+import pathlib
+import sys
+
+import numpy as np
+
+import model
+import prep_data
+
+#: Shipped checkpoints, tried in this order when no --checkpoint is given.
+SHIPPED_CHECKPOINTS = ("icl_finetuned.weights.h5", "icl_trained.weights.h5")
+CHECKPOINT_DIR = pathlib.Path(__file__).resolve().parent / "checkpoints"
+BATCH_SIZE = 32
+COLUMNS = ("id", "source", "f_icl", "f_icl_p15", "f_icl_p85", "f_icl_mean")
+
+logger = logging.getLogger(__name__)
+
+
+def default_checkpoint(checkpoint_dir=CHECKPOINT_DIR):
+    """The first shipped checkpoint that exists, or raise CheckpointError saying what to do."""
+    for name in SHIPPED_CHECKPOINTS:
+        path = pathlib.Path(checkpoint_dir) / name
+        if path.exists():
+            return path
+    raise model.CheckpointError(
+        f"no shipped ICL checkpoint in {checkpoint_dir} (looked for {', '.join(SHIPPED_CHECKPOINTS)}); "
+        "train one with train.py and pass it with --checkpoint PATH"
+    )
+
+
+def predict(inputs, out_path, checkpoint=None, batch_size=BATCH_SIZE, strict=False, progress=True):
+    """Predict every cutout in ``inputs`` and write the CSV ``out_path``.
+
+    Returns
+    -------
+    n_written : int
+        Rows written.
+    errors : list of str
+        One message per cutout (or file) that could not be predicted.
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    checkpoint = pathlib.Path(checkpoint) if checkpoint else default_checkpoint()
+    config = model.read_config(checkpoint)
+    refs, errors = prep_data.index_cutouts(inputs)
+    errors = [message for _, message in errors]
+    if errors and strict:
+        raise prep_data.CutoutError(errors[0])
+    predictor = model.Predictor(model.load_icl_model(checkpoint, config))
+    dataset = prep_data.cutout_dataset(refs, batch_size, config.image_size)
+
+    out_path = pathlib.Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = prep_data.atomic_path(out_path)
+    n_written = 0
+    try:
+        with open(temporary, "w", newline="") as handle, tqdm(
+            total=len(refs), unit="cutout", desc="predicting", disable=not progress or len(refs) < 2 * batch_size
+        ) as bar:
+            writer = csv.writer(handle)
+            writer.writerow(COLUMNS)
+            for batch in dataset:
+                messages = [m.decode() for m in batch["error"].numpy()]
+                good = np.array([not m for m in messages])
+                for message in messages:
+                    if message:
+                        if strict:
+                            raise prep_data.CutoutError(message)
+                        logger.error("%s", message)
+                        errors.append(message)
+                if good.any():
+                    summary = predictor(batch["image"].numpy()[good])
+                    for row, index in enumerate(batch["index"].numpy()[good]):
+                        ref = refs[index]
+                        writer.writerow(
+                            [ref.id, ref.source]
+                            + [f"{summary[key][row]:.5f}" for key in ("mode", "p15", "p85", "mean")]
+                        )
+                        n_written += 1
+                bar.update(len(messages))
+        os.replace(temporary, out_path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return n_written, errors
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="FITS/HDF5/.npy files or directories of them")
+    parser.add_argument("--out", required=True, help="output CSV")
+    parser.add_argument("--checkpoint", help="weights (.weights.h5 with its .config.json, or .keras); default: the shipped one")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"cutouts per batch (default {BATCH_SIZE})")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad cutout")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        n_written, errors = predict(args.inputs, args.out, args.checkpoint, args.batch_size, args.strict)
+    except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {n_written} predictions to {args.out}")
+    if errors:
+        print(f"{len(errors)} cutout(s) could not be predicted:", file=sys.stderr)
+        for message in errors:
+            print(f"  {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

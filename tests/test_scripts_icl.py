@@ -1,0 +1,172 @@
+"""Smoke and behaviour tests of train.py, finetune.py and predict.py on tiny models and data."""
+
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+import finetune
+import model
+import predict
+import prep_data
+import train
+from synthetic import synthetic_clusters, write_cluster_hdf5, write_fits_cutout
+
+SCRIPTS = ["train.py", "finetune.py", "predict.py", "prep_data.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_works(script):
+    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.weights.h5"
+    keras.utils.set_random_seed(0)
+    model.save_weights(model.build_icl_model(model.TESTING), path, model.TESTING)
+    return path
+
+
+def _arrays_dataset(images, labels, batch_size):
+    prepared = np.stack([prep_data.prepare_image(image, size=32) for image in images])
+    return tf.data.Dataset.from_tensor_slices((prepared, labels)).batch(batch_size)
+
+
+def test_tiny_training_lowers_validation_loss(tmp_path):
+    images, labels = synthetic_clusters(96, size=32, seed=1)
+    train_data = _arrays_dataset(images[:80], labels[:80], 16)
+    validation_data = _arrays_dataset(images[80:], labels[80:], 16)
+    config = train.TrainConfig(epochs=4, batch_size=16, validation_batch_size=16, seed=3)
+    metrics = train.train(model.TESTING, config, train_data, validation_data, tmp_path)
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["val_loss"].min() < history["val_loss"].iloc[0]
+    for name in ("best.weights.h5", "best.config.json", "final.weights.h5", "binned_validation.png", "metrics.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert metrics["validation"]["n"] == 16 and 0 <= metrics["validation"]["mae"] < 1
+
+
+def test_train_cli_on_hdf5_with_real_set(tmp_path):
+    write_cluster_hdf5(tmp_path / "train.h5", 24, size=48, seed=2)
+    write_cluster_hdf5(tmp_path / "real.h5", 6, size=48, seed=3)
+    out = tmp_path / "run"
+    argv = ["--hdf5", str(tmp_path / "train.h5"), "--real", str(tmp_path / "real.h5"), "--tiny", "--epochs", "1",
+            "--batch-size", "8", "--validation-batch-size", "8", "--out", str(out)]
+    assert train.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["real_without_finetuning"]["n"] == 6
+    assert (out / "binned_real.png").exists()
+    # Rerunning with more epochs resumes from the backup instead of starting over.
+    assert train.main(argv[:-4] + ["--epochs", "2", "--out", str(out)]) == 0
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [0, 1]
+
+
+def test_train_cli_reports_missing_label(tmp_path, capsys):
+    write_cluster_hdf5(tmp_path / "train.h5", 8, size=32)
+    assert train.main(["--hdf5", str(tmp_path / "train.h5"), "--label-key", "nope", "--tiny", "--out", str(tmp_path / "r")]) == 2
+    assert "has no label 'nope'" in capsys.readouterr().err
+
+
+def test_folds_follow_original_shuffle():
+    folds = finetune.make_folds(101)
+    expected = np.arange(101)
+    np.random.default_rng(seed=24).shuffle(expected)
+    np.testing.assert_array_equal(np.concatenate(folds), expected)
+    assert [len(f) for f in folds] == [21, 20, 20, 20, 20]
+    with pytest.raises(ValueError, match="need at least 5 clusters"):
+        finetune.make_folds(3)
+
+
+def test_clean_labels():
+    np.testing.assert_allclose(finetune.clean_labels([0.0, 0.2]), [1e-5, 0.2])
+    with pytest.raises(ValueError, match="finite and in"):
+        finetune.clean_labels([0.2, 1.5])
+
+
+def test_finetune_trains_only_the_head(tiny_checkpoint):
+    images, labels = synthetic_clusters(10, size=32, seed=4)
+    prepared = np.stack([prep_data.prepare_image(i, size=32) for i in images])
+    config = finetune.FinetuneConfig(epochs=2, batch_size=5, learning_rate=1e-2)
+    original = model.load_icl_model(tiny_checkpoint)
+    tuned = finetune.finetune_split(tiny_checkpoint, prepared, labels, config)
+    for name, changed in (("encoder", False), ("hidden", True), ("mixture_params", True)):
+        before, after = original.get_layer(name).get_weights(), tuned.get_layer(name).get_weights()
+        assert any(not np.allclose(a, b) for a, b in zip(before, after)) == changed
+
+
+def test_finetune_cli_cross_validates_and_resumes(tmp_path, tiny_checkpoint):
+    write_cluster_hdf5(tmp_path / "real.h5", 10, size=32, seed=5)
+    out = tmp_path / "ft"
+    argv = ["--inputs", str(tmp_path / "real.h5"), "--checkpoint", str(tiny_checkpoint), "--epochs", "1",
+            "--batch-size", "4", "--out", str(out)]
+    assert finetune.main(argv) == 0
+    results = pd.read_csv(out / "results.csv", dtype={"id": str})
+    assert results["id"].tolist() == [f"c5_{i:03d}" for i in range(10)]
+    assert sorted(results["fold"].unique()) == [0, 1, 2, 3, 4]
+    # A skewed mixture may put its mode outside 15-85%, but the interval itself must be ordered.
+    assert (results["p15"] < results["p85"]).all()
+    assert results[["mode", "p15", "p85", "mode_before"]].apply(lambda c: c.between(0, 1)).all().all()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"fold0", "fold1", "fold2", "fold3", "fold4", "overall"}
+    for name in ("scatter.png", "binned.png", "fold4.weights.h5"):
+        assert (out / name).exists()
+    stamp = (out / "fold0.weights.h5").stat().st_mtime_ns
+    assert finetune.main(argv) == 0
+    assert (out / "fold0.weights.h5").stat().st_mtime_ns == stamp  # finished folds are skipped
+    assert finetune.main(argv[:-2] + ["--all", "--out", str(out)]) == 0
+    assert (out / "final.weights.h5").exists()
+
+
+def test_predict_directory_of_fits_with_nan_strips_and_stars(tmp_path, tiny_checkpoint):
+    shapes = [(80, 64), (64, 64), (50, 90), (120, 100)]
+    for i, shape in enumerate(shapes):
+        write_fits_cutout(tmp_path / f"cl{i}.fits", shape, seed=i, nan_strip=i % 2 == 0, star=i > 1)
+    out = tmp_path / "pred.csv"
+    assert predict.main([str(tmp_path), "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--batch-size", "3"]) == 0
+    table = pd.read_csv(out)
+    assert table["id"].tolist() == [f"cl{i}" for i in range(4)]
+    assert list(table.columns) == list(predict.COLUMNS)
+    values = table[["f_icl", "f_icl_p15", "f_icl_p85"]].to_numpy()
+    assert np.isfinite(values).all() and (values >= 0).all() and (values <= 1).all()
+
+
+def test_predict_reports_bad_files_and_keeps_good_rows(tmp_path, tiny_checkpoint, capsys):
+    write_fits_cutout(tmp_path / "a.fits", seed=1)
+    (tmp_path / "b.fits").write_text("broken")
+    write_fits_cutout(tmp_path / "c.fits", seed=2)
+    np.save(tmp_path / "d.npy", np.zeros((2, 5, 5), np.float32))
+    out = tmp_path / "pred.csv"
+    assert predict.main([str(tmp_path), "--out", str(out), "--checkpoint", str(tiny_checkpoint)]) == 1
+    assert pd.read_csv(out)["id"].tolist() == ["a", "c"]
+    err = capsys.readouterr().err
+    assert "b.fits: cannot read FITS file" in err
+    assert "d.npy:0: prepared image must be 32x32" in err
+    assert "Traceback" not in err
+    strict_out = tmp_path / "strict.csv"
+    assert predict.main([str(tmp_path), "--out", str(strict_out), "--checkpoint", str(tiny_checkpoint), "--strict"]) == 2
+    assert not strict_out.exists()
+    assert not list(tmp_path.glob(".strict.csv.partial*"))
+
+
+def test_predict_without_checkpoint_says_what_to_do(tmp_path, monkeypatch, capsys):
+    write_fits_cutout(tmp_path / "a.fits")
+    monkeypatch.setattr(predict, "CHECKPOINT_DIR", tmp_path / "none")
+    monkeypatch.setattr(predict.default_checkpoint, "__defaults__", (tmp_path / "none",))
+    assert predict.main([str(tmp_path / "a.fits"), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "train one with train.py and pass it with --checkpoint" in capsys.readouterr().err
+
+
+def test_predict_rejects_checkpoint_of_other_architecture(tmp_path, tiny_checkpoint, capsys):
+    write_fits_cutout(tmp_path / "a.fits")
+    config_file = model.config_path_for(tiny_checkpoint)
+    wrong = tmp_path / "wrong.weights.h5"
+    wrong.write_bytes(tiny_checkpoint.read_bytes())
+    model.config_path_for(wrong).write_text(config_file.read_text().replace('"n_blocks": 1', '"n_blocks": 2'))
+    assert predict.main([str(tmp_path / "a.fits"), "--out", str(tmp_path / "p.csv"), "--checkpoint", str(wrong)]) == 2
+    assert "does not match the ICL architecture" in capsys.readouterr().err

@@ -1,0 +1,303 @@
+"""Train the ICL regressor on artificial cluster images (Canepa et al. 2025, SPEC Part A).
+
+Data come from the TFDS dataset ``icl_artificial`` (built by ``data/icl_datasets.py``) or
+from HDF5/FITS cutouts with a per-cutout label column. The run directory receives:
+
+* ``best.weights.h5`` (lowest validation loss) and ``final.weights.h5``, each with its
+  ``.config.json``;
+* ``history.csv`` (one row per epoch) and ``backup/`` for resuming: rerunning the same
+  command after an interruption continues from the last finished epoch, and rerunning a
+  finished run with more ``--epochs`` extends it;
+* ``binned_validation.png`` (median and 35/45-percentile bands of the predicted fraction in
+  20 bins of the true one), ``metrics.json`` (MAE, bias, scatter, Pearson r) and, when a real
+  cluster set is given, ``binned_real.png`` and its metrics, without fine-tuning.
+
+Example::
+
+    python train.py --hdf5 mocks/ --label-key f_icl_sb --epochs 90 --out runs/train
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import sys
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+import model
+import plots
+import prep_data
+
+# Defaults of SPEC Part A; every one can be set from the command line.
+EPOCHS = 90
+BATCH_SIZE = 50
+VALIDATION_BATCH_SIZE = 100
+LEARNING_RATE = 1e-4
+VALIDATION_FRACTION = 0.1
+LR_FACTOR = 0.1
+LR_PATIENCE = 10
+MIN_LEARNING_RATE = 1e-5
+EARLY_STOPPING_PATIENCE = 25
+DATASET = "icl_artificial"
+LABEL_KEY = "f_icl_sb"
+SEED = 0
+OUT_DIR = "runs/train"
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one training run."""
+
+    epochs: int = EPOCHS  # passes over the training split
+    batch_size: int = BATCH_SIZE  # training batch
+    validation_batch_size: int = VALIDATION_BATCH_SIZE  # validation batch
+    learning_rate: float = LEARNING_RATE  # Adam step size
+    lr_factor: float = LR_FACTOR  # ReduceLROnPlateau factor
+    lr_patience: int = LR_PATIENCE  # epochs without improvement before reducing the step
+    min_learning_rate: float = MIN_LEARNING_RATE  # floor of ReduceLROnPlateau
+    early_stopping_patience: int = EARLY_STOPPING_PATIENCE  # epochs without improvement before stopping
+    seed: int = SEED  # seeds weights, augmentation and shuffling
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "validation_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+#: A configuration for tests: a couple of epochs on tiny batches.
+TESTING = TrainConfig(epochs=2, batch_size=8, validation_batch_size=8)
+
+
+# ----------------------------------------------------------------------------------------
+# Data
+
+
+def split_indices(n, validation_fraction, seed):
+    """Deterministic train/validation split of ``n`` examples: (train_indices, validation_indices)."""
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_validation = max(1, int(round(n * validation_fraction)))
+    if n - n_validation < 1:
+        raise ValueError(f"need at least 2 examples to split into training and validation, got {n}")
+    return np.sort(order[n_validation:]), np.sort(order[:n_validation])
+
+
+def cutout_datasets(inputs, label_key, train_config, validation_fraction, image_size):
+    """Training and validation datasets of ``(image, label)`` streamed from cutout files."""
+    refs, errors = prep_data.index_cutouts(inputs)
+    if errors:
+        raise prep_data.CutoutError(errors[0][1])
+    labels = prep_data.read_labels(refs, label_key)
+    train_idx, val_idx = split_indices(len(refs), validation_fraction, train_config.seed)
+
+    def stream(indices, batch_size, shuffle_seed):
+        dataset = prep_data.cutout_dataset(
+            [refs[i] for i in indices], batch_size, image_size, labels[indices], shuffle_seed=shuffle_seed, strict=True
+        )
+        return dataset.map(lambda e: (e["image"], e["label"]))
+
+    return (
+        stream(train_idx, train_config.batch_size, train_config.seed),
+        stream(val_idx, train_config.validation_batch_size, None),
+    )
+
+
+def tfds_datasets(name, data_dir, train_config, validation_fraction):
+    """Training and validation datasets from a TFDS dataset with ``image`` and ``label`` features."""
+    import tensorflow_datasets as tfds
+
+    import data.icl_datasets  # noqa: F401  (registers the project's builders)
+
+    percent = int(round(100 * (1 - validation_fraction)))
+    train_split, val_split = tfds.load(
+        name, split=[f"train[:{percent}%]", f"train[{percent}%:]"], data_dir=data_dir, shuffle_files=True
+    )
+
+    def pairs(dataset, batch_size, shuffle):
+        dataset = dataset.map(
+            lambda e: (tf.cast(e["image"], tf.float32), tf.cast(e["label"], tf.float32)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        if shuffle:
+            dataset = dataset.shuffle(5000, seed=train_config.seed)
+        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    return pairs(train_split, train_config.batch_size, True), pairs(val_split, train_config.validation_batch_size, False)
+
+
+# ----------------------------------------------------------------------------------------
+# Training
+
+
+class AtomicBestCheckpoint(keras.callbacks.Callback):
+    """Keep the weights of lowest validation loss, written through a temporary file.
+
+    ``best`` starts from the history of an interrupted run, so a resumed run never
+    overwrites a better checkpoint with a worse one.
+    """
+
+    def __init__(self, path, config, best=math.inf):
+        super().__init__()
+        self.path, self.config, self.best = path, config, best
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get("val_loss")
+        if value is not None and value < self.best:
+            self.best = value
+            model.save_weights(self.model, self.path, self.config)
+
+
+def _best_so_far(history_path):
+    if not history_path.exists():
+        return math.inf
+    history = pd.read_csv(history_path)
+    return float(history["val_loss"].min()) if "val_loss" in history and len(history) else math.inf
+
+
+def train(model_config, train_config, train_data, validation_data, out_dir, real_data=None, initial_weights=None):
+    """Train, checkpoint and evaluate the ICL regressor.
+
+    Parameters
+    ----------
+    model_config : model.ICLConfig
+    train_config : TrainConfig
+    train_data, validation_data : tf.data.Dataset
+        Batches of ``(image (B, S, S, 1), label (B,))``.
+    out_dir : path
+        Run directory (created); rerunning into the same directory resumes.
+    real_data : tf.data.Dataset, optional
+        A set of real clusters evaluated with the trained model (no fine-tuning).
+    initial_weights : path, optional
+        Checkpoint to start from instead of random weights.
+
+    Returns
+    -------
+    dict
+        The metrics written to ``metrics.json``.
+    """
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(train_config.seed)
+    icl_model = model.build_icl_model(model_config, augment=True, seed=train_config.seed)
+    if initial_weights:
+        icl_model.set_weights(model.load_icl_model(initial_weights, augment=True).get_weights())
+    icl_model.compile(optimizer=keras.optimizers.Adam(train_config.learning_rate), loss=model.BetaMixtureNLL())
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(out_dir / "backup"), delete_checkpoint=False),
+        AtomicBestCheckpoint(out_dir / "best.weights.h5", model_config, _best_so_far(out_dir / "history.csv")),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss",
+            factor=train_config.lr_factor,
+            patience=train_config.lr_patience,
+            min_lr=train_config.min_learning_rate,
+        ),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=train_config.early_stopping_patience),
+        keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=True),
+    ]
+    icl_model.fit(train_data, validation_data=validation_data, epochs=train_config.epochs, callbacks=callbacks, verbose=2)
+    model.save_weights(icl_model, out_dir / "final.weights.h5", model_config)
+    if not (out_dir / "best.weights.h5").exists():
+        model.save_weights(icl_model, out_dir / "best.weights.h5", model_config)
+
+    predictor = model.Predictor(model.load_icl_model(out_dir / "best.weights.h5"))
+    labels, summary = model.predict_dataset(predictor, validation_data)
+    metrics = {"validation": model.regression_metrics(labels, summary["mode"])}
+    plots.plot_binned(labels, summary["mode"], out_dir / "binned_validation.png", title="validation set")
+    if real_data is not None:
+        labels, summary = model.predict_dataset(predictor, real_data)
+        metrics["real_without_finetuning"] = model.regression_metrics(labels, summary["mode"])
+        plots.plot_binned(labels, summary["mode"], out_dir / "binned_real.png", n_bins=5, title="real clusters, not fine-tuned")
+    _write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _write_json(path, values):
+    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    temporary.write_text(json.dumps(values, indent=2))
+    os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--tfds", default=DATASET, help=f"TFDS dataset name (default {DATASET})")
+    source.add_argument("--hdf5", nargs="+", metavar="PATH", help="cutout files or directories instead of TFDS")
+    parser.add_argument("--data-dir", help="TFDS data directory")
+    parser.add_argument("--label-key", default=LABEL_KEY, help=f"label column of the cutout files (default {LABEL_KEY})")
+    parser.add_argument("--real", nargs="+", metavar="PATH", help="real clusters to evaluate without fine-tuning")
+    parser.add_argument("--real-label-key", default=LABEL_KEY, help="label column of the real clusters")
+    parser.add_argument("--out", default=OUT_DIR, help=f"run directory (default {OUT_DIR}); rerun to resume")
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--validation-batch-size", type=int, default=VALIDATION_BATCH_SIZE)
+    parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
+    parser.add_argument("--validation-fraction", type=float, default=VALIDATION_FRACTION)
+    parser.add_argument("--lr-patience", type=int, default=LR_PATIENCE)
+    parser.add_argument("--early-stopping-patience", type=int, default=EARLY_STOPPING_PATIENCE)
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--init", metavar="CHECKPOINT", help="start from these weights")
+    parser.add_argument("--tiny", action="store_true", help="the tiny testing architecture (32x32, N = 1), for smoke runs")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        train_config = TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            validation_batch_size=args.validation_batch_size,
+            learning_rate=args.learning_rate,
+            lr_patience=args.lr_patience,
+            early_stopping_patience=args.early_stopping_patience,
+            seed=args.seed,
+        )
+        model_config = model.TESTING if args.tiny else model.PAPER
+        if args.hdf5:
+            train_data, validation_data = cutout_datasets(
+                args.hdf5, args.label_key, train_config, args.validation_fraction, model_config.image_size
+            )
+        else:
+            train_data, validation_data = tfds_datasets(args.tfds, args.data_dir, train_config, args.validation_fraction)
+        real_data = None
+        if args.real:
+            real_refs, errors = prep_data.index_cutouts(args.real)
+            if errors:
+                raise prep_data.CutoutError(errors[0][1])
+            real_labels = prep_data.read_labels(real_refs, args.real_label_key)
+            real_data = (
+                prep_data.cutout_dataset(
+                    real_refs, train_config.validation_batch_size, model_config.image_size, real_labels, strict=True
+                ).map(lambda e: (e["image"], e["label"]))
+            )
+        metrics = train(model_config, train_config, train_data, validation_data, args.out, real_data, args.init)
+    except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except tf.errors.OpError as error:
+        print(f"error: {error.message.splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=2))
+    print(f"checkpoints, history and plots are in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
