@@ -946,11 +946,52 @@ def draw_preview(images, truths, path, columns=6):
     os.replace(temporary, path)
 
 
-def truth_columns(truths):
-    """Columns of the tidal HDF5 layout from a list of truth dicts (``params`` as JSON text)."""
-    return {
-        "has_tidal": np.array([t["has_tidal"] for t in truths], dtype=np.int64),
-        "feature_type": [t["feature_type"] for t in truths],
-        "feature_sb": np.array([t["feature_sb"] for t in truths], dtype=np.float64),
-        "params": [json.dumps(t["params"]) for t in truths],
-    }
+# ----------------------------------------------------------------------------------------
+# Files
+
+
+#: Columns of the tidal HDF5 layout besides ``image`` and ``id``.
+TRUTH_COLUMNS = ("has_tidal", "feature_type", "feature_sb", "params")
+
+
+def write_tidal_hdf5(path, images, truths, ids):
+    """Write tidal cutouts in the stacked HDF5 layout, atomically (temporary file, then rename).
+
+    Layout: ``image`` (N, 128, 128, 5) float32 counts in g, r, i, z, y (file attribute
+    ``bands = "grizy"``), ``id`` (N,) text, and the columns ``has_tidal`` (int), ``feature_type``
+    (text), ``feature_sb`` (float, NaN without a feature) and ``params`` (JSON text).
+
+    Parameters
+    ----------
+    path : str or path-like
+    images : sequence of ndarray, shape (128, 128, 5)
+    truths : sequence of dict
+        As returned by :func:`render_tidal_galaxy`.
+    ids : sequence of str
+    """
+    import h5py
+
+    import prep_data
+
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, len(BANDS)):
+        raise ValueError(f"images must be (N, {IMAGE_SIZE}, {IMAGE_SIZE}, {len(BANDS)}), got shape {images.shape}")
+    if not len(images) == len(truths) == len(ids):
+        raise ValueError(
+            f"images, truths and ids must have the same length, got {len(images)}, {len(truths)} and {len(ids)}"
+        )
+    path = pathlib.Path(path)
+    temporary = prep_data.atomic_path(path)
+    strings = h5py.string_dtype()
+    with h5py.File(temporary, "w") as f:
+        f.attrs["format"] = prep_data.HDF5_FORMAT
+        f.attrs["layout"] = "stacked"
+        f.attrs["bands"] = BANDS
+        f.attrs["pixel_scale"] = hsc.PIXEL_SCALE
+        f.create_dataset("image", data=images, chunks=(1,) + images.shape[1:])
+        f.create_dataset("id", data=np.asarray([str(i) for i in ids], dtype=strings))
+        f.create_dataset("has_tidal", data=np.asarray([int(t["has_tidal"]) for t in truths], dtype=np.int64))
+        f.create_dataset("feature_type", data=np.asarray([t["feature_type"] for t in truths], dtype=strings))
+        f.create_dataset("feature_sb", data=np.asarray([t["feature_sb"] for t in truths], dtype=np.float64))
+        f.create_dataset("params", data=np.asarray([json.dumps(t["params"]) for t in truths], dtype=strings))
+    os.replace(temporary, path)
