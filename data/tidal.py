@@ -92,8 +92,6 @@ FEATURE_MAX_RADIUS_ARCSEC = 10.0
 #: ... and at least this (arcsec), and at least this many host half-light radii ...
 FEATURE_MIN_RADIUS_ARCSEC = 3.0
 FEATURE_MIN_RADIUS_HOST = 4.0
-#: ... unless the flux cap needs it smaller, down to this fraction of those limits.
-FEATURE_SHRINK_LIMIT = 0.6
 #: Points drawn per geometric feature (shells, tails, plumes).
 FEATURE_POINTS = 6000
 
@@ -333,17 +331,25 @@ def observed_colours(z, red_fraction):
 
     Parameters
     ----------
-    z : float
-    red_fraction : float
+    z : float or ndarray
+    red_fraction : float or ndarray
         0 for a star-forming galaxy, 1 for a red-sequence galaxy.
+
+    Returns
+    -------
+    ndarray, shape (4,) + broadcast shape of the inputs
     """
+    z = np.asarray(z, dtype=float)
     red = np.array([0.75 + 2.0 * z, 0.38 + 0.9 * z, 0.20 + 0.15 * z, 0.10 + 0.10 * z])
     blue = np.array([0.40 + 0.8 * z, 0.20 + 0.4 * z, 0.08 + 0.10 * z, 0.03 + 0.05 * z])
     return red_fraction * red + (1.0 - red_fraction) * blue
 
 
 def band_fluxes(mag_i, colours):
-    """Counts in g, r, i, z, y of a source with i magnitude ``mag_i`` and colours g-r, r-i, i-z, z-y."""
+    """Counts in g, r, i, z, y of a source with i magnitude ``mag_i`` and colours g-r, r-i, i-z, z-y.
+
+    ``colours`` has the four colours along its first axis; arrays of sources give (5, ...) counts.
+    """
     g_r, r_i, i_z, z_y = colours
     mags = np.array([mag_i + r_i + g_r, mag_i + r_i, mag_i, mag_i - i_z, mag_i - i_z - z_y])
     return hsc.mag_to_counts(mags)
@@ -469,24 +475,17 @@ def _draw_neighbours(rng, host):
     u = rng.uniform(size=count)
     low, high = 10.0 ** (slope * bright), 10.0 ** (slope * faint)
     mags = np.log10(low + u * (high - low)) / slope
-    neighbours = []
-    for mag in mags:
-        r_e_arcsec = 10.0 ** (np.log10(0.6) - 0.1 * (mag - 22.0) + rng.normal(0.0, 0.2))
-        spheroid = rng.uniform() < 0.3
-        n = rng.uniform(2.5, 4.0) if spheroid else rng.uniform(0.7, 1.3)
-        colours = observed_colours(rng.uniform(0.1, 1.0), 0.9 if spheroid else 0.15) + rng.normal(0.0, 0.1, 4)
-        colours = np.clip(colours, -0.2, 2.5)
-        neighbours.append(
-            _component(
-                rng.uniform(-0.5, _CANVAS - 0.5),
-                rng.uniform(-0.5, _CANVAS - 0.5),
-                band_fluxes(mag, colours),
-                r_e_arcsec / hsc.PIXEL_SCALE,
-                n,
-                rng.uniform(0.3, 1.0),
-                rng.uniform(0.0, np.pi),
-            )
-        )
+    spheroid = rng.uniform(size=count) < 0.3
+    r_e_arcsec = 10.0 ** (np.log10(0.6) - 0.1 * (mags - 22.0) + rng.normal(0.0, 0.2, count))
+    n = np.where(spheroid, rng.uniform(2.5, 4.0, count), rng.uniform(0.7, 1.3, count))
+    colours = observed_colours(rng.uniform(0.1, 1.0, count), np.where(spheroid, 0.9, 0.15))
+    colours = np.clip(colours + rng.normal(0.0, 0.1, (4, count)), -0.2, 2.5)
+    fluxes = band_fluxes(mags, colours).T
+    x, y = rng.uniform(-0.5, _CANVAS - 0.5, (2, count))
+    q, theta = rng.uniform(0.3, 1.0, count), rng.uniform(0.0, np.pi, count)
+    neighbours = [
+        _component(x[k], y[k], fluxes[k], r_e_arcsec[k] / hsc.PIXEL_SCALE, n[k], q[k], theta[k]) for k in range(count)
+    ]
     if rng.uniform() < COMPANION_PROBABILITY:
         distance = rng.uniform(2.0, 6.0) / hsc.PIXEL_SCALE
         angle = rng.uniform(0.0, 2.0 * np.pi)
@@ -579,9 +578,10 @@ def _stream_points(rng, n_points):
 def _tail_points(rng, n_points):
     """One tidal tail, or two in an S, curving away from the host and widening outwards."""
     two = rng.uniform() < 0.5
-    start = rng.uniform(0.1, 0.3)
+    # Tails leave the host's outskirts: starting further in would hide their brightest part.
+    start = rng.uniform(0.25, 0.45)
     curvature = rng.uniform(0.6, 1.8) * rng.choice([-1.0, 1.0])
-    decay = rng.uniform(0.4, 1.2)
+    decay = rng.uniform(0.6, 1.5)
     width = rng.uniform(0.03, 0.07)
     second_share = rng.uniform(0.3, 1.0) if two else 0.0
     in_second = rng.uniform(size=n_points) < second_share / (1.0 + second_share)
@@ -598,9 +598,9 @@ def _tail_points(rng, n_points):
 
 def _plume_points(rng, n_points):
     """A diffuse fan of debris on one side of the host."""
-    start = rng.uniform(0.1, 0.3)
-    radius = start + (1.0 - start) * rng.beta(1.3, 2.2, n_points)
-    opening = rng.uniform(0.25, 0.55)
+    start = rng.uniform(0.25, 0.45)
+    radius = start + (1.0 - start) * rng.beta(1.6, 1.6, n_points)
+    opening = rng.uniform(0.3, 0.6)
     bend = rng.uniform(-0.4, 0.4)
     angle = opening * rng.standard_normal(n_points) + bend * radius
     spread = 0.06 * radius
@@ -685,12 +685,10 @@ def _draw_feature(rng, host, host_flux_i, psf):
 
     centre = (host["components"][0]["x"], host["components"][0]["y"])
     max_radius = FEATURE_MAX_RADIUS_ARCSEC / hsc.PIXEL_SCALE
-
-    def smallest(factor):
-        return min(max(factor * FEATURE_MIN_RADIUS_ARCSEC / hsc.PIXEL_SCALE, factor * FEATURE_MIN_RADIUS_HOST * host["r_e_pixels"]), max_radius)
-
-    # Features reach beyond the host; only to stay under the flux cap may they shrink towards it.
-    min_radius, hard_min_radius = smallest(1.0), smallest(FEATURE_SHRINK_LIMIT)
+    # Features reach beyond the host's bright body, where a classifier (or a person) can see them.
+    min_radius = min(
+        max(FEATURE_MIN_RADIUS_ARCSEC / hsc.PIXEL_SCALE, FEATURE_MIN_RADIUS_HOST * host["r_e_pixels"]), max_radius
+    )
     target_intensity = float(hsc.sb_to_counts(drawn_sb))
     cap = FEATURE_FLUX_CAP * host_flux_i
 
@@ -705,15 +703,17 @@ def _draw_feature(rng, host, host_flux_i, psf):
     wanted_area = light_fraction * host_flux_i / target_intensity
     radius = float(np.clip(trial_radius * np.sqrt(wanted_area / trial_area), min_radius, max_radius))
     area, total, squares = effective_area(radius)
-    if target_intensity * area > cap:
-        radius = float(max(radius * np.sqrt(cap / (target_intensity * area)), hard_min_radius))
+    faintest_intensity = float(hsc.sb_to_counts(FEATURE_SB_LIMIT))
+    if cap * squares / total < faintest_intensity:
+        # Capped at this size the feature would fall below the SB limit: make it smaller instead.
+        radius = float(radius * np.sqrt(cap / (faintest_intensity * area)))
         area, total, squares = effective_area(radius)
     # A feature of flux F has mean intensity F * squares / total: solve for the drawn SB, then cap.
     flux_i = target_intensity * total / squares
     capped = flux_i > cap
     if capped:
         flux_i = cap
-    flux_i = max(flux_i, float(hsc.sb_to_counts(FEATURE_SB_LIMIT)) * total / squares)
+    flux_i = max(flux_i, faintest_intensity * total / squares)
     mean_sb = float(hsc.counts_to_sb(flux_i * squares / total))
     return {
         "type": feature_type,
