@@ -28,9 +28,16 @@ PSF-convolved feature in the i band inside the cutout,
 the mean intensity seen by the feature's own light. For a feature of uniform brightness it
 is exactly its surface brightness, and it needs no footprint threshold. It is drawn
 uniformly in :data:`FEATURE_SB_RANGE` and is never fainter than :data:`FEATURE_SB_LIMIT`.
-The feature's size is chosen so that its flux is about :data:`FEATURE_LIGHT_FRACTION` of the
-host's, within the size limits (inside about 10" of the centre), and its flux is capped at
-:data:`FEATURE_FLUX_CAP` of the host's (a capped feature gets fainter, never brighter).
+
+The feature's size (the radius holding 90% of its points) is chosen so that its flux at the
+drawn SB is about :data:`FEATURE_LIGHT_FRACTION` of the host's, within limits: at most
+:data:`FEATURE_MAX_RADIUS_ARCSEC` (features lie within about 10" of the centre), at least
+:data:`FEATURE_MIN_RADIUS_ARCSEC` and :data:`FEATURE_MIN_RADIUS_HOST` host half-light radii
+(a feature hidden under the host's bright body would be a label nobody could see). Its flux
+is capped at :data:`FEATURE_FLUX_CAP` of the host's: a capped feature is fainter than drawn
+(``params["feature"]`` keeps ``drawn_sb`` and ``capped``), and one that capping would push
+below the SB limit is made smaller instead. Where the limits bind, the light share departs
+from its target, so bright features around small hosts carry up to the cap.
 
 Pixel conventions
 -----------------
@@ -116,8 +123,8 @@ STAR_MAG_RANGE = (16.0, 25.0)
 COMPANION_PROBABILITY = 0.15
 
 #: Sersic stamps extend to where the i-band profile falls to this intensity (counts per pixel,
-#: a tenth of the i-band noise): what lies beyond is lost below the noise.
-STAMP_THRESHOLD = 0.002
+#: a fortieth of the i-band noise): what lies beyond is lost below the noise.
+STAMP_THRESHOLD = 0.0005
 #: Sources fainter than this (i counts, about 22.8 mag) have their cores sub-sampled 3 x 3, not 7 x 7.
 OVERSAMPLE_MIN_FLUX = 50.0
 

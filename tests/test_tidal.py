@@ -97,6 +97,25 @@ def test_moffat_psf_has_the_requested_fwhm():
         tidal.moffat_psf(200, fwhm, 3.0)
 
 
+@pytest.mark.parametrize(
+    "n, r_e, q, theta, flux", [(1.0, 6.0, 0.6, 0.5, 300.0), (4.0, 5.0, 0.8, 1.0, 300.0), (2.5, 10.0, 0.5, 2.0, 1000.0)]
+)
+def test_rendered_galaxy_agrees_with_galsim(n, r_e, q, theta, flux):
+    galsim = pytest.importorskip("galsim")
+    component = tidal._component(63.5 + tidal.CANVAS_MARGIN, 63.5 + tidal.CANVAS_MARGIN, [flux] * 5, r_e, n, q, theta)
+    params = _empty_params(fwhm_pixels=3.6, beta=3.0)
+    params["host"]["components"] = [component]
+    image = tidal.render_scene(params)[..., 2]
+    # GalSim's half-light radius is circularised; ours is along the major axis.
+    galaxy = galsim.Sersic(n=n, half_light_radius=r_e * np.sqrt(q) * hsc.PIXEL_SCALE, flux=flux)
+    galaxy = galaxy.shear(q=q, beta=theta * galsim.radians)
+    psf = galsim.Moffat(beta=3.0, fwhm=3.6 * hsc.PIXEL_SCALE)
+    reference = galsim.Convolve(galaxy, psf).drawImage(nx=128, ny=128, scale=hsc.PIXEL_SCALE).array
+    assert image.sum() == pytest.approx(reference.sum(), rel=0.01)
+    assert np.sqrt(np.mean((image - reference) ** 2)) < 0.1 * tidal.NOISE_SIGMA[2]
+    assert np.abs(image - reference).max() < 0.02 * reference.max()
+
+
 def test_bin_points_conserves_weight_and_places_points():
     image = tidal.bin_points(np.array([3.0, 5.5]), np.array([2.0, 7.25]), np.array([1.0, 2.0]), (10, 10))
     assert image.sum() == pytest.approx(3.0)
