@@ -721,6 +721,8 @@ def _draw_feature(rng, host, host_flux_i, psf):
     if capped:
         flux_i = cap
     flux_i = max(flux_i, faintest_intensity * total / squares)
+    if capped:
+        logger.debug("%s feature capped at %.0f%% of the host's light", feature_type, 100 * FEATURE_FLUX_CAP)
     mean_sb = float(hsc.counts_to_sb(flux_i * squares / total))
     return {
         "type": feature_type,
