@@ -344,25 +344,44 @@ def summarise(params, step=GRID_STEP):
     return {key: value.numpy() for key, value in mixture_summary(params, step).items()}
 
 
+def default_micro_batch():
+    """Images per forward call: the whole batch on a GPU, one image on a CPU.
+
+    On a CPU the 224x224x64 activations of the first stage (12.8 MB per image) fall out of
+    cache when many images go through together; one image at a time ran about 1.9x faster
+    than batches of 32 on a 2-core Xeon (bench/RESULTS.md).
+    """
+    return None if tf.config.list_logical_devices("GPU") else 1
+
+
 class Predictor:
     """Compiled forward pass plus mixture summary, one call per batch of prepared images.
 
-    The model and the summary run in one ``tf.function`` (optionally XLA-compiled), so the
-    summary stays on the accelerator and a batch costs one dispatch.
+    The forward pass and the vectorised summary are compiled ``tf.function``s (optionally
+    XLA), so the summary runs on the accelerator; on a CPU the batch goes through the network
+    in micro-batches (see :func:`default_micro_batch`).
     """
 
-    def __init__(self, model, step=GRID_STEP, jit_compile=False):
+    def __init__(self, model, step=GRID_STEP, jit_compile=False, micro_batch="auto"):
         self.model = model
         self.grid = tf.constant(summary_grid(step))
-        self._function = tf.function(self._forward, jit_compile=jit_compile, reduce_retracing=True)
+        self.micro_batch = default_micro_batch() if micro_batch == "auto" else micro_batch
+        self._forward = tf.function(self._params, jit_compile=jit_compile, reduce_retracing=True)
+        self._summarise = tf.function(lambda params: _summary(params, self.grid, PERCENTILES), reduce_retracing=True)
 
-    def _forward(self, images):
-        params = tf.cast(self.model(images, training=False), tf.float32)
-        return _summary(params, self.grid, PERCENTILES)
+    def _params(self, images):
+        return tf.cast(self.model(images, training=False), tf.float32)
+
+    def parameters(self, images):
+        """Raw mixture parameters (B, 3 K) for images (B, S, S, 1)."""
+        images = tf.convert_to_tensor(images, tf.float32)
+        size = self.micro_batch or int(images.shape[0]) or 1
+        chunks = [self._forward(images[i : i + size]) for i in range(0, int(images.shape[0]), size)]
+        return tf.concat(chunks, axis=0)
 
     def __call__(self, images):
         """Summaries (dict of NumPy arrays, each (B,)) for images (B, S, S, 1)."""
-        return {key: value.numpy() for key, value in self._function(tf.convert_to_tensor(images, tf.float32)).items()}
+        return {key: value.numpy() for key, value in self._summarise(self.parameters(images)).items()}
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,76 @@
+"""ICL inference throughput: the model plus the mixture summary, against the original's way.
+
+Baseline (as the original code did): ``model.predict`` in fp32, then the summary computed by
+a Python loop over grid points, one ``prob`` call of the mixture per point. Fast path:
+``model.Predictor``, the forward pass and the vectorised summary in one compiled function.
+Both run in the same process on the same random images, so the ratio survives a noisy
+machine. Prints images/s per batch size and the largest difference of the two modes.
+
+    python bench/bench_icl_inference.py --batch-sizes 1 32 256
+"""
+
+import argparse
+
+import common
+
+
+def original_summary(params, grid):
+    """Mode and 15/85 percentiles as the original computed them: one density call per grid point."""
+    import numpy as np
+
+    import model
+
+    mixture = model.beta_mixture(params)
+    pdf = np.stack([mixture.prob(np.float32(x)).numpy() for x in grid], axis=-1)
+    cdf = np.cumsum(pdf, axis=-1)
+    cdf /= cdf[:, -1:]
+    return {
+        "mode": grid[np.argmax(pdf, axis=-1)],
+        "p15": grid[np.argmax(cdf >= 0.15, axis=-1)],
+        "p85": grid[np.argmax(cdf >= 0.85, axis=-1)],
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 256])
+    parser.add_argument("--batches", type=int, default=2, help="batches timed per batch size (default 2)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats; the fastest counts (default 2)")
+    parser.add_argument("--jit", action="store_true", help="XLA-compile the fast path")
+    parser.add_argument("--tiny", action="store_true", help="the tiny testing model (to check the script quickly)")
+    args = parser.parse_args(argv)
+
+    import numpy as np
+
+    import model
+
+    config = model.TESTING if args.tiny else model.PAPER
+    icl_model = model.build_icl_model(config)
+    predictor = model.Predictor(icl_model, jit_compile=args.jit)
+    grid = model.summary_grid()
+    print(f"machine: {common.machine_description()}")
+    print(f"model: {icl_model.count_params():,} parameters, {config.image_size}x{config.image_size} input; grid of {grid.size} points")
+    print(f"{'batch':>6} {'images':>7} {'baseline img/s':>15} {'fast img/s':>11} {'ratio':>6} {'max |mode diff|':>16}")
+    rng = np.random.default_rng(0)
+    for batch_size in args.batch_sizes:
+        n = batch_size * args.batches
+        images = rng.normal(1.0, 1.0, (n, config.image_size, config.image_size, 1)).astype(np.float32)
+
+        def baseline():
+            params = icl_model.predict(images, batch_size=batch_size, verbose=0)
+            return np.concatenate([original_summary(params[i : i + batch_size], grid)["mode"] for i in range(0, n, batch_size)])
+
+        def fast():
+            return np.concatenate([predictor(images[i : i + batch_size])["mode"] for i in range(0, n, batch_size)])
+
+        baseline_time = common.best_time(baseline, repeats=args.repeats)
+        fast_time = common.best_time(fast, repeats=args.repeats)
+        difference = float(np.abs(baseline() - fast()).max())
+        print(
+            f"{batch_size:>6} {n:>7} {n / baseline_time:>15.2f} {n / fast_time:>11.2f} "
+            f"{baseline_time / fast_time:>6.2f} {difference:>16.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
