@@ -119,7 +119,11 @@ def sersic_truncation_radius(flux, r_eff, n, axis_ratio, level):
 
 
 def _elliptical_radius_squared(dx, dy, axis_ratio, position_angle):
-    cos, sin = np.cos(position_angle), np.sin(position_angle)
+    # Python floats for a scalar angle keep float32 arrays in float32 (NumPy 2 promotion rules).
+    if np.ndim(position_angle) == 0:
+        cos, sin = float(np.cos(position_angle)), float(np.sin(position_angle))
+    else:
+        cos, sin = np.cos(position_angle), np.sin(position_angle)
     major = dx * cos + dy * sin
     minor = (-dx * sin + dy * cos) / axis_ratio
     return major * major + minor * minor
@@ -228,6 +232,7 @@ def add_sersic_batch(canvas, x0, y0, flux, r_eff, n, axis_ratio, position_angle,
         np.atleast_1d(np.asarray(v, dtype=np.float64))
         for v in (x0, y0, flux, r_eff, n, axis_ratio, position_angle, truncation_radius)
     )
+    single = np.float32
     height, width = canvas.shape
     enclosed = flux * sersic_enclosed_fraction(truncation_radius, r_eff, n)
     points = truncation_radius < 1.0
@@ -246,17 +251,18 @@ def add_sersic_batch(canvas, x0, y0, flux, r_eff, n, axis_ratio, position_angle,
         offsets = np.arange(-half, half + 1)
         centre_col = np.floor(x0[members] + 0.5).astype(np.int64)
         centre_row = np.floor(y0[members] + 0.5).astype(np.int64)
-        dx = (centre_col - x0[members])[:, None, None] + offsets[None, None, :]
-        dy = (centre_row - y0[members])[:, None, None] + offsets[None, :, None]
-        q = axis_ratio[members][:, None, None]
-        pa = position_angle[members][:, None, None]
+        dx = (centre_col - x0[members]).astype(single)[:, None, None] + offsets[None, None, :].astype(single)
+        dy = (centre_row - y0[members]).astype(single)[:, None, None] + offsets[None, :, None].astype(single)
+        q = axis_ratio[members].astype(single)[:, None, None]
+        pa = position_angle[members].astype(single)[:, None, None]
         r2 = _elliptical_radius_squared(dx, dy, q, pa)
-        b = sersic_b(n[members])
+        b = sersic_b(n[members]).astype(single)
         amplitude = sersic_surface_brightness_at_r_eff(flux[members], r_eff[members], n[members], axis_ratio[members])
-        exponent = (r2 / r_eff[members][:, None, None] ** 2) ** (0.5 / n[members])[:, None, None] - 1.0
-        values = amplitude[:, None, None] * np.exp(-b[:, None, None] * exponent)
-        values[r2 > truncation_radius[members][:, None, None] ** 2] = 0.0
-        missing = enclosed[members] - values.sum(axis=(1, 2))
+        scaled_r2 = r2 / (r_eff[members] ** 2).astype(single)[:, None, None]
+        exponent = scaled_r2 ** (0.5 / n[members]).astype(single)[:, None, None] - single(1.0)
+        values = amplitude.astype(single)[:, None, None] * np.exp(-b[:, None, None] * exponent)
+        values[r2 > (truncation_radius[members] ** 2).astype(single)[:, None, None]] = 0.0
+        missing = enclosed[members] - values.sum(axis=(1, 2), dtype=np.float64)
         values[:, half, half] = np.maximum(values[:, half, half] + missing, 0.0)
         rows = centre_row[:, None, None] + offsets[None, :, None]
         cols = centre_col[:, None, None] + offsets[None, None, :]
@@ -552,7 +558,7 @@ def render_cluster(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z=
         position_angle=float(rng.uniform(0.0, np.pi)),
     )
     add_sersic(
-        galaxies, centre, centre, float(hsc.mag_to_counts(bcg_mag)) * area_ratio, bcg_r_eff_kpc / kpc_per_pixel,
+        galaxies, centre, centre, float(hsc.mag_to_counts(bcg_mag)), bcg_r_eff_kpc / kpc_per_pixel,
         bcg["n"], bcg["axis_ratio"], bcg["position_angle"],
     )
 
@@ -570,7 +576,7 @@ def render_cluster(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z=
     member_pa = rng.uniform(0.0, np.pi, member_count)
     member_x = centre + radius_kpc * np.cos(angle) / kpc_per_pixel
     member_y = centre + radius_kpc * np.sin(angle) / kpc_per_pixel
-    member_flux = hsc.mag_to_counts(member_abs + _apparent_magnitude(0.0, z, d.cosmology)) * area_ratio
+    member_flux = hsc.mag_to_counts(member_abs + _apparent_magnitude(0.0, z, d.cosmology))
     for i in range(member_count):
         _add_galaxy(galaxies, member_x[i], member_y[i], member_flux[i], member_r_eff_kpc[i] / kpc_per_pixel,
                     member_n[i], member_q[i], member_pa[i], truncation_level)
@@ -595,7 +601,7 @@ def render_cluster(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z=
         unit_light = float(icl_image[aperture].sum(dtype=np.float64))
         icl_image *= np.float32(target * galaxy_light / ((1.0 - target) * unit_light))
         icl_light = float(icl_image[aperture].sum(dtype=np.float64))
-        icl["mag"] = float(hsc.counts_to_mag(icl_image.sum(dtype=np.float64) / area_ratio))
+        icl["mag"] = float(hsc.counts_to_mag(icl_image.sum(dtype=np.float64)))
         cluster = galaxies + icl_image
     else:
         icl_light = 0.0
@@ -613,7 +619,7 @@ def render_cluster(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z=
     field_q = rng.uniform(0.25, 1.0, field_count)
     field_pa = rng.uniform(0.0, np.pi, field_count)
     field_x, field_y = rng.uniform(-0.5, canvas_size - 0.5, (2, field_count))
-    field_flux = hsc.mag_to_counts(field_mag) * area_ratio
+    field_flux = hsc.mag_to_counts(field_mag)
     field_truncation = [
         min(sersic_truncation_radius(f, r, k, q, truncation_level), MAX_TRUNCATION_R_EFF * r)
         for f, r, k, q in zip(field_flux, field_r_eff, field_n, field_q)
@@ -624,7 +630,7 @@ def render_cluster(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z=
     star_count = int(rng.poisson(d.star_density_per_arcmin2 * canvas_arcmin2))
     star_mag = _power_law_magnitudes(rng, star_count, 0.25, *d.star_mag_range)
     star_x, star_y = rng.uniform(-0.5, canvas_size - 0.5, (2, star_count))
-    add_points(others, star_x, star_y, hsc.mag_to_counts(star_mag) * area_ratio)
+    add_points(others, star_x, star_y, hsc.mag_to_counts(star_mag))
 
     # PSF, noise, resize.
     psf = moffat_psf(psf_fwhm / fine_scale, psf_beta)
@@ -774,7 +780,7 @@ def draw_preview(images, truths, path, masks=None, columns=8):
         raise ValueError("images must hold at least one cutout")
     columns = min(columns, count)
     rows = math.ceil(count / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.6 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
     flagged = hsc.mask_value(hsc.DEFAULT_MASK_BITS)
