@@ -114,9 +114,9 @@ def shard_name(kind, shard_index, shard_count):
     return f"{kind}-{shard_index:05d}-of-{shard_count:05d}.h5"
 
 
-def _run_attributes(kind, seed, n, shard_size, distribution):
+def _run_attributes(kind, seed, n, shard_size, distribution, measure_sb=False):
     return dict(kind=kind, seed=int(seed), n_total=int(n), shard_size=int(shard_size),
-                distribution=distribution, generator_version=GENERATOR_VERSION)
+                distribution=distribution, measure_sb=int(measure_sb), generator_version=GENERATOR_VERSION)
 
 
 def write_shard(path, kind, images, masks, truths, ids, attributes):
@@ -138,7 +138,8 @@ def write_shard(path, kind, images, masks, truths, ids, attributes):
             f.create_dataset("params", data=np.asarray(params, dtype=h5py.string_dtype()))
             f.attrs.update(attributes)
     else:
-        columns = {name: [float(t[name]) for t in truths] for name in ("z", "f_icl_true", "f_icl_sb_ideal")}
+        names = ("z", "f_icl_true", "f_icl_sb_ideal") + (("f_icl_sb",) if "f_icl_sb" in truths[0] else ())
+        columns = {name: [float(t[name]) for t in truths] for name in names}
         columns["params"] = params
         prep_data.write_stacked_hdf5(
             partial, np.asarray(images, dtype=np.float16), np.asarray(masks, dtype=np.int32), ids, columns,
@@ -158,11 +159,23 @@ def _init_worker(counter):
     logging.getLogger().setLevel(logging.WARNING)
 
 
-def make_shard(path, kind, seed, start, count, distribution, attributes):
-    """Render cutouts ``start .. start + count - 1`` and write them to ``path``; returns ``path``."""
+def measure_sb_label(image, mask, z):
+    """The SB-method label ``f_icl_sb`` of one noisy cutout (``measure_sb_cut.measure_icl_fraction``)."""
+    import measure_sb_cut
+
+    return float(measure_sb_cut.measure_icl_fraction(image, z, mask=mask, mask_bits=hsc.DEFAULT_MASK_BITS).f_icl)
+
+
+def make_shard(path, kind, seed, start, count, distribution, attributes, measure_sb=False):
+    """Render cutouts ``start .. start + count - 1`` and write them to ``path``; returns ``path``.
+
+    With ``measure_sb`` the SB-method label ``f_icl_sb`` is measured on each noisy cutout too.
+    """
     images, masks, truths, ids = [], [], [], []
     for index in range(start, start + count):
         image, mask, truth = render_one(kind, seed, index, distribution)
+        if measure_sb:
+            truth["f_icl_sb"] = measure_sb_label(image.astype(np.float16).astype(np.float32), mask, truth["z"])
         images.append(image)
         masks.append(mask)
         truths.append(truth)
@@ -230,7 +243,7 @@ def merge_shards(shard_paths, out_path):
 
 
 def generate(kind, n, seed, out, workers=WORKERS, shard_size=SHARD_SIZE, distribution=DISTRIBUTION,
-             keep_shards=False, progress=True):
+             keep_shards=False, progress=True, measure_sb=False):
     """Generate ``n`` cutouts of ``kind`` into ``out`` (see the module docstring); returns the output paths.
 
     Raises
@@ -258,7 +271,14 @@ def generate(kind, n, seed, out, workers=WORKERS, shard_size=SHARD_SIZE, distrib
     out = pathlib.Path(out)
     merged = out.suffix.lower() in prep_data.HDF5_SUFFIXES
     folder = out.with_name(out.name + ".shards") if merged else out
-    attributes = _run_attributes(kind, seed, n, shard_size, distribution)
+    if measure_sb and kind == "tidal":
+        raise GenerationError("--measure-sb applies to clusters and backgrounds, not tidal galaxies")
+    if measure_sb:
+        try:
+            import measure_sb_cut  # noqa: F401
+        except ImportError as error:
+            raise GenerationError(f"--measure-sb needs the package measure_sb_cut, which cannot be imported ({error})") from None
+    attributes = _run_attributes(kind, seed, n, shard_size, distribution, measure_sb)
     if merged and out.exists():
         with h5py.File(out, "r") as f:
             stored = {key: f.attrs.get(key) for key in attributes}
@@ -289,10 +309,10 @@ def generate(kind, n, seed, out, workers=WORKERS, shard_size=SHARD_SIZE, distrib
         if workers == 1 or len(todo) <= 1:
             for i in todo:
                 start, count = plan[i]
-                make_shard(paths[i], kind, seed, start, count, distribution, attributes)
+                make_shard(paths[i], kind, seed, start, count, distribution, attributes, measure_sb)
                 bar.update(count)
         else:
-            _run_pool(todo, plan, paths, kind, seed, distribution, attributes, workers, bar)
+            _run_pool(todo, plan, paths, kind, seed, distribution, attributes, workers, bar, measure_sb)
     if not merged:
         return [str(p) for p in paths]
     merge_shards([str(p) for p in paths], out)
@@ -301,7 +321,7 @@ def generate(kind, n, seed, out, workers=WORKERS, shard_size=SHARD_SIZE, distrib
     return [str(out)]
 
 
-def _run_pool(todo, plan, paths, kind, seed, distribution, attributes, workers, bar):
+def _run_pool(todo, plan, paths, kind, seed, distribution, attributes, workers, bar, measure_sb):
     import concurrent.futures
     import multiprocessing
 
@@ -310,7 +330,7 @@ def _run_pool(todo, plan, paths, kind, seed, distribution, attributes, workers, 
     counter = context.Value("q", 0)
     with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context,
                                                 initializer=_init_worker, initargs=(counter,)) as pool:
-        futures = [pool.submit(make_shard, paths[i], kind, seed, *plan[i], distribution, attributes) for i in todo]
+        futures = [pool.submit(make_shard, paths[i], kind, seed, *plan[i], distribution, attributes, measure_sb) for i in todo]
         pending = set(futures)
         while pending:
             finished, pending = concurrent.futures.wait(pending, timeout=0.5)
@@ -370,6 +390,8 @@ def main(argv=None):
                         help="cluster parameter distribution (default training)")
     parser.add_argument("--preview", help="PNG grid of the first cutouts with their truth")
     parser.add_argument("--preview-count", type=int, default=PREVIEW_COUNT, help=f"cutouts in the preview (default {PREVIEW_COUNT})")
+    parser.add_argument("--measure-sb", action="store_true",
+                        help="also measure the SB-method label f_icl_sb on each noisy cutout (needs measure_sb_cut)")
     parser.add_argument("--keep-shards", action="store_true", help="keep FILE.h5.shards/ after merging")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -377,7 +399,7 @@ def main(argv=None):
     started = time.perf_counter()
     try:
         paths = generate(args.kind, args.n, args.seed, args.out, args.workers, args.shard_size,
-                         args.distribution, args.keep_shards, progress=not args.quiet)
+                         args.distribution, args.keep_shards, progress=not args.quiet, measure_sb=args.measure_sb)
         if args.preview:
             if args.preview_count < 1:
                 raise GenerationError(f"--preview-count must be at least 1, got {args.preview_count}")
