@@ -388,6 +388,23 @@ def resize_noise_factor(size_in, size_out=hsc.ICL_IMAGE_SIZE):
     return float(np.mean((left**2 + right**2) * same + 2.0 * left * right * neighbour))
 
 
+def fine_noise_sigma(noise_native, native_size, fine_size, size_out=hsc.ICL_IMAGE_SIZE):
+    """Per-pixel noise (counts per fine pixel) to draw on the fine grid.
+
+    Chosen so that, after the resize to ``size_out`` and the conversion to counts per native
+    pixel, the noise equals that of a real cutout of ``native_size`` native pixels with
+    ``noise_native`` counts per native pixel, resized the same way:
+    sigma_fine = sigma_native * A * rho(native) / rho(fine), with A the fine-to-native pixel
+    area ratio and rho :func:`resize_noise_factor`. On the native grid it is ``noise_native``.
+    """
+    if noise_native < 0:
+        raise ValueError(f"noise_native must be >= 0, got {noise_native}")
+    if fine_size > native_size:
+        raise ValueError(f"fine_size must not exceed native_size ({native_size}), got {fine_size}")
+    area_ratio = (native_size / fine_size) ** 2
+    return noise_native * area_ratio * resize_noise_factor(native_size, size_out) / resize_noise_factor(fine_size, size_out)
+
+
 # ----------------------------------------------------------------------------------------
 # Parameter distributions
 
@@ -538,8 +555,7 @@ def render_cluster(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z=
     centre = margin + (fine_size - 1) / 2.0
 
     noise_native = float(rng.uniform(*d.noise_sigma_range))
-    # The noise on the fine grid that, after the resize, leaves what a native-scale cutout would.
-    noise_fine = noise_native * area_ratio * resize_noise_factor(native_size) / resize_noise_factor(fine_size)
+    noise_fine = fine_noise_sigma(noise_native, native_size, fine_size)
     truncation_level = TRUNCATION_NOISE_FRACTION * noise_fine
     psf_fwhm = float(np.clip(rng.normal(*d.psf_fwhm_arcsec), 0.5, 1.1))
     psf_beta = float(rng.uniform(*d.psf_beta_range))
