@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 # Defaults of the command line (each can be set with the option of the same name).
 N = 64
 SEED = 0
-WORKERS = 1
+WORKERS = os.cpu_count() or 1
 SHARD_SIZE = 256
 PREVIEW_COUNT = 16
 DISTRIBUTION = "training"
@@ -384,7 +384,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=N, help=f"number of cutouts (default {N})")
     parser.add_argument("--seed", type=int, default=SEED, help=f"random seed (default {SEED})")
     parser.add_argument("--out", required=True, help="output FILE.h5 (shards merged) or DIR (shards kept)")
-    parser.add_argument("--workers", type=int, default=WORKERS, help=f"worker processes (default {WORKERS})")
+    parser.add_argument("--workers", type=int, default=WORKERS, help=f"worker processes (default: all {WORKERS} cores)")
     parser.add_argument("--shard-size", type=int, default=SHARD_SIZE, help=f"cutouts per shard (default {SHARD_SIZE})")
     parser.add_argument("--distribution", default=DISTRIBUTION, choices=("training", "real-like"),
                         help="cluster parameter distribution (default training)")
