@@ -283,3 +283,17 @@ def test_numpy_renderer_agrees_with_galsim(seed):
     true_gs, sb_gs = _labels(galaxies_gs, icl_gs, threshold)
     assert true_np == pytest.approx(true_gs, abs=0.005)
     assert sb_np == pytest.approx(sb_gs, abs=0.005)
+
+
+@pytest.mark.parametrize("size_in", [224, 301, 585, 1082, 1152])
+def test_fast_resize_equals_prep_data_resize(size_in):
+    image = np.random.default_rng(size_in).lognormal(0.0, 1.0, (size_in, size_in)).astype(np.float32)
+    expected = prep_data.resize_image(image)
+    np.testing.assert_allclose(clusters.resize_fast(image), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_centred_profile_uses_its_symmetry_without_changing_values():
+    centred = clusters.render_sersic((101, 101), 50.0, 50.0, 100.0, 6.0, 3.0, 0.6, 0.7)
+    nudged = clusters.render_sersic((101, 101), 50.0 + 1e-9, 50.0, 100.0, 6.0, 3.0, 0.6, 0.7)
+    np.testing.assert_allclose(centred, nudged, rtol=1e-5, atol=1e-9)
+    np.testing.assert_array_equal(centred, centred[::-1, ::-1])
