@@ -38,6 +38,18 @@ def time_generation(kind, n, workers, shard_size):
         return time.perf_counter() - started
 
 
+def cpu_seconds_per_cutout(kind, n):
+    """Mean CPU seconds to render one cutout in this process (no writing): less sensitive than
+    wall-clock rates to other jobs sharing the cores."""
+    from data import generate
+
+    generate.render_one(kind, SEED, n)  # imports and caches
+    started = time.process_time()
+    for index in range(n):
+        generate.render_one(kind, SEED, index)
+    return (time.process_time() - started) / n
+
+
 def numpy_core(size, rng):
     """The renderer's heavy steps in NumPy/SciPy (as data.clusters does them)."""
     import prep_data
@@ -120,6 +132,8 @@ def main(argv=None):
     parallel = time_generation("clusters", args.clusters, args.workers, shard)
     print(f"clusters: 1 process {args.clusters / single:.2f}/s; {args.workers} processes {args.clusters / parallel:.2f}/s "
           f"(x{single / parallel:.2f}; {args.clusters} clusters each, HDF5 writing included)")
+    cpu = cpu_seconds_per_cutout("clusters", args.clusters)
+    print(f"clusters: {cpu:.3f} CPU s each; {os.cpu_count()} idle cores would make about {os.cpu_count() / cpu:.1f}/s")
     try:
         import data.tidal  # noqa: F401
 
@@ -132,6 +146,8 @@ def main(argv=None):
         single = time_generation("tidal", args.tidal, 1, shard)
         parallel = time_generation("tidal", args.tidal, args.workers, shard)
         print(f"tidal: 1 process {args.tidal / single:.1f}/s; {args.workers} processes {args.tidal / parallel:.1f}/s (x{single / parallel:.2f})")
+        cpu = cpu_seconds_per_cutout("tidal", args.tidal)
+        print(f"tidal: {1000 * cpu:.1f} CPU ms each; {os.cpu_count()} idle cores would make about {os.cpu_count() / cpu:.0f}/s")
     if args.compare_tensorflow:
         for size, numpy_seconds, tensorflow_seconds, on_gpu in compare_tensorflow():
             device = "GPU" if on_gpu else "CPU"
