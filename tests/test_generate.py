@@ -191,3 +191,16 @@ def test_measure_sb_stores_the_label_of_measure_sb_cut(tmp_path, monkeypatch):
     with h5py.File(paths[0], "r") as f:
         assert f["f_icl_sb"][0] == pytest.approx(0.125 + f["z"][0])
     assert calls[0][:2] == ((224, 224), (224, 224))
+
+
+def test_benchmark_script_runs(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--clusters", "1", "--tidal", "0", "--workers", "1"]) == 0
+    output = capsys.readouterr().out
+    assert "clusters: 1 process" in output and "CPU s each" in output
