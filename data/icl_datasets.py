@@ -35,6 +35,7 @@ measured while the examples are written.
 
 import dataclasses
 import glob
+import json
 import logging
 import os
 
@@ -110,8 +111,6 @@ def read_shard_examples(paths, label_column):
                 raise ValueError(f"{path}: not a stacked ICL cutout file (needs image (N, H, W))")
             bits = hsc.DEFAULT_MASK_BITS
             if "mask_bits" in f.attrs:
-                import json
-
                 bits = json.loads(f.attrs["mask_bits"])
                 flagged = hsc.mask_value(bits)
             measure = label_column not in f
