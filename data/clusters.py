@@ -33,6 +33,7 @@ import functools
 import json
 import logging
 import math
+import os
 
 import numpy as np
 import scipy.fft
@@ -139,7 +140,7 @@ def _sersic_values(r2, amplitude, r_eff, n, b):
 
 
 def add_sersic(canvas, x0, y0, flux, r_eff, n, axis_ratio=1.0, position_angle=0.0, truncation_radius=np.inf):
-    """Add a pixel-integrated elliptical Sersic profile to ``canvas`` in place.
+    """Add an elliptical Sersic profile to ``canvas`` in place, each pixel holding its flux.
 
     Pixels are sampled at their centres, except a box of ``2 * CENTRE_BOX_HALF_SIZE + 1`` pixels
     around the centre, which is supersampled ``CENTRE_SUPERSAMPLING`` times per axis; inside the
@@ -835,8 +836,6 @@ def draw_preview(images, truths, path, masks=None, columns=8):
     columns : int
         Panels per row.
     """
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")

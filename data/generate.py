@@ -295,7 +295,8 @@ def generate(kind, n, seed, out, workers=WORKERS, shard_size=SHARD_SIZE, distrib
         raise GenerationError(f"--out {out}: cannot write there ({error.strerror or error})") from None
 
     plan = shard_plan(n, shard_size)
-    for stale in glob.glob(str(folder / f".{kind}-*.h5.partial-*")):
+    # Leftovers of interrupted writes (one run per folder at a time).
+    for stale in glob.glob(str(folder / f".*{kind}-*.partial-*")):
         os.remove(stale)
     done = check_existing_shards(folder, kind, len(plan), attributes)
     paths = [folder / shard_name(kind, i, len(plan)) for i in range(len(plan))]
