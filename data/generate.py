@@ -326,8 +326,9 @@ def _run_pool(todo, plan, paths, kind, seed, distribution, attributes, workers, 
     import concurrent.futures
     import multiprocessing
 
-    # fork: workers start in milliseconds and see the modules already imported.
-    context = multiprocessing.get_context("fork")
+    # fork: workers start in milliseconds and see the modules already imported; but forking a
+    # process in which TensorFlow runs threads (a TFDS build) can deadlock, so then forkserver.
+    context = multiprocessing.get_context("forkserver" if "tensorflow" in sys.modules else "fork")
     counter = context.Value("q", 0)
     with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context,
                                                 initializer=_init_worker, initargs=(counter,)) as pool:
