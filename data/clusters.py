@@ -569,7 +569,7 @@ def _apparent_magnitude(absolute, z, cosmology):
 # The cluster renderer
 
 
-def render_cluster(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z=None):
+def render_cluster(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z=None, return_components=False):
     """Render one mock cluster cutout with its truth.
 
     Parameters
@@ -581,6 +581,8 @@ def render_cluster(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z=
         False renders a background (no ICL; ``f_icl_true`` = 0).
     z : float, optional
         Redshift; drawn from ``distribution.z_range`` when None.
+    return_components : bool
+        Also return the noiseless, PSF-convolved, resized components (for checks and plots).
 
     Returns
     -------
@@ -590,6 +592,9 @@ def render_cluster(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z=
         HSC mask plane with bits ``hsc.DEFAULT_MASK_BITS`` (BRIGHT_OBJECT, NO_DATA).
     truth : dict
         ``z``, ``f_icl_true``, ``f_icl_sb_ideal`` (floats) and ``params`` (a JSON-able dict).
+    components : dict, only with ``return_components``
+        ``icl``, ``galaxies`` (BCG and members) and ``others`` (field galaxies and stars), each
+        (224, 224) float32 counts per native pixel, without noise or masks.
     """
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
@@ -674,6 +679,7 @@ def render_cluster(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z=
         cluster = galaxies + icl_image
     else:
         icl_light = 0.0
+        icl_image = np.zeros_like(galaxies)
         cluster = galaxies
     f_icl_true = icl_light / (icl_light + galaxy_light)
 
@@ -751,7 +757,14 @@ def render_cluster(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z=
         sb_threshold_counts=float(sb_threshold_counts(z)),
     )
     truth = dict(z=z, f_icl_true=float(f_icl_true), f_icl_sb_ideal=float(f_icl_sb_ideal), params=_json_safe(params))
-    return image.astype(np.float32), mask, truth
+    if not return_components:
+        return image.astype(np.float32), mask, truth
+    icl_convolved, galaxies_convolved = convolve_fft([icl_image, galaxies], psf)
+    components = {
+        name: resize_fast(array[frame, frame]) / np.float32(area_ratio)
+        for name, array in (("icl", icl_convolved), ("galaxies", galaxies_convolved), ("others", others_convolved))
+    }
+    return image.astype(np.float32), mask, truth, components
 
 
 def _add_galaxy(canvas, x, y, flux, r_eff, n, axis_ratio, position_angle, truncation_level):

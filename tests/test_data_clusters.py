@@ -297,3 +297,18 @@ def test_centred_profile_uses_its_symmetry_without_changing_values():
     nudged = clusters.render_sersic((101, 101), 50.0 + 1e-9, 50.0, 100.0, 6.0, 3.0, 0.6, 0.7)
     np.testing.assert_allclose(centred, nudged, rtol=1e-5, atol=1e-9)
     np.testing.assert_array_equal(centred, centred[::-1, ::-1])
+
+
+def test_mock_icl_is_smooth_and_the_labels_follow_from_the_pixels():
+    image, mask, truth, parts = clusters.render_cluster(np.random.default_rng(21), z=0.45, return_components=True)
+    icl, galaxies = parts["icl"].astype(np.float64), parts["galaxies"].astype(np.float64)
+    # Never zeroed under galaxies (no step a network could learn): positive everywhere and
+    # falling steadily from the centre along the central row.
+    aperture = clusters.aperture_mask()
+    assert (icl[aperture] > 0).all()
+    assert icl.min() > -1e-6 * icl.max()  # FFT round-off in the far corners
+    row = icl[112, 112:]
+    assert (np.diff(row[2:]) < 0).all()
+    recomputed = icl[aperture].sum() / (icl[aperture].sum() + galaxies[aperture].sum())
+    assert recomputed == pytest.approx(truth["f_icl_true"], abs=2e-3)
+    assert clusters.sb_threshold_fraction(icl + galaxies, 0.45) == pytest.approx(truth["f_icl_sb_ideal"], abs=1e-4)
