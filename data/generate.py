@@ -243,8 +243,11 @@ def merge_shards(shard_paths, out_path):
 
 
 def generate(kind, n, seed, out, workers=WORKERS, shard_size=SHARD_SIZE, distribution=DISTRIBUTION,
-             keep_shards=False, progress=True, measure_sb=False):
+             keep_shards=False, progress=True, measure_sb=False, start_method=None):
     """Generate ``n`` cutouts of ``kind`` into ``out`` (see the module docstring); returns the output paths.
+
+    ``start_method`` picks how worker processes start ("fork", "forkserver", "spawn"); by
+    default "fork", or "forkserver" when TensorFlow is loaded in this process.
 
     Raises
     ------
@@ -313,7 +316,7 @@ def generate(kind, n, seed, out, workers=WORKERS, shard_size=SHARD_SIZE, distrib
                 make_shard(paths[i], kind, seed, start, count, distribution, attributes, measure_sb)
                 bar.update(count)
         else:
-            _run_pool(todo, plan, paths, kind, seed, distribution, attributes, workers, bar, measure_sb)
+            _run_pool(todo, plan, paths, kind, seed, distribution, attributes, workers, bar, measure_sb, start_method)
     if not merged:
         return [str(p) for p in paths]
     merge_shards([str(p) for p in paths], out)
@@ -322,13 +325,15 @@ def generate(kind, n, seed, out, workers=WORKERS, shard_size=SHARD_SIZE, distrib
     return [str(out)]
 
 
-def _run_pool(todo, plan, paths, kind, seed, distribution, attributes, workers, bar, measure_sb):
+def _run_pool(todo, plan, paths, kind, seed, distribution, attributes, workers, bar, measure_sb, start_method):
     import concurrent.futures
     import multiprocessing
 
     # fork: workers start in milliseconds and see the modules already imported; but forking a
     # process in which TensorFlow runs threads (a TFDS build) can deadlock, so then forkserver.
-    context = multiprocessing.get_context("forkserver" if "tensorflow" in sys.modules else "fork")
+    if start_method is None:
+        start_method = "forkserver" if "tensorflow" in sys.modules else "fork"
+    context = multiprocessing.get_context(start_method)
     counter = context.Value("q", 0)
     with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context,
                                                 initializer=_init_worker, initargs=(counter,)) as pool:

@@ -155,8 +155,9 @@ def stand_in_tidal(monkeypatch):
 
 def test_tidal_kind_writes_the_tidal_layout(stand_in_tidal, tmp_path):
     out, preview = tmp_path / "tidal.h5", tmp_path / "tidal.png"
-    assert generate.main(["tidal", "--n", "5", "--seed", "2", "--out", str(out), "--workers", "2",
-                          "--shard-size", "2", "--preview", str(preview), "--quiet"]) == 0
+    # fork, so that the workers see the stand-in module.
+    paths = generate.generate("tidal", 5, 2, out, workers=2, shard_size=2, progress=False, start_method="fork")
+    generate.draw_preview("tidal", paths, str(preview))
     with h5py.File(out, "r") as f:
         assert f["image"].shape == (5, 128, 128, 5) and f["image"].dtype == np.float32
         assert f.attrs["bands"] == "grizy"
@@ -168,6 +169,13 @@ def test_tidal_kind_writes_the_tidal_layout(stand_in_tidal, tmp_path):
         single = generate.render_one("tidal", 2, 3)[0]
         np.testing.assert_array_equal(f["image"][3], single)
     assert preview.read_bytes() == b"\x89PNG stand-in 5"
+
+
+def test_tidal_kind_through_the_command_line(stand_in_tidal, tmp_path):
+    out = tmp_path / "tidal.h5"
+    assert generate.main(["tidal", "--n", "2", "--seed", "2", "--out", str(out), "--workers", "1", "--quiet"]) == 0
+    with h5py.File(out, "r") as f:
+        assert f["image"].shape == (2, 128, 128, 5)
 
 
 def test_tidal_kind_without_the_renderer_is_a_clear_error(tmp_path, monkeypatch, capsys):
