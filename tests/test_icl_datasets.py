@@ -106,3 +106,12 @@ def test_default_sizes_and_the_real_like_domain_shift():
     training, shifted = clusters.TRAINING_DISTRIBUTION, clusters.REAL_LIKE_DISTRIBUTION
     assert shifted.psf_fwhm_arcsec[0] > training.psf_fwhm_arcsec[0]
     assert shifted.icl_sersic_n_range != training.icl_sersic_n_range
+
+
+def test_builder_generates_its_own_cutouts_without_shards(tmp_path):
+    builder = tfds.builder("icl_artificial/small_true", data_dir=str(tmp_path / "tfds"))
+    builder.download_and_prepare(download_dir=str(tmp_path / "downloads"))
+    elements = list(builder.as_dataset(split="train").as_numpy_iterator())
+    assert len(elements) == icl_datasets.SMALL_SIZE
+    assert sorted(e["id"].decode() for e in elements) == [f"clusters-s0-{i:07d}" for i in range(icl_datasets.SMALL_SIZE)]
+    assert all(0.02 <= e["label"] <= 0.45 for e in elements)  # f_icl_true of the training distribution
