@@ -24,6 +24,7 @@ test: install
 
 bench: install
 	$(PY) bench/bench_icl_inference.py
+	$(PY) bench/bench_generate.py
 
 clean:
 	rm -rf results .pytest_cache
