@@ -266,11 +266,6 @@ def generate(kind, n, seed, out, workers=WORKERS, shard_size=SHARD_SIZE, distrib
         raise GenerationError(f"--shard-size must be at least 1, got {shard_size}")
     if distribution not in ("training", "real-like"):
         raise GenerationError(f"--distribution must be 'training' or 'real-like', got {distribution!r}")
-    if kind == "tidal":
-        try:
-            from data import tidal  # noqa: F401
-        except ImportError as error:
-            raise GenerationError(f"tidal mocks need the module data.tidal, which cannot be imported ({error})") from None
     out = pathlib.Path(out)
     merged = out.suffix.lower() in prep_data.HDF5_SUFFIXES
     folder = out.with_name(out.name + ".shards") if merged else out

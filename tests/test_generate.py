@@ -178,13 +178,6 @@ def test_tidal_kind_through_the_command_line(stand_in_tidal, tmp_path):
         assert f["image"].shape == (2, 128, 128, 5)
 
 
-def test_tidal_kind_without_the_renderer_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "data.tidal", None)
-    with pytest.raises(SystemExit):
-        generate.main(["tidal", "--n", "1", "--out", str(tmp_path / "t.h5")])
-    assert capsys.readouterr().err.startswith("error: tidal mocks need the module data.tidal")
-
-
 def test_measure_sb_stores_the_label_of_measure_sb_cut(tmp_path, monkeypatch):
     module = types.ModuleType("measure_sb_cut")
     calls = []
