@@ -40,8 +40,8 @@ import resnet_cifar10_v2
 
 #: Cutouts per batch.
 BATCH_SIZE = 16
-#: Opacity of the heat map drawn over the image.
-OVERLAY_ALPHA = 0.45
+#: Opacity of the heat map where it reaches 1 (it fades to transparent at 0).
+OVERLAY_ALPHA = 0.6
 #: Matplotlib colour map of the heat map.
 HEATMAP_COLORMAP = "jet"
 #: Percentiles of the prepared image mapped to black and white in the overlays.
@@ -290,7 +290,13 @@ def save_overlays(images, heatmaps, ids, out_dir, predictions=None):
     list of pathlib.Path
         The PNG files, in image order. Each is written to a temporary name and renamed.
     """
+    import matplotlib
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
+
+    colormap = matplotlib.colormaps[HEATMAP_COLORMAP]
+    norm = Normalize(0.0, 1.0)
 
     images = np.asarray(images, dtype=np.float32)
     if images.ndim == 4 and images.shape[-1] == 1:
@@ -313,8 +319,9 @@ def save_overlays(images, heatmaps, ids, out_dir, predictions=None):
         figure = Figure(figsize=(4.6, 4.2))
         axes = figure.add_subplot()
         axes.imshow(image, cmap="gray", origin="lower", vmin=low, vmax=max(high, low + 1e-6), interpolation="nearest")
-        shown = axes.imshow(heatmap, cmap=HEATMAP_COLORMAP, origin="lower", vmin=0.0, vmax=1.0, alpha=OVERLAY_ALPHA)
-        figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04, label="GradCAM (normalised)")
+        # Opacity grows with the heat, so the image stays visible where the map is zero.
+        axes.imshow(heatmap, cmap=colormap, norm=norm, origin="lower", alpha=OVERLAY_ALPHA * np.clip(heatmap, 0.0, 1.0))
+        figure.colorbar(ScalarMappable(norm, colormap), ax=axes, fraction=0.046, pad=0.04, label="GradCAM (normalised)")
         axes.set_axis_off()
         title = identifier
         if predictions is not None:
