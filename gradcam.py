@@ -169,7 +169,7 @@ class GradCAM:
             # sum is each image's own gradient.
             total = tf.reduce_sum(mean)
         gradients = tape.gradient(total, features)
-        return features, gradients, mean
+        return features, gradients, params, mean
 
     def _check_images(self, images):
         images = np.asarray(images, dtype=np.float32)
@@ -181,35 +181,56 @@ class GradCAM:
         return images
 
     def components(self, images):
-        """The pieces of GradCAM for a batch, for inspection and tests.
+        """GradCAM of a batch with its intermediate pieces.
 
         Parameters
         ----------
         images : array-like, shape (B, S, S, 1)
-            Prepared model inputs (see ``prep_data.prepare_image``).
+            Prepared model inputs (see ``prep_data.prepare_image``). Not modified.
 
         Returns
         -------
         dict of str -> ndarray
-            ``features`` (B, h, w, C) feature map, ``gradients`` (B, h, w, C) gradient of the
-            predicted mean with respect to it, ``channel_weights`` (B, C) their spatial mean,
-            ``mean`` (B,) predicted mixture mean, ``raw`` (B, h, w) ReLU of the weighted sum of
-            channels before upsampling and normalisation.
+            ``features`` (B, h, w, C) feature map; ``gradients`` (B, h, w, C) gradient of the
+            predicted mean with respect to it; ``channel_weights`` (B, C) their spatial mean;
+            ``raw`` (B, h, w) ReLU of the weighted sum of channels; ``heatmaps`` (B, S, S) the raw
+            map upsampled bilinearly and divided by its maximum; ``params`` (B, 3 K) the model's
+            output, ``mean`` (B,) the predicted mixture mean.
         """
         images = self._check_images(images)
-        features, gradients, mean = (tensor.numpy() for tensor in self._gradients(images))
+        if images.shape[0] == 0:
+            # Convolutions reject an empty batch; answer with empty arrays of the right shapes.
+            return self._empty_components()
+        features, gradients, params, mean = (tensor.numpy() for tensor in self._gradients(images))
         channel_weights = gradients.mean(axis=(1, 2))
         raw = np.maximum(np.einsum("bhwc,bc->bhw", features, channel_weights), 0.0)
-        return {"features": features, "gradients": gradients, "channel_weights": channel_weights, "mean": mean, "raw": raw}
+        upsampled = tf.image.resize(raw[..., None], (self.image_size, self.image_size), method="bilinear")
+        return {
+            "features": features,
+            "gradients": gradients,
+            "channel_weights": channel_weights,
+            "raw": raw,
+            "heatmaps": normalise_heatmaps(upsampled.numpy()[..., 0]),
+            "params": params,
+            "mean": mean,
+        }
+
+    def _empty_components(self):
+        _, height, width, channels = self.to_features.output_shape
+        feature_shape = (0, height, width, channels)
+        return {
+            "features": np.zeros(feature_shape, np.float32),
+            "gradients": np.zeros(feature_shape, np.float32),
+            "channel_weights": np.zeros((0, channels), np.float32),
+            "raw": np.zeros((0, height, width), np.float32),
+            "heatmaps": np.zeros((0, self.image_size, self.image_size), np.float32),
+            "params": np.zeros((0, self.from_features.output_shape[-1]), np.float32),
+            "mean": np.zeros(0, np.float32),
+        }
 
     def __call__(self, images):
         """Heat maps (B, S, S) in [0, 1] for prepared images (B, S, S, 1); see :func:`gradcam_heatmaps`."""
-        images = self._check_images(images)
-        if images.shape[0] == 0:
-            return np.zeros((0, self.image_size, self.image_size), np.float32)
-        raw = self.components(images)["raw"]
-        upsampled = tf.image.resize(raw[..., None], (self.image_size, self.image_size), method="bilinear")
-        return normalise_heatmaps(upsampled.numpy()[..., 0])
+        return self.components(images)["heatmaps"]
 
 
 def _as_gradcam(icl_model):
@@ -392,7 +413,6 @@ def run(inputs, out_dir, checkpoint=None, batch_size=BATCH_SIZE, progress=True):
         logger.error("%s", message)
     icl_model = model.load_icl_model(checkpoint, config)
     gradcam = GradCAM(icl_model)
-    predictor = model.Predictor(icl_model)
     dataset = prep_data.cutout_dataset(refs, batch_size, config.image_size)
     paths = []
     with tqdm(total=len(refs), unit="cutout", desc="gradcam", disable=not progress) as bar:
@@ -406,7 +426,9 @@ def run(inputs, out_dir, checkpoint=None, batch_size=BATCH_SIZE, progress=True):
             if good.any():
                 images = batch["image"].numpy()[good]
                 ids = [refs[index].id for index in batch["index"].numpy()[good]]
-                _, written = write_gradcam_for_batch(gradcam, images, ids, out_dir, predictor(images))
+                # The gradient pass already ran the model: its output gives the titles' summaries.
+                parts = gradcam.components(images)
+                written = save_overlays(images, parts["heatmaps"], ids, out_dir, model.summarise(parts["params"]))
                 paths.extend(written)
             bar.update(len(messages))
     return paths, errors

@@ -90,6 +90,8 @@ def test_accepts_a_plain_keras_model_and_an_empty_batch(tiny_model, tiny_gradcam
     images = _images(2, seed=1)
     np.testing.assert_allclose(gradcam.gradcam_heatmaps(tiny_model, images), tiny_gradcam(images), atol=1e-6)
     assert gradcam.gradcam_heatmaps(tiny_gradcam, np.zeros((0, SIZE, SIZE, 1))).shape == (0, SIZE, SIZE)
+    empty, full = tiny_gradcam.components(np.zeros((0, SIZE, SIZE, 1))), tiny_gradcam.components(images)
+    assert {key: value.shape[1:] for key, value in empty.items()} == {key: value.shape[1:] for key, value in full.items()}
 
 
 def test_feature_model_shares_weights_and_matches_the_icl_output(tiny_model):
@@ -100,6 +102,13 @@ def test_feature_model_shares_weights_and_matches_the_icl_output(tiny_model):
     assert features.shape == (2, SIZE // STRIDE, SIZE // STRIDE, resnet_cifar10_v2.STAGES[-1][1])
     assert {id(v) for v in features_and_output.weights} <= {id(v) for v in tiny_model.weights}
     assert len(features_and_output.weights) == len(tiny_model.weights)
+
+
+def test_gradient_pass_returns_the_model_output_and_its_mean(tiny_model, tiny_gradcam):
+    images = _images(2, seed=3)
+    parts = tiny_gradcam.components(images)
+    np.testing.assert_allclose(parts["params"], tiny_model(images), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(parts["mean"], model.summarise(parts["params"])["mean"], rtol=1e-6)
 
 
 def test_channel_weights_are_the_spatial_mean_of_the_gradient_of_the_mean(tiny_model, tiny_gradcam):
