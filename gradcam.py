@@ -288,7 +288,28 @@ def _check_predictions(predictions, n):
     return checked
 
 
-def save_overlays(images, heatmaps, ids, out_dir, predictions=None):
+def check_overlay_options(overlay_alpha=OVERLAY_ALPHA, colormap=HEATMAP_COLORMAP, display_percentiles=DISPLAY_PERCENTILES):
+    """Raise ValueError naming the first overlay option of :func:`save_overlays` that is invalid."""
+    import matplotlib
+
+    if not 0 <= overlay_alpha <= 1:
+        raise ValueError(f"overlay_alpha must be in [0, 1], got {overlay_alpha}")
+    if colormap not in matplotlib.colormaps:
+        raise ValueError(f"colormap must be a Matplotlib colour map name, got '{colormap}'")
+    if len(display_percentiles) != 2 or not 0 <= display_percentiles[0] < display_percentiles[1] <= 100:
+        raise ValueError(f"display_percentiles must be (low, high) with 0 <= low < high <= 100, got {tuple(display_percentiles)}")
+
+
+def save_overlays(
+    images,
+    heatmaps,
+    ids,
+    out_dir,
+    predictions=None,
+    overlay_alpha=OVERLAY_ALPHA,
+    colormap=HEATMAP_COLORMAP,
+    display_percentiles=DISPLAY_PERCENTILES,
+):
     """Write one PNG per image: the prepared image in grey with the heat map over it.
 
     Parameters
@@ -305,6 +326,12 @@ def save_overlays(images, heatmaps, ids, out_dir, predictions=None):
     predictions : mapping, optional
         ``mode``, ``p15`` and ``p85`` (each (B,), as from ``model.summarise``); when given the
         title shows f_ICL = mode with its 15-85% range.
+    overlay_alpha : float
+        Opacity of the heat map where it is 1, in [0, 1]; it fades to transparent at 0.
+    colormap : str
+        Matplotlib colour map of the heat map.
+    display_percentiles : (float, float)
+        Percentiles of each image shown as black and white.
 
     Returns
     -------
@@ -316,7 +343,9 @@ def save_overlays(images, heatmaps, ids, out_dir, predictions=None):
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    colormap = matplotlib.colormaps[HEATMAP_COLORMAP]
+    check_overlay_options(overlay_alpha, colormap, display_percentiles)
+    low_percentile, high_percentile = display_percentiles
+    heat_colormap = matplotlib.colormaps[colormap]
     norm = Normalize(0.0, 1.0)
 
     images = np.asarray(images, dtype=np.float32)
@@ -336,13 +365,13 @@ def save_overlays(images, heatmaps, ids, out_dir, predictions=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, (image, heatmap, identifier) in enumerate(zip(images, heatmaps, ids)):
-        low, high = np.percentile(image, DISPLAY_PERCENTILES)
+        low, high = np.percentile(image, (low_percentile, high_percentile))
         figure = Figure(figsize=(4.6, 4.2))
         axes = figure.add_subplot()
         axes.imshow(image, cmap="gray", origin="lower", vmin=low, vmax=max(high, low + 1e-6), interpolation="nearest")
         # Opacity grows with the heat, so the image stays visible where the map is zero.
-        axes.imshow(heatmap, cmap=colormap, norm=norm, origin="lower", alpha=OVERLAY_ALPHA * np.clip(heatmap, 0.0, 1.0))
-        figure.colorbar(ScalarMappable(norm, colormap), ax=axes, fraction=0.046, pad=0.04, label="GradCAM (normalised)")
+        axes.imshow(heatmap, cmap=heat_colormap, norm=norm, origin="lower", alpha=overlay_alpha * np.clip(heatmap, 0.0, 1.0))
+        figure.colorbar(ScalarMappable(norm, heat_colormap), ax=axes, fraction=0.046, pad=0.04, label="GradCAM (normalised)")
         axes.set_axis_off()
         title = identifier
         if predictions is not None:
@@ -363,7 +392,7 @@ def save_overlays(images, heatmaps, ids, out_dir, predictions=None):
     return paths
 
 
-def write_gradcam_for_batch(icl_model, images, ids, out_dir, predictions=None):
+def write_gradcam_for_batch(icl_model, images, ids, out_dir, predictions=None, **overlay_options):
     """Heat maps and overlay PNGs for one batch of prepared images.
 
     Parameters
@@ -375,6 +404,8 @@ def write_gradcam_for_batch(icl_model, images, ids, out_dir, predictions=None):
     out_dir : str or path
     predictions : mapping, optional
         ``mode``, ``p15``, ``p85`` per image (``model.Predictor`` output) for the titles.
+    **overlay_options
+        ``overlay_alpha``, ``colormap``, ``display_percentiles`` of :func:`save_overlays`.
 
     Returns
     -------
@@ -382,20 +413,23 @@ def write_gradcam_for_batch(icl_model, images, ids, out_dir, predictions=None):
     paths : list of pathlib.Path
     """
     heatmaps = gradcam_heatmaps(icl_model, images)
-    return heatmaps, save_overlays(images, heatmaps, ids, out_dir, predictions)
+    return heatmaps, save_overlays(images, heatmaps, ids, out_dir, predictions, **overlay_options)
 
 
 # ----------------------------------------------------------------------------------------
 # Script
 
 
-def run(inputs, out_dir, checkpoint=None, batch_size=BATCH_SIZE, progress=True):
+def run(inputs, out_dir, checkpoint=None, batch_size=BATCH_SIZE, progress=True, **overlay_options):
     """GradCAM overlays for every cutout in ``inputs``, written to ``out_dir``.
+
+    ``overlay_options`` go to :func:`save_overlays`.
 
     Returns
     -------
     paths : list of pathlib.Path
-        Overlays written, in input order.
+        Overlays written, in input order (cutouts with a repeated id share one file, the last
+        one's, and a warning names them).
     errors : list of str
         One message per cutout (or file) that could not be processed.
     """
@@ -405,6 +439,7 @@ def run(inputs, out_dir, checkpoint=None, batch_size=BATCH_SIZE, progress=True):
 
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    check_overlay_options(**overlay_options)
     checkpoint = pathlib.Path(checkpoint) if checkpoint else predict.default_checkpoint()
     config = model.read_config(checkpoint)
     refs, file_errors = prep_data.index_cutouts(inputs)
@@ -414,7 +449,7 @@ def run(inputs, out_dir, checkpoint=None, batch_size=BATCH_SIZE, progress=True):
     icl_model = model.load_icl_model(checkpoint, config)
     gradcam = GradCAM(icl_model)
     dataset = prep_data.cutout_dataset(refs, batch_size, config.image_size)
-    paths = []
+    paths, seen = [], set()  # one overlay per distinct id, in input order
     with tqdm(total=len(refs), unit="cutout", desc="gradcam", disable=not progress) as bar:
         for batch in dataset:
             messages = [message.decode() for message in batch["error"].numpy()]
@@ -425,11 +460,19 @@ def run(inputs, out_dir, checkpoint=None, batch_size=BATCH_SIZE, progress=True):
             good = np.array([not message for message in messages])
             if good.any():
                 images = batch["image"].numpy()[good]
-                ids = [refs[index].id for index in batch["index"].numpy()[good]]
+                indices = batch["index"].numpy()[good]
+                ids = [refs[index].id for index in indices]
                 # The gradient pass already ran the model: its output gives the titles' summaries.
                 parts = gradcam.components(images)
-                written = save_overlays(images, parts["heatmaps"], ids, out_dir, model.summarise(parts["params"]))
-                paths.extend(written)
+                summary = model.summarise(parts["params"])
+                written = save_overlays(images, parts["heatmaps"], ids, out_dir, summary, **overlay_options)
+                for index, path in zip(indices, written):
+                    if path in seen:
+                        ref = refs[index]
+                        logger.warning("%s: id '%s' repeats an earlier cutout's; %s was overwritten", ref.source, ref.id, path.name)
+                    else:
+                        seen.add(path)
+                        paths.append(path)
             bar.update(len(messages))
     return paths, errors
 
@@ -440,6 +483,18 @@ def build_parser():
     parser.add_argument("--out-dir", required=True, help="directory for the overlay PNGs")
     parser.add_argument("--checkpoint", help="weights (.weights.h5 with its .config.json, or .keras); default: the shipped one")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"cutouts per batch (default {BATCH_SIZE})")
+    parser.add_argument(
+        "--overlay-alpha", type=float, default=OVERLAY_ALPHA, help=f"heat-map opacity where it is 1 (default {OVERLAY_ALPHA})"
+    )
+    parser.add_argument("--colormap", default=HEATMAP_COLORMAP, help=f"Matplotlib colour map of the heat map (default {HEATMAP_COLORMAP})")
+    parser.add_argument(
+        "--display-percentiles",
+        type=float,
+        nargs=2,
+        default=DISPLAY_PERCENTILES,
+        metavar=("LOW", "HIGH"),
+        help="image percentiles shown as black and white (default %(default)s)",
+    )
     return parser
 
 
@@ -447,7 +502,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        paths, errors = run(args.inputs, args.out_dir, args.checkpoint, args.batch_size)
+        paths, errors = run(
+            args.inputs,
+            args.out_dir,
+            args.checkpoint,
+            args.batch_size,
+            overlay_alpha=args.overlay_alpha,
+            colormap=args.colormap,
+            display_percentiles=tuple(args.display_percentiles),
+        )
     except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

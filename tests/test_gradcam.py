@@ -1,5 +1,6 @@
 """Tests of gradcam.py on the tiny ICL architecture (32x32 images)."""
 
+import re
 import subprocess
 import sys
 
@@ -260,21 +261,40 @@ def test_help_works():
     assert result.returncode == 0 and "--out-dir" in result.stdout
 
 
-def test_cli_writes_overlays_and_reports_bad_files(tmp_path, tiny_checkpoint, capsys):
-    inputs = tmp_path / "inputs"
+def test_cli_writes_overlays_and_reports_bad_files(tmp_path, tiny_checkpoint, capsys, caplog):
+    inputs, more_inputs = tmp_path / "inputs", tmp_path / "more"
     inputs.mkdir()
+    more_inputs.mkdir()
     write_fits_cutout(inputs / "a.fits", seed=1)
     (inputs / "b.fits").write_text("broken")
     write_fits_cutout(inputs / "c.fits", (50, 90), seed=2, star=True)
+    write_fits_cutout(more_inputs / "a.fits", seed=3)
     out_dir = tmp_path / "overlays"
-    argv = [str(inputs), "--out-dir", str(out_dir), "--checkpoint", str(tiny_checkpoint), "--batch-size", "2"]
-    assert gradcam.main(argv) == 1
+    argv = [str(inputs), str(more_inputs), "--out-dir", str(out_dir), "--checkpoint", str(tiny_checkpoint)]
+    assert gradcam.main(argv + ["--batch-size", "2", "--overlay-alpha", "0.3"]) == 1
     assert sorted(p.name for p in out_dir.iterdir()) == ["a_gradcam.png", "c_gradcam.png"]
     assert matplotlib.image.imread(out_dir / "a_gradcam.png").ndim == 3
     captured = capsys.readouterr()
     assert "wrote 2 GradCAM overlays" in captured.out
     assert "b.fits: cannot read FITS file" in captured.err
     assert "Traceback" not in captured.err
+    assert f"{more_inputs / 'a.fits'}: id 'a' repeats an earlier cutout's; a_gradcam.png was overwritten" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--overlay-alpha", "1.5"], r"overlay_alpha must be in \[0, 1\], got 1.5"),
+        (["--colormap", "no_such_map"], "colormap must be a Matplotlib colour map name, got 'no_such_map'"),
+        (["--display-percentiles", "90", "10"], r"display_percentiles must be \(low, high\) with 0 <= low < high <= 100"),
+    ],
+)
+def test_cli_rejects_bad_overlay_options(tmp_path, tiny_checkpoint, capsys, option, message):
+    write_fits_cutout(tmp_path / "a.fits")
+    argv = [str(tmp_path / "a.fits"), "--out-dir", str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint)]
+    assert gradcam.main(argv + option) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_without_checkpoint_says_what_to_do(tmp_path, monkeypatch, capsys):
