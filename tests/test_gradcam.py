@@ -310,3 +310,11 @@ def test_cli_rejects_bad_batch_size(tmp_path, tiny_checkpoint, capsys):
     assert gradcam.main(argv) == 2
     assert "batch size must be >= 1, got 0" in capsys.readouterr().err
 
+
+
+def test_works_on_a_whole_model_loaded_from_a_keras_file(tmp_path, tiny_model, tiny_gradcam):
+    path = tmp_path / "tiny.keras"
+    model.save_model(tiny_model, path)
+    loaded = keras.saving.load_model(path, compile=False)
+    images = _images(2, seed=8)
+    np.testing.assert_allclose(gradcam.gradcam_heatmaps(loaded, images), tiny_gradcam(images), atol=1e-5)
