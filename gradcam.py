@@ -9,7 +9,10 @@ weighted sum of channels (their eq. 2):
 
 Here y is the mean of the predicted Beta mixture, sum_k w_k a_k / (a_k + b_k) (SPEC Part A,
 GradCAM). The map is upsampled bilinearly to the input size and divided by its maximum, so each
-image's map lies in [0, 1]; a map with no positive evidence stays all zero.
+image's map lies in [0, 1]; a map with no positive evidence stays all zero. Because the encoder
+ends with global average pooling, the gradient is the same at every position of a channel, so
+w_c is the head's derivative by the pooled feature c divided by H W, and L is the class
+activation map of Zhou et al. (2016, arXiv:1512.04150) with those derivatives as weights.
 
 Each INPUT is a FITS cutout, an HDF5 file of cutouts, a .npy file of prepared images, or a
 directory of them, read exactly as ``predict.py`` reads them. One PNG per cutout is written to
@@ -134,7 +137,7 @@ def predicted_mean(params):
 def normalise_heatmaps(heatmaps):
     """Divide each map (B, H, W) by its maximum; an all-zero map stays zero (never NaN)."""
     heatmaps = np.maximum(np.asarray(heatmaps, dtype=np.float32), 0.0)
-    peaks = heatmaps.max(axis=(1, 2), keepdims=True) if heatmaps.size else np.zeros((heatmaps.shape[0], 1, 1), np.float32)
+    peaks = heatmaps.max(axis=(1, 2), keepdims=True, initial=0.0)
     scale = np.divide(1.0, peaks, out=np.zeros_like(peaks), where=peaks > 0)
     return np.clip(heatmaps * scale, 0.0, 1.0)
 
