@@ -472,7 +472,9 @@ def run(inputs, out_dir, checkpoint=None, batch_size=BATCH_SIZE, progress=True, 
                 for index, path in zip(indices, written):
                     if path in seen:
                         ref = refs[index]
-                        logger.warning("%s: id '%s' repeats an earlier cutout's; %s was overwritten", ref.source, ref.id, path.name)
+                        logger.warning(
+                            "%s: id '%s' repeats an earlier cutout's; %s was overwritten", ref.source, ref.id, path.name
+                        )
                     else:
                         seen.add(path)
                         paths.append(path)
@@ -489,7 +491,9 @@ def build_parser():
     parser.add_argument(
         "--overlay-alpha", type=float, default=OVERLAY_ALPHA, help=f"heat-map opacity where it is 1 (default {OVERLAY_ALPHA})"
     )
-    parser.add_argument("--colormap", default=HEATMAP_COLORMAP, help=f"Matplotlib colour map of the heat map (default {HEATMAP_COLORMAP})")
+    parser.add_argument(
+        "--colormap", default=HEATMAP_COLORMAP, help=f"Matplotlib colour map of the heat map (default {HEATMAP_COLORMAP})"
+    )
     parser.add_argument(
         "--display-percentiles",
         type=float,
