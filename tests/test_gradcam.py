@@ -1,0 +1,320 @@
+"""Tests of gradcam.py on the tiny ICL architecture (32x32 images)."""
+
+import re
+import subprocess
+import sys
+
+import keras
+import matplotlib.image
+import numpy as np
+import pytest
+
+import gradcam
+import model
+import predict
+import resnet_cifar10_v2
+from synthetic import write_fits_cutout
+
+SIZE = model.TESTING.image_size
+#: The blob detector's feature map is the input sampled every 4 pixels (two stride-2 stages).
+STRIDE = 4
+BLOB_ROWS, BLOB_COLUMNS = slice(20, 24), slice(4, 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    keras.utils.set_random_seed(3)
+    return model.build_icl_model(model.TESTING)
+
+
+@pytest.fixture(scope="module")
+def tiny_gradcam(tiny_model):
+    return gradcam.GradCAM(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.weights.h5"
+    keras.utils.set_random_seed(0)
+    model.save_weights(model.build_icl_model(model.TESTING), path, model.TESTING)
+    return path
+
+
+def _images(n, seed=0):
+    return np.random.default_rng(seed).uniform(0.0, 4.0, (n, SIZE, SIZE, 1)).astype(np.float32)
+
+
+def _blob_detector():
+    """A tiny ICL model whose predicted mean grows with the light of pixels brighter than the
+    normalisation mean, set by hand: every residual branch is zero, the stem and the projection
+    shortcuts pass channel 0 through, so the feature map's channel 0 is ReLU(normalised image)
+    sampled every 4 pixels; the head turns its spatial mean into alpha of every component."""
+    icl_model = model.build_icl_model(model.TESTING)
+    encoder = icl_model.get_layer(model.ENCODER_NAME)
+    for layer in encoder.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            kernel = np.zeros(layer.kernel.shape, np.float32)
+            if layer.name == "stem_conv" or layer.name.endswith("_shortcut"):
+                centre = kernel.shape[0] // 2
+                kernel[centre, centre, 0, 0] = 1.0
+            layer.kernel.assign(kernel)
+    hidden = icl_model.get_layer("hidden")
+    hidden_kernel = np.zeros(hidden.kernel.shape, np.float32)
+    hidden_kernel[0, 0] = 1.0
+    hidden.set_weights([hidden_kernel, np.zeros(hidden.bias.shape, np.float32)])
+    head = icl_model.get_layer("mixture_params")
+    n_components = model.TESTING.n_components
+    head_kernel = np.zeros(head.kernel.shape, np.float32)
+    head_kernel[0, n_components : 2 * n_components] = 1.0
+    head.set_weights([head_kernel, np.zeros(head.bias.shape, np.float32)])
+    return icl_model
+
+
+def _blob_image():
+    image = np.zeros((SIZE, SIZE, 1), np.float32)
+    image[BLOB_ROWS, BLOB_COLUMNS] = 5.0
+    return image
+
+
+def test_heatmaps_have_image_shape_and_lie_in_unit_range(tiny_gradcam):
+    images = _images(3)
+    original = images.copy()
+    heatmaps = gradcam.gradcam_heatmaps(tiny_gradcam, images)
+    assert heatmaps.shape == (3, SIZE, SIZE)
+    assert np.isfinite(heatmaps).all()
+    assert heatmaps.min() >= 0.0
+    np.testing.assert_allclose(heatmaps.max(axis=(1, 2)), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(images, original)
+
+
+def test_accepts_a_plain_keras_model_and_an_empty_batch(tiny_model, tiny_gradcam):
+    images = _images(2, seed=1)
+    np.testing.assert_allclose(gradcam.gradcam_heatmaps(tiny_model, images), tiny_gradcam(images), atol=1e-6)
+    assert gradcam.gradcam_heatmaps(tiny_gradcam, np.zeros((0, SIZE, SIZE, 1))).shape == (0, SIZE, SIZE)
+    empty, full = tiny_gradcam.components(np.zeros((0, SIZE, SIZE, 1))), tiny_gradcam.components(images)
+    assert {key: value.shape[1:] for key, value in empty.items()} == {key: value.shape[1:] for key, value in full.items()}
+
+
+def test_feature_model_shares_weights_and_matches_the_icl_output(tiny_model):
+    features_and_output = gradcam.feature_model(tiny_model)
+    images = _images(2, seed=2)
+    features, params = features_and_output(images)
+    np.testing.assert_allclose(params, tiny_model(images), rtol=1e-5, atol=1e-6)
+    assert features.shape == (2, SIZE // STRIDE, SIZE // STRIDE, resnet_cifar10_v2.STAGES[-1][1])
+    assert {id(v) for v in features_and_output.weights} <= {id(v) for v in tiny_model.weights}
+    assert len(features_and_output.weights) == len(tiny_model.weights)
+
+
+def test_gradient_pass_returns_the_model_output_and_its_mean(tiny_model, tiny_gradcam):
+    images = _images(2, seed=3)
+    parts = tiny_gradcam.components(images)
+    np.testing.assert_allclose(parts["params"], tiny_model(images), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(parts["mean"], model.summarise(parts["params"])["mean"], rtol=1e-6)
+
+
+def test_channel_weights_are_the_spatial_mean_of_the_gradient_of_the_mean(tiny_model, tiny_gradcam):
+    """Independent check in float64 NumPy: after global pooling, dmean/dA_ij^c = (1 / HW) dmean/dpooled_c,
+    so each channel weight is the finite-difference derivative of the head's mean by the pooled
+    feature, divided by the number of feature pixels."""
+    images = _images(2, seed=4)
+    parts = tiny_gradcam.components(images)
+    features, channel_weights = parts["features"].astype(np.float64), parts["channel_weights"]
+    np.testing.assert_allclose(channel_weights, parts["gradients"].mean(axis=(1, 2)), rtol=1e-6)
+    hidden_kernel, hidden_bias = (w.astype(np.float64) for w in tiny_model.get_layer("hidden").get_weights())
+    head_kernel, head_bias = (w.astype(np.float64) for w in tiny_model.get_layer("mixture_params").get_weights())
+
+    def mean_of_head(pooled):
+        params = np.maximum(pooled @ hidden_kernel + hidden_bias, 0.0) @ head_kernel + head_bias
+        logits, raw_alpha, raw_beta = np.split(params, 3, axis=-1)
+        weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+        alpha, beta = 1 + np.logaddexp(0, raw_alpha), 1 + np.logaddexp(0, raw_beta)
+        return (weights * alpha / (alpha + beta)).sum(axis=-1)
+
+    pooled = features.mean(axis=(1, 2))
+    np.testing.assert_allclose(mean_of_head(pooled), parts["mean"], rtol=1e-5)
+    step = 1e-4
+    n_pixels = features.shape[1] * features.shape[2]
+    expected = np.empty_like(pooled)
+    for channel in range(pooled.shape[1]):
+        shift = np.zeros(pooled.shape[1])
+        shift[channel] = step
+        expected[:, channel] = (mean_of_head(pooled + shift) - mean_of_head(pooled - shift)) / (2 * step) / n_pixels
+    assert np.abs(expected).max() > 0
+    np.testing.assert_allclose(channel_weights, expected, atol=1e-4 * np.abs(expected).max())
+
+
+def test_heatmap_peaks_on_the_only_region_that_drives_the_mean():
+    detector = gradcam.GradCAM(_blob_detector())
+    image = _blob_image()
+    parts = detector.components(image[None])
+    # Only feature channel 0 carries light, and only where the blob is sampled.
+    raw = parts["raw"][0]
+    assert parts["channel_weights"][0, 0] > 0
+    assert np.count_nonzero(raw) == 1
+    assert raw[BLOB_ROWS.start // STRIDE, BLOB_COLUMNS.start // STRIDE] > 0
+    heatmap = detector(image[None])[0]
+    row, column = np.unravel_index(np.argmax(heatmap), heatmap.shape)
+    assert BLOB_ROWS.start - 2 <= row < BLOB_ROWS.stop + 2
+    assert BLOB_COLUMNS.start - 2 <= column < BLOB_COLUMNS.stop + 2
+    assert heatmap.max() == 1.0
+    assert heatmap[:12].max() == 0.0 and heatmap[:, 16:].max() == 0.0
+
+
+def test_map_without_positive_evidence_stays_zero():
+    detector_model = _blob_detector()
+    detector = gradcam.GradCAM(detector_model)
+    # A blank image gives an all-zero feature map.
+    blank = np.zeros((1, SIZE, SIZE, 1), np.float32)
+    assert np.array_equal(detector(blank), np.zeros((1, SIZE, SIZE)))
+    # A head that ignores the image gives an all-zero gradient.
+    head = detector_model.get_layer("mixture_params")
+    head.set_weights([np.zeros(w.shape, np.float32) for w in head.get_weights()])
+    parts = detector.components(_blob_image()[None])
+    assert not parts["gradients"].any()
+    heatmaps = detector(np.stack([_blob_image(), _blob_image()]))
+    assert np.isfinite(heatmaps).all() and not heatmaps.any()
+
+
+def test_normalise_heatmaps_scales_each_map_by_its_own_peak():
+    maps = np.zeros((3, 4, 4), np.float32)
+    maps[0, 1, 2] = 2.0
+    maps[0, 0, 0] = 1.0
+    maps[2] = -1.0
+    normalised = gradcam.normalise_heatmaps(maps)
+    assert normalised[0, 1, 2] == 1.0 and normalised[0, 0, 0] == 0.5
+    assert not normalised[1:].any()
+    assert maps[0, 1, 2] == 2.0
+
+
+def test_augmented_model_gives_the_inference_heatmaps(tiny_model, tiny_gradcam):
+    augmented = model.build_icl_model(model.TESTING, augment=True, seed=5)
+    for name in (model.ENCODER_NAME, "hidden", "mixture_params"):
+        augmented.get_layer(name).set_weights(tiny_model.get_layer(name).get_weights())
+    images = _images(2, seed=6)
+    np.testing.assert_allclose(gradcam.gradcam_heatmaps(augmented, images), tiny_gradcam(images), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (np.zeros((2, SIZE, SIZE)), r"images must have shape \(B, 32, 32, 1\), got \(2, 32, 32\)"),
+        (np.zeros((1, 16, 16, 1)), r"images must have shape \(B, 32, 32, 1\), got \(1, 16, 16, 1\)"),
+        (np.full((1, SIZE, SIZE, 1), np.nan), "images must be finite"),
+    ],
+)
+def test_rejects_bad_images(tiny_gradcam, images, message):
+    with pytest.raises(ValueError, match=message):
+        gradcam.gradcam_heatmaps(tiny_gradcam, images)
+
+
+def test_rejects_a_model_without_encoder():
+    inputs = keras.Input((SIZE, SIZE, 1))
+    other = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
+    with pytest.raises(ValueError, match="must contain a nested encoder model named 'encoder'"):
+        gradcam.GradCAM(other)
+
+
+def test_overlay_filenames_are_safe_and_distinct():
+    assert gradcam.overlay_filename("cl0") == "cl0_gradcam.png"
+    names = {gradcam.overlay_filename(identifier) for identifier in ["a/b", "a_b", "a:b", "../a_b", ""]}
+    assert len(names) == 5
+    for name in names:
+        assert "/" not in name and ":" not in name and not name.startswith(".")
+
+
+def test_save_overlays_writes_valid_pngs(tmp_path):
+    images = np.stack([_blob_image(), _blob_image()])
+    heatmaps = np.zeros((2, SIZE, SIZE), np.float32)
+    heatmaps[0, BLOB_ROWS, BLOB_COLUMNS] = 1.0
+    predictions = {"mode": np.array([0.12, 0.3]), "p15": np.array([0.1, 0.2]), "p85": np.array([0.15, 0.4]), "mean": np.zeros(2)}
+    paths = gradcam.save_overlays(images, heatmaps, ["cluster 1", "file.h5:c2"], tmp_path / "out", predictions)
+    assert [path.parent for path in paths] == [tmp_path / "out"] * 2
+    assert paths[0].name.startswith("cluster_1_") and paths[1].name.startswith("file.h5_c2_")
+    for path in paths:
+        pixels = matplotlib.image.imread(path)
+        assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)
+
+
+def test_save_overlays_checks_its_arguments(tmp_path):
+    images = np.zeros((2, SIZE, SIZE, 1), np.float32)
+    heatmaps = np.zeros((2, SIZE, SIZE), np.float32)
+    with pytest.raises(ValueError, match="ids must hold one id per image"):
+        gradcam.save_overlays(images, heatmaps, ["a"], tmp_path)
+    with pytest.raises(ValueError, match=r"heatmaps must have the images' shape \(2, 32, 32\), got \(2, 16, 16\)"):
+        gradcam.save_overlays(images, heatmaps[:, :16, :16], ["a", "b"], tmp_path)
+    with pytest.raises(ValueError, match=r"predictions must have keys 'mode', 'p15' and 'p85', missing \['p85'\]"):
+        gradcam.save_overlays(images, heatmaps, ["a", "b"], tmp_path, {"mode": [0, 0], "p15": [0, 0]})
+
+
+def test_write_gradcam_for_batch(tmp_path, tiny_gradcam):
+    images = _images(2, seed=7)
+    heatmaps, paths = gradcam.write_gradcam_for_batch(tiny_gradcam, images, ["x", "y"], tmp_path)
+    assert heatmaps.shape == (2, SIZE, SIZE)
+    assert [path.name for path in paths] == ["x_gradcam.png", "y_gradcam.png"]
+    assert all(path.stat().st_size > 0 for path in paths)
+
+
+def test_help_works():
+    result = subprocess.run([sys.executable, "gradcam.py", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--out-dir" in result.stdout
+
+
+def test_cli_writes_overlays_and_reports_bad_files(tmp_path, tiny_checkpoint, capsys, caplog):
+    inputs, more_inputs = tmp_path / "inputs", tmp_path / "more"
+    inputs.mkdir()
+    more_inputs.mkdir()
+    write_fits_cutout(inputs / "a.fits", seed=1)
+    (inputs / "b.fits").write_text("broken")
+    write_fits_cutout(inputs / "c.fits", (50, 90), seed=2, star=True)
+    write_fits_cutout(more_inputs / "a.fits", seed=3)
+    out_dir = tmp_path / "overlays"
+    argv = [str(inputs), str(more_inputs), "--out-dir", str(out_dir), "--checkpoint", str(tiny_checkpoint)]
+    assert gradcam.main(argv + ["--batch-size", "2", "--overlay-alpha", "0.3"]) == 1
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a_gradcam.png", "c_gradcam.png"]
+    assert matplotlib.image.imread(out_dir / "a_gradcam.png").ndim == 3
+    captured = capsys.readouterr()
+    assert "wrote 2 GradCAM overlays" in captured.out
+    assert "b.fits: cannot read FITS file" in captured.err
+    assert "Traceback" not in captured.err
+    assert f"{more_inputs / 'a.fits'}: id 'a' repeats an earlier cutout's; a_gradcam.png was overwritten" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--overlay-alpha", "1.5"], r"overlay_alpha must be in \[0, 1\], got 1.5"),
+        (["--colormap", "no_such_map"], "colormap must be a Matplotlib colour map name, got 'no_such_map'"),
+        (["--display-percentiles", "90", "10"], r"display_percentiles must be \(low, high\) with 0 <= low < high <= 100"),
+    ],
+)
+def test_cli_rejects_bad_overlay_options(tmp_path, tiny_checkpoint, capsys, option, message):
+    write_fits_cutout(tmp_path / "a.fits")
+    argv = [str(tmp_path / "a.fits"), "--out-dir", str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint)]
+    assert gradcam.main(argv + option) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_without_checkpoint_says_what_to_do(tmp_path, monkeypatch, capsys):
+    write_fits_cutout(tmp_path / "a.fits")
+    monkeypatch.setattr(predict.default_checkpoint, "__defaults__", (tmp_path / "none",))
+    assert gradcam.main([str(tmp_path / "a.fits"), "--out-dir", str(tmp_path / "out")]) == 2
+    assert "train one with train.py and pass it with --checkpoint" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_batch_size(tmp_path, tiny_checkpoint, capsys):
+    write_fits_cutout(tmp_path / "a.fits")
+    argv = [str(tmp_path / "a.fits"), "--out-dir", str(tmp_path), "--checkpoint", str(tiny_checkpoint), "--batch-size", "0"]
+    assert gradcam.main(argv) == 2
+    assert "batch size must be >= 1, got 0" in capsys.readouterr().err
+
+
+
+def test_works_on_a_whole_model_loaded_from_a_keras_file(tmp_path, tiny_model, tiny_gradcam):
+    path = tmp_path / "tiny.keras"
+    model.save_model(tiny_model, path)
+    loaded = keras.saving.load_model(path, compile=False)
+    images = _images(2, seed=8)
+    np.testing.assert_allclose(gradcam.gradcam_heatmaps(loaded, images), tiny_gradcam(images), atol=1e-5)
