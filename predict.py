@@ -48,8 +48,10 @@ def default_checkpoint(checkpoint_dir=CHECKPOINT_DIR):
     )
 
 
-def predict(inputs, out_path, checkpoint=None, batch_size=BATCH_SIZE, strict=False, progress=True):
+def predict(inputs, out_path, checkpoint=None, batch_size=BATCH_SIZE, strict=False, progress=True, gradcam_dir=None):
     """Predict every cutout in ``inputs`` and write the CSV ``out_path``.
+
+    With ``gradcam_dir``, also write a GradCAM overlay PNG per cutout there (see ``gradcam.py``).
 
     Returns
     -------
@@ -68,7 +70,13 @@ def predict(inputs, out_path, checkpoint=None, batch_size=BATCH_SIZE, strict=Fal
     errors = [message for _, message in errors]
     if errors and strict:
         raise prep_data.CutoutError(errors[0])
-    predictor = model.Predictor(model.load_icl_model(checkpoint, config))
+    icl_model = model.load_icl_model(checkpoint, config)
+    predictor = model.Predictor(icl_model)
+    heatmapper = None
+    if gradcam_dir is not None:
+        import gradcam
+
+        heatmapper = gradcam.GradCAM(icl_model)
     dataset = prep_data.cutout_dataset(refs, batch_size, config.image_size)
 
     out_path = pathlib.Path(out_path)
@@ -91,8 +99,12 @@ def predict(inputs, out_path, checkpoint=None, batch_size=BATCH_SIZE, strict=Fal
                         logger.error("%s", message)
                         errors.append(message)
                 if good.any():
-                    summary = predictor(batch["image"].numpy()[good])
-                    for row, index in enumerate(batch["index"].numpy()[good]):
+                    images = batch["image"].numpy()[good]
+                    indices = batch["index"].numpy()[good]
+                    summary = predictor(images)
+                    if heatmapper is not None:
+                        gradcam.write_gradcam_for_batch(heatmapper, images, [refs[i].id for i in indices], gradcam_dir, summary)
+                    for row, index in enumerate(indices):
                         ref = refs[index]
                         writer.writerow(
                             [ref.id, ref.source]
@@ -114,6 +126,7 @@ def build_parser():
     parser.add_argument("--checkpoint", help="weights (.weights.h5 with its .config.json, or .keras); default: the shipped one")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"cutouts per batch (default {BATCH_SIZE})")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad cutout")
+    parser.add_argument("--gradcam", metavar="DIR", help="also write a GradCAM overlay PNG per cutout to DIR")
     return parser
 
 
@@ -121,7 +134,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        n_written, errors = predict(args.inputs, args.out, args.checkpoint, args.batch_size, args.strict)
+        n_written, errors = predict(
+            args.inputs, args.out, args.checkpoint, args.batch_size, args.strict, gradcam_dir=args.gradcam
+        )
     except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -170,3 +170,12 @@ def test_predict_rejects_checkpoint_of_other_architecture(tmp_path, tiny_checkpo
     model.config_path_for(wrong).write_text(config_file.read_text().replace('"n_blocks": 1', '"n_blocks": 2'))
     assert predict.main([str(tmp_path / "a.fits"), "--out", str(tmp_path / "p.csv"), "--checkpoint", str(wrong)]) == 2
     assert "does not match the ICL architecture" in capsys.readouterr().err
+
+
+def test_predict_writes_gradcam_overlays(tmp_path, tiny_checkpoint):
+    for i in range(3):
+        write_fits_cutout(tmp_path / f"cl{i}.fits", seed=i)
+    out, overlays = tmp_path / "pred.csv", tmp_path / "gradcam"
+    argv = [str(tmp_path), "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--batch-size", "2", "--gradcam", str(overlays)]
+    assert predict.main(argv) == 0
+    assert sorted(p.name for p in overlays.iterdir()) == [f"cl{i}_gradcam.png" for i in range(3)]
