@@ -7,8 +7,10 @@ directory of them. The output CSV has one row per readable cutout, in input orde
 
 Cutouts that cannot be read or prepared are reported on the console (one line each, naming
 the file and the cutout); the other rows are still written and the exit status is 1.
-``--strict`` stops at the first bad cutout. The CSV is written under a temporary name and
-renamed when complete, so an interrupted run never leaves a CSV that looks finished.
+``--strict`` stops at the first bad cutout. Rows go to a hidden ``.OUT.partial`` file, flushed
+after every batch, which is renamed to OUT when every cutout is done: an interrupted run never
+leaves a CSV that looks finished, and ``--resume`` skips the cutouts already predicted.
+Memory stays bounded whatever the number of cutouts: they stream from disk in batches.
 
 Example::
 
@@ -48,10 +50,43 @@ def default_checkpoint(checkpoint_dir=CHECKPOINT_DIR):
     )
 
 
-def predict(inputs, out_path, checkpoint=None, batch_size=BATCH_SIZE, strict=False, progress=True, gradcam_dir=None):
+def partial_path(out_path):
+    """The hidden file that holds the rows of an unfinished run of ``out_path``."""
+    out_path = pathlib.Path(out_path)
+    return out_path.with_name(f".{out_path.name}.partial")
+
+
+def read_finished_rows(out_path, partial):
+    """Rows already predicted by earlier runs (the finished CSV and an interrupted run's rows).
+
+    Rows are keyed by ``source``; a file whose header is not this tool's is refused rather
+    than mixed into the new output.
+    """
+    rows, seen = [], set()
+    for path in (out_path, partial):
+        if not path.exists():
+            continue
+        with open(path, newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                continue
+            if tuple(header) != COLUMNS:
+                raise ValueError(f"{path}: cannot resume, its columns {header} are not {list(COLUMNS)}")
+            for row in reader:
+                if len(row) == len(COLUMNS) and row[1] not in seen:
+                    seen.add(row[1])
+                    rows.append(row)
+    return rows
+
+
+def predict(inputs, out_path, checkpoint=None, batch_size=BATCH_SIZE, strict=False, progress=True, gradcam_dir=None,
+            resume=False):
     """Predict every cutout in ``inputs`` and write the CSV ``out_path``.
 
     With ``gradcam_dir``, also write a GradCAM overlay PNG per cutout there (see ``gradcam.py``).
+    With ``resume``, cutouts already in ``out_path`` or in the rows of an interrupted run are
+    skipped and their rows kept.
 
     Returns
     -------
@@ -77,45 +112,51 @@ def predict(inputs, out_path, checkpoint=None, batch_size=BATCH_SIZE, strict=Fal
         import gradcam
 
         heatmapper = gradcam.GradCAM(icl_model)
-    dataset = prep_data.cutout_dataset(refs, batch_size, config.image_size)
 
     out_path = pathlib.Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = prep_data.atomic_path(out_path)
+    partial = partial_path(out_path)
+    done_rows = read_finished_rows(out_path, partial) if resume else []
+    done = {row[1] for row in done_rows}
+    todo = [ref for ref in refs if ref.source not in done]
+    if done_rows:
+        logger.info("resuming: %d cutouts already predicted, %d to go", len(refs) - len(todo), len(todo))
+    dataset = prep_data.cutout_dataset(todo, batch_size, config.image_size)
     n_written = 0
-    try:
-        with open(temporary, "w", newline="") as handle, tqdm(
-            total=len(refs), unit="cutout", desc="predicting", disable=not progress or len(refs) < 2 * batch_size
-        ) as bar:
-            writer = csv.writer(handle)
-            writer.writerow(COLUMNS)
-            for batch in dataset:
-                messages = [m.decode() for m in batch["error"].numpy()]
-                good = np.array([not m for m in messages])
-                for message in messages:
-                    if message:
-                        if strict:
-                            raise prep_data.CutoutError(message)
-                        logger.error("%s", message)
-                        errors.append(message)
-                if good.any():
-                    images = batch["image"].numpy()[good]
-                    indices = batch["index"].numpy()[good]
-                    summary = predictor(images)
-                    if heatmapper is not None:
-                        gradcam.write_gradcam_for_batch(heatmapper, images, [refs[i].id for i in indices], gradcam_dir, summary)
-                    for row, index in enumerate(indices):
-                        ref = refs[index]
-                        writer.writerow(
-                            [ref.id, ref.source]
-                            + [f"{summary[key][row]:.5f}" for key in ("mode", "p15", "p85", "mean")]
-                        )
-                        n_written += 1
-                bar.update(len(messages))
-        os.replace(temporary, out_path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    # Rows go to a hidden partial file, flushed after every batch, and the CSV appears only
+    # when every cutout is done: an interrupted run leaves no CSV that looks complete, and
+    # --resume continues from the partial file.
+    with open(partial, "w", newline="") as handle, tqdm(
+        total=len(refs), initial=len(refs) - len(todo), unit="cutout", desc="predicting",
+        disable=not progress or len(refs) < 2 * batch_size,
+    ) as bar:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS)
+        writer.writerows(done_rows)
+        for batch in dataset:
+            messages = [m.decode() for m in batch["error"].numpy()]
+            good = np.array([not m for m in messages])
+            for message in messages:
+                if message:
+                    if strict:
+                        raise prep_data.CutoutError(message)
+                    logger.error("%s", message)
+                    errors.append(message)
+            if good.any():
+                images = batch["image"].numpy()[good]
+                indices = batch["index"].numpy()[good]
+                summary = predictor(images)
+                if heatmapper is not None:
+                    gradcam.write_gradcam_for_batch(heatmapper, images, [todo[i].id for i in indices], gradcam_dir, summary)
+                for row, index in enumerate(indices):
+                    ref = todo[index]
+                    writer.writerow(
+                        [ref.id, ref.source] + [f"{summary[key][row]:.5f}" for key in ("mode", "p15", "p85", "mean")]
+                    )
+                    n_written += 1
+            handle.flush()
+            bar.update(len(messages))
+    os.replace(partial, out_path)
     return n_written, errors
 
 
@@ -127,6 +168,7 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"cutouts per batch (default {BATCH_SIZE})")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad cutout")
     parser.add_argument("--gradcam", metavar="DIR", help="also write a GradCAM overlay PNG per cutout to DIR")
+    parser.add_argument("--resume", action="store_true", help="skip cutouts already in OUT or in an interrupted run's rows")
     return parser
 
 
@@ -135,11 +177,19 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         n_written, errors = predict(
-            args.inputs, args.out, args.checkpoint, args.batch_size, args.strict, gradcam_dir=args.gradcam
+            args.inputs, args.out, args.checkpoint, args.batch_size, args.strict, gradcam_dir=args.gradcam,
+            resume=args.resume,
         )
     except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
+        if partial_path(args.out).exists():
+            print(f"rows predicted so far are kept in {partial_path(args.out)}; rerun with --resume to continue",
+                  file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; rows predicted so far are kept in {partial_path(args.out)}; rerun with --resume to continue",
+              file=sys.stderr)
+        return 130
     print(f"wrote {n_written} predictions to {args.out}")
     if errors:
         print(f"{len(errors)} cutout(s) could not be predicted:", file=sys.stderr)

@@ -151,7 +151,7 @@ def test_predict_reports_bad_files_and_keeps_good_rows(tmp_path, tiny_checkpoint
     strict_out = tmp_path / "strict.csv"
     assert predict.main([str(tmp_path), "--out", str(strict_out), "--checkpoint", str(tiny_checkpoint), "--strict"]) == 2
     assert not strict_out.exists()
-    assert not list(tmp_path.glob(".strict.csv.partial*"))
+    assert "rerun with --resume" in capsys.readouterr().err
 
 
 def test_predict_without_checkpoint_says_what_to_do(tmp_path, monkeypatch, capsys):
@@ -179,3 +179,26 @@ def test_predict_writes_gradcam_overlays(tmp_path, tiny_checkpoint):
     argv = [str(tmp_path), "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--batch-size", "2", "--gradcam", str(overlays)]
     assert predict.main(argv) == 0
     assert sorted(p.name for p in overlays.iterdir()) == [f"cl{i}_gradcam.png" for i in range(3)]
+
+
+def test_predict_resume_skips_finished_cutouts(tmp_path, tiny_checkpoint, monkeypatch):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(5):
+        write_fits_cutout(inputs / f"cl{i}.fits", seed=i)
+    out = tmp_path / "pred.csv"
+    full = tmp_path / "full.csv"
+    assert predict.main([str(inputs), "--out", str(full), "--checkpoint", str(tiny_checkpoint)]) == 0
+    # An interrupted run: its rows for the first two cutouts are in the partial file, no CSV yet.
+    rows = full.read_text().splitlines()
+    predict.partial_path(out).write_text("\n".join(rows[:3]) + "\n")
+    seen = []
+    original = prep_data.cutout_dataset
+    monkeypatch.setattr(prep_data, "cutout_dataset", lambda refs, *a, **k: seen.extend(refs) or original(refs, *a, **k))
+    assert predict.main([str(inputs), "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--resume"]) == 0
+    assert [ref.id for ref in seen] == ["cl2", "cl3", "cl4"]
+    assert out.read_text() == full.read_text()
+    assert not predict.partial_path(out).exists()
+    seen.clear()
+    assert predict.main([str(inputs), "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--resume"]) == 0
+    assert seen == [] and out.read_text() == full.read_text()
