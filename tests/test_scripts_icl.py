@@ -202,3 +202,34 @@ def test_predict_resume_skips_finished_cutouts(tmp_path, tiny_checkpoint, monkey
     seen.clear()
     assert predict.main([str(inputs), "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--resume"]) == 0
     assert seen == [] and out.read_text() == full.read_text()
+
+
+def test_cached_views_are_the_encoder_outputs(tiny_checkpoint):
+    images, labels = synthetic_clusters(6, size=32, seed=6)
+    prepared = np.stack([prep_data.prepare_image(i, size=32) for i in images])
+    encoded = finetune.EncodedClusters(tiny_checkpoint, prepared, n_views=3, seed=1)
+    icl_model = model.load_icl_model(tiny_checkpoint)
+    encoder = icl_model.get_layer(model.ENCODER_NAME)
+    expected = encoder(icl_model.get_layer("normalisation")(prepared)).numpy()
+    np.testing.assert_allclose(encoded.plain, expected, rtol=1e-4, atol=1e-5)
+    assert encoded.views.shape == (6, 3, expected.shape[1])
+    assert not np.allclose(encoded.views[:, 0], encoded.plain)  # augmented views differ from the image
+    # The head on the plain representation reproduces the whole model's prediction.
+    direct = model.summarise(icl_model(prepared))
+    np.testing.assert_allclose(finetune._predict_encoded(icl_model, encoded.plain)["mode"], direct["mode"], atol=1e-3)
+
+
+def test_cached_and_full_methods_change_only_the_head(tmp_path, tiny_checkpoint):
+    images, labels = synthetic_clusters(10, size=32, seed=7)
+    prepared = np.stack([prep_data.prepare_image(i, size=32) for i in images])
+    ids = [f"c{i}" for i in range(10)]
+    original = model.load_icl_model(tiny_checkpoint)
+    for method in ("cached", "full"):
+        config = finetune.FinetuneConfig(epochs=2, batch_size=4, learning_rate=1e-2, method=method, n_views=2)
+        results = finetune.cross_validate(tiny_checkpoint, ids, prepared, labels, config, tmp_path / method, splits=[0])
+        assert results["id"].tolist() == [ids[i] for i in sorted(finetune.make_folds(10)[0])]
+        tuned = model.load_icl_model(tmp_path / method / "fold0.weights.h5")
+        assert all(np.allclose(a, b) for a, b in zip(original.get_layer("encoder").get_weights(), tuned.get_layer("encoder").get_weights()))
+        assert not np.allclose(original.get_layer("hidden").get_weights()[0], tuned.get_layer("hidden").get_weights()[0])
+    with pytest.raises(ValueError, match="method must be 'cached' or 'full'"):
+        finetune.FinetuneConfig(method="fast")
