@@ -49,6 +49,7 @@ DATASET = "icl_artificial"
 LABEL_KEY = "f_icl_sb"
 SEED = 0
 OUT_DIR = "runs/train"
+STRATEGY = "default"
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class TrainConfig:
     min_learning_rate: float = MIN_LEARNING_RATE  # floor of ReduceLROnPlateau
     early_stopping_patience: int = EARLY_STOPPING_PATIENCE  # epochs without improvement before stopping
     seed: int = SEED  # seeds weights, augmentation and shuffling
+    augment: bool = True  # flips, noise and 90-degree rotations in training
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "validation_batch_size"):
@@ -141,6 +143,34 @@ def tfds_datasets(name, data_dir, train_config, validation_fraction):
 # Training
 
 
+def make_strategy(name=STRATEGY):
+    """A ``tf.distribute`` strategy by name.
+
+    ``default`` runs on one device; ``mirrored`` copies the model to every local GPU (or the
+    visible CPU devices) and averages the gradients; ``multiworker`` does the same across
+    machines, each reading the cluster layout from the ``TF_CONFIG`` environment variable.
+    """
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"strategy must be 'default', 'mirrored' or 'multiworker', got {name!r}")
+
+
+def compiled_model(model_config, train_config, strategy=None, initial_weights=None):
+    """The ICL model built and compiled (Adam, Beta-mixture NLL) inside ``strategy``'s scope."""
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        icl_model = model.build_icl_model(model_config, augment=train_config.augment, seed=train_config.seed)
+        if initial_weights:
+            source = model.load_icl_model(initial_weights, augment=train_config.augment)
+            icl_model.set_weights(source.get_weights())
+        icl_model.compile(optimizer=keras.optimizers.Adam(train_config.learning_rate), loss=model.BetaMixtureNLL())
+    return icl_model
+
+
 class AtomicBestCheckpoint(keras.callbacks.Callback):
     """Keep the weights of lowest validation loss, written through a temporary file.
 
@@ -166,7 +196,8 @@ def _best_so_far(history_path):
     return float(history["val_loss"].min()) if "val_loss" in history and len(history) else math.inf
 
 
-def train(model_config, train_config, train_data, validation_data, out_dir, real_data=None, initial_weights=None):
+def train(model_config, train_config, train_data, validation_data, out_dir, real_data=None, initial_weights=None,
+          strategy=None):
     """Train, checkpoint and evaluate the ICL regressor.
 
     Parameters
@@ -181,6 +212,8 @@ def train(model_config, train_config, train_data, validation_data, out_dir, real
         A set of real clusters evaluated with the trained model (no fine-tuning).
     initial_weights : path, optional
         Checkpoint to start from instead of random weights.
+    strategy : tf.distribute.Strategy, optional
+        Distribution strategy (see :func:`make_strategy`); one device by default.
 
     Returns
     -------
@@ -190,10 +223,7 @@ def train(model_config, train_config, train_data, validation_data, out_dir, real
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(train_config.seed)
-    icl_model = model.build_icl_model(model_config, augment=True, seed=train_config.seed)
-    if initial_weights:
-        icl_model.set_weights(model.load_icl_model(initial_weights, augment=True).get_weights())
-    icl_model.compile(optimizer=keras.optimizers.Adam(train_config.learning_rate), loss=model.BetaMixtureNLL())
+    icl_model = compiled_model(model_config, train_config, strategy, initial_weights)
     callbacks = [
         keras.callbacks.BackupAndRestore(str(out_dir / "backup"), delete_checkpoint=False),
         AtomicBestCheckpoint(out_dir / "best.weights.h5", model_config, _best_so_far(out_dir / "history.csv")),
@@ -252,6 +282,8 @@ def build_parser():
     parser.add_argument("--early-stopping-patience", type=int, default=EARLY_STOPPING_PATIENCE)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--init", metavar="CHECKPOINT", help="start from these weights")
+    parser.add_argument("--strategy", choices=("default", "mirrored", "multiworker"), default=STRATEGY,
+                        help="tf.distribute strategy: one device, all local GPUs, or several machines (TF_CONFIG)")
     parser.add_argument("--tiny", action="store_true", help="the tiny testing architecture (32x32, N = 1), for smoke runs")
     return parser
 
@@ -287,7 +319,8 @@ def main(argv=None):
                     real_refs, train_config.validation_batch_size, model_config.image_size, real_labels, strict=True
                 ).map(lambda e: (e["image"], e["label"]))
             )
-        metrics = train(model_config, train_config, train_data, validation_data, args.out, real_data, args.init)
+        strategy = make_strategy(args.strategy)
+        metrics = train(model_config, train_config, train_data, validation_data, args.out, real_data, args.init, strategy)
     except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

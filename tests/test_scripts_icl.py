@@ -1,6 +1,7 @@
 """Smoke and behaviour tests of train.py, finetune.py and predict.py on tiny models and data."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -233,3 +234,44 @@ def test_cached_and_full_methods_change_only_the_head(tmp_path, tiny_checkpoint)
         assert not np.allclose(original.get_layer("hidden").get_weights()[0], tuned.get_layer("hidden").get_weights()[0])
     with pytest.raises(ValueError, match="method must be 'cached' or 'full'"):
         finetune.FinetuneConfig(method="fast")
+
+
+MIRRORED_STEP = """
+import sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import model, train
+config = train.TrainConfig(batch_size=8, learning_rate=1e-3, augment=False)
+rng = np.random.default_rng(0)
+images = rng.normal(1, 1, (8, 32, 32, 1)).astype("float32")
+labels = rng.uniform(0.05, 0.4, 8).astype("float32")
+results = []
+for strategy in (train.make_strategy("default"), train.make_strategy("mirrored")):
+    keras.utils.set_random_seed(0)
+    icl_model = train.compiled_model(model.TESTING, config, strategy)
+    initial = icl_model.get_weights()
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+    icl_model.fit(dataset, epochs=1, verbose=0)
+    results.append(icl_model.get_weights())
+print("moved", max(float(np.abs(a - b).max()) for a, b in zip(initial, results[-1])))
+print("replicas", strategy.num_replicas_in_sync)
+print("max difference", max(float(np.abs(a - b).max()) for a, b in zip(*results)))
+"""
+
+
+def test_mirrored_training_step_matches_single_device(tmp_path):
+    result = subprocess.run([sys.executable, "-c", MIRRORED_STEP], capture_output=True, text=True, timeout=600,
+                            cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = dict(line.rsplit(" ", 1) for line in result.stdout.splitlines() if line.startswith(("replicas", "max", "moved")))
+    assert lines["replicas"] == "2"
+    assert float(lines["moved"]) > 1e-4  # the step did train
+    assert float(lines["max difference"]) < 1e-5
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="strategy must be 'default', 'mirrored' or 'multiworker'"):
+        train.make_strategy("tpu")
