@@ -322,3 +322,176 @@ def plot_measurement(image, measurement, path, title=None):
     figure.savefig(temporary, dpi=90, format="png")
     plt.close(figure)
     os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------------------
+# Measuring cutouts read from files (the command line, the validation and the benchmark)
+
+#: Columns of the measurement CSV, in order.
+CSV_COLUMNS = (
+    "id",
+    "source",
+    "z",
+    "f_icl",
+    "f_icl_err",
+    "icl_flux",
+    "total_flux",
+    "sb_limit",
+    "threshold_sb",
+    "f_icl_err_noise",
+    "f_icl_err_background",
+    "error",
+)
+#: Relative tolerance on the span of a native-resolution cutout (cosmologies of the cutouts differ).
+SPAN_TOLERANCE = 0.1
+
+
+def cutout_for_measurement(
+    cutout, z, half_width_kpc=hsc.CUTOUT_HALF_WIDTH_KPC, cosmology=helpers.MEASUREMENT_COSMOLOGY
+):
+    """The 224 x 224 image and bad-pixel map of a cutout read by ``prep_data.read_cutout``.
+
+    A 224 x 224 cutout is taken as already resized (it spans +-``half_width_kpc``). Any other
+    cutout is in native HSC pixels: non-square ones are padded to a square (the padding
+    masked, as ``prep_data.pad_to_square`` does), one wider than +-``half_width_kpc`` by more
+    than 10% is cropped about its centre to that span, and the square is resized with
+    ``prep_data.resize_image`` / ``prep_data.resize_mask``.
+
+    Raises
+    ------
+    ValueError
+        For a prepared (.npy) image, an empty or all-masked image, or a cutout that does not
+        reach +-``half_width_kpc`` ("cutout smaller than the aperture").
+    """
+    import prep_data
+
+    if cutout.prepared:
+        raise ValueError("prepared (arcsinh-stretched) images cannot be measured; give cutouts in counts")
+    prep_data.check_cutout(cutout)
+    size = hsc.ICL_IMAGE_SIZE
+    bad = prep_data.bad_pixels(cutout)
+    image = np.where(bad, 0.0, cutout.image).astype(np.float32)
+    if image.shape == (size, size):
+        return image, bad
+    image, bad = prep_data.pad_to_square(image, bad)
+    span_px = 2.0 * half_width_kpc / helpers.kpc_per_arcsec(z, cosmology) / hsc.PIXEL_SCALE
+    side = image.shape[0]
+    if side < (1.0 - SPAN_TOLERANCE) * span_px:
+        raise ValueError(
+            f"cutout smaller than the aperture: {side} px x {hsc.PIXEL_SCALE}\"/px spans "
+            f"{side * hsc.PIXEL_SCALE:.0f}\", but +-{half_width_kpc:g} kpc at z = {z:g} needs "
+            f"{span_px * hsc.PIXEL_SCALE:.0f}\" ({span_px:.0f} px)"
+        )
+    if side > (1.0 + SPAN_TOLERANCE) * span_px:
+        start = (side - int(round(span_px))) // 2
+        stop = start + int(round(span_px))
+        image, bad = image[start:stop, start:stop], bad[start:stop, start:stop]
+    return prep_data.resize_image(image, size), prep_data.resize_mask(bad, size)
+
+
+def measure_ref(ref, z=None, catalogue_z=None, plot_dir=None, options=None, meta_columns=()):
+    """Read and measure one cutout; never raises for a bad cutout.
+
+    Parameters
+    ----------
+    ref : prep_data.CutoutRef
+    z : float, optional
+        Redshift for every cutout (the command line's ``--z``); first choice.
+    catalogue_z : float, optional
+        Redshift of this cutout from a catalogue; second choice, before the file's ``z``.
+    plot_dir : str, optional
+        Directory for a diagnostic PNG named after the cutout's id.
+    options : dict, optional
+        Keyword arguments of :func:`measure_icl_fraction`.
+    meta_columns : sequence of str
+        Metadata columns of the cutout to copy into the row (truth columns of mocks).
+
+    Returns
+    -------
+    dict
+        One CSV row (:data:`CSV_COLUMNS` plus ``meta_columns``); ``error`` holds the message of
+        a cutout that could not be measured (its numbers are then NaN).
+    """
+    import os
+
+    import prep_data
+
+    options = dict(options or {})
+    row = {column: np.nan for column in CSV_COLUMNS}
+    row.update(id=ref.id, source=ref.source, error="")
+    try:
+        cutout = prep_data.read_cutout(ref)
+        for column in meta_columns:
+            row[column] = cutout.meta.get(column, np.nan)
+        for candidate in (z, catalogue_z, cutout.meta.get("z")):
+            if candidate is not None and not (isinstance(candidate, float) and np.isnan(candidate)):
+                row["z"] = candidate
+                break
+        else:
+            raise ValueError("no redshift: give --z, a --catalog row for this id, or a Z/REDSHIFT header keyword")
+        redshift = helpers.check_redshift(row["z"])
+        image, bad = cutout_for_measurement(
+            cutout,
+            redshift,
+            options.get("half_width_kpc", hsc.CUTOUT_HALF_WIDTH_KPC),
+            options.get("cosmology", helpers.MEASUREMENT_COSMOLOGY),
+        )
+        measurement = measure_icl_fraction(image, redshift, mask=bad, keep_maps=plot_dir is not None, **options)
+    except ValueError as error:  # prep_data.CutoutError is a ValueError
+        message = str(error)
+        row["error"] = message if message.startswith(ref.source) else f"{ref.source}: {message}"
+        return row
+    for column in CSV_COLUMNS[3:-1]:
+        row[column] = getattr(measurement, column)
+    if plot_dir is not None:
+        safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(ref.id))
+        plot_measurement(image, measurement, os.path.join(plot_dir, f"{safe_id}.png"), title=f"{ref.id}")
+    return row
+
+
+def _measure_task(arguments):
+    return measure_ref(*arguments)
+
+
+def measure_refs(refs, z=None, catalogue=None, plot_dir=None, options=None, workers=1, meta_columns=(), progress=True):
+    """Measure many cutouts, in input order, in parallel over ``workers`` processes.
+
+    Parameters
+    ----------
+    refs : sequence of prep_data.CutoutRef
+    z : float, optional
+        Redshift for every cutout.
+    catalogue : dict of str -> float, optional
+        Redshift by cutout id.
+    plot_dir, options, meta_columns
+        As for :func:`measure_ref`.
+    workers : int
+        Processes; 1 measures in this process.
+    progress : bool
+        Show a tqdm progress bar.
+
+    Yields
+    ------
+    dict
+        One row per ref, in order (see :func:`measure_ref`).
+    """
+    from tqdm import tqdm
+
+    catalogue = catalogue or {}
+    tasks = [(ref, z, catalogue.get(str(ref.id)), plot_dir, options, tuple(meta_columns)) for ref in refs]
+    bar = tqdm(total=len(tasks), desc="measuring", unit="cutout", disable=not progress)
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield _measure_task(task)
+            bar.update()
+    else:
+        import multiprocessing
+
+        # Cutouts are read by the workers themselves: sending pixels back and forth would cost
+        # more than measuring them. Chunks keep the inter-process traffic low.
+        chunk = max(1, min(16, len(tasks) // (4 * workers)))
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for row in pool.imap(_measure_task, tasks, chunksize=chunk):
+                yield row
+                bar.update()
+    bar.close()
