@@ -61,7 +61,8 @@ class SBMeasurement:
         Cluster redshift used.
     maps : dict or None
         With ``keep_maps=True``: the boolean maps (``bad``, ``galaxies``, ``hot``, ``dropped``,
-        ``aperture``, ``extra``) and the ``subtracted`` image, for diagnostics.
+        ``aperture``, ``extra``), the ``subtracted`` image, its ``smoothed`` copy that was
+        segmented and the ``threshold_counts``, for diagnostics.
     """
 
     f_icl: float
@@ -236,6 +237,7 @@ def measure_icl_fraction(
             "dropped": dropped,
             "aperture": in_aperture,
             "threshold_counts": threshold,
+            "smoothed": helpers.smooth(subtracted, bad, segment_smoothing_px),
         }
     return SBMeasurement(
         f_icl=float(f_icl),
@@ -307,16 +309,19 @@ def plot_measurement(image, measurement, path, title=None):
     radius = np.sqrt(maps["aperture"].sum() / np.pi)
     for axis in axes:
         axis.add_patch(plt.Circle((centre, centre), radius, fill=False, color="yellow", lw=1.2))
-        axis.contour(maps["subtracted"], levels=[maps["threshold_counts"]], colors="cyan", linewidths=0.8)
+        axis.contour(maps["smoothed"], levels=[maps["threshold_counts"]], colors="cyan", linewidths=0.8)
+        axis.set_xlim(-0.5, image.shape[1] - 0.5)
+        axis.set_ylim(-0.5, image.shape[0] - 0.5)
     handles += [
         Patch(edgecolor="yellow", fill=False, label="aperture"),
         Patch(edgecolor="cyan", fill=False, label=f"threshold {measurement.threshold_sb:.2f} mag/arcsec$^2$"),
     ]
     axes[1].legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.8)
-    axes[0].set_title(title or "cutout (background subtracted)")
+    axes[0].set_title(f"{title}: background subtracted" if title else "background subtracted", fontsize=10)
     axes[1].set_title(
-        f"z = {measurement.z:.3f}   f_ICL = {measurement.f_icl:.3f} +- {measurement.f_icl_err:.3f}   "
-        f"SB limit {measurement.sb_limit:.2f}"
+        f"z = {measurement.z:.3f}, f_ICL = {measurement.f_icl:.3f} +- {measurement.f_icl_err:.3f}, "
+        f"SB limit {measurement.sb_limit:.2f} mag/arcsec$^2$",
+        fontsize=10,
     )
     temporary = prep_data.atomic_path(path)
     figure.savefig(temporary, dpi=90, format="png")

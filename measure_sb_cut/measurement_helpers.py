@@ -143,7 +143,7 @@ def _mesh_centres(n_boxes, box_size):
     return np.arange(n_boxes) * box_size + (box_size - 1) / 2.0
 
 
-def fit_edge_surface(background_mesh, box_size, shape, degree=1):
+def fit_edge_surface(background_mesh, box_size, shape, degree=1, usable=None):
     """Smooth surface through the outer ring of a background mesh, evaluated on the image grid.
 
     The inner boxes of a cluster cutout hold ICL, so only the outermost ring of the
@@ -159,12 +159,29 @@ def fit_edge_surface(background_mesh, box_size, shape, degree=1):
         Image shape (H, W).
     degree : int
         Degree of the spline in x and y (1: a bilinear surface, the stable choice for a ring).
+    usable : ndarray of bool, shape (NY, NX), optional
+        Boxes measured on enough unmasked pixels; the others are left out of the fit.
+
+    Raises
+    ------
+    ValueError
+        "background estimate failed: ..." when fewer than max(8, (degree + 1)**2) edge boxes
+        are usable.
     """
     n_y, n_x = background_mesh.shape
     yy, xx = np.meshgrid(_mesh_centres(n_y, box_size), _mesh_centres(n_x, box_size), indexing="ij")
     ring = np.zeros(background_mesh.shape, dtype=bool)
     ring[[0, -1], :] = True
     ring[:, [0, -1]] = True
+    n_ring = int(ring.sum())
+    if usable is not None:
+        ring &= usable
+    needed = max(8, (degree + 1) ** 2)
+    if ring.sum() < needed:
+        raise ValueError(
+            f"background estimate failed: only {ring.sum()} of {n_ring} edge boxes of {box_size} px have "
+            f"at least half their pixels unmasked (need {needed})"
+        )
     values = background_mesh[ring]
     if np.ptp(values) == 0:
         return np.full(shape, float(values[0]), dtype=np.float32)
@@ -256,6 +273,13 @@ def background_meshes(data, bad, box_size, what="background"):
     what : {"background", "both"}
         Also return the rms mesh when "both".
 
+    Returns
+    -------
+    meshes : list of ndarray, shape (NY, NX)
+        The background mesh (and the rms mesh).
+    usable : ndarray of bool, shape (NY, NX)
+        Boxes with at least half their pixels unmasked.
+
     Raises
     ------
     ValueError
@@ -276,9 +300,11 @@ def background_meshes(data, bad, box_size, what="background"):
             meshes = [estimate.background_mesh]
             if what == "both":
                 meshes.append(estimate.background_rms_mesh)
+            n_unmasked = np.asarray(estimate.n_pixels_mesh)
     except ValueError as error:
         raise ValueError(f"background estimate failed: {error}") from None
-    return [ndimage.median_filter(np.asarray(mesh, dtype=np.float32), 3, mode="nearest") for mesh in meshes]
+    filtered = [ndimage.median_filter(np.asarray(mesh, dtype=np.float32), 3, mode="nearest") for mesh in meshes]
+    return filtered, n_unmasked >= 0.5 * box_size**2
 
 
 def mesh_to_image(mesh, box_size, shape):
@@ -346,8 +372,8 @@ def subtract_background(
         masked pixels) or no annulus has enough unmasked pixels.
     """
     data = np.where(bad, 0.0, image).astype(np.float32)
-    (mesh,) = background_meshes(data, bad, box_size)
-    surface = fit_edge_surface(mesh, box_size, image.shape, spline_degree)
+    (mesh,), usable = background_meshes(data, bad, box_size)
+    surface = fit_edge_surface(mesh, box_size, image.shape, spline_degree, usable)
     flattened = data - surface
     sources = segment_sources(flattened, source_threshold, bad)
     means = annulus_means(flattened, bad | sources, annulus_step)
@@ -442,7 +468,7 @@ def hot_mask(
     """
     data = np.where(bad, 0.0, image).astype(np.float32)
     unsharp = data - ndimage.gaussian_filter(data, smooth_sigma)
-    level, rms = background_meshes(unsharp, bad, box_size, what="both")
+    (level, rms), _ = background_meshes(unsharp, bad, box_size, what="both")
     threshold = mesh_to_image(level + n_sigma * rms, box_size, image.shape)
     labels, kept = label_sources(unsharp, threshold, bad, n_pixels)
     if min_snr > 0 and kept.size:
