@@ -19,6 +19,7 @@ import logging
 import warnings
 
 import numpy as np
+from scipy import ndimage
 
 import hsc
 from measure_sb_cut import measurement_helpers as helpers
@@ -32,6 +33,8 @@ MEMBER_DZ = 0.05
 MEMBER_N_SIGMA = 3.0
 #: Radius (cutout pixels) masked around a non-member that has no segment of its own.
 NON_MEMBER_RADIUS_PX = 3.0
+#: Non-member segments are grown by this many pixels: their halos continue below the threshold.
+NON_MEMBER_GROWTH_PX = 3
 
 
 def is_member(z_phot, z_cluster, dz=MEMBER_DZ, n_sigma=MEMBER_N_SIGMA):
@@ -122,6 +125,7 @@ def measure_icl_fraction_manual(
     member_dz=MEMBER_DZ,
     member_n_sigma=MEMBER_N_SIGMA,
     non_member_radius_px=NON_MEMBER_RADIUS_PX,
+    non_member_growth_px=NON_MEMBER_GROWTH_PX,
     **options,
 ):
     """Measure the ICL fraction of a real cluster, masking non-members and stars.
@@ -152,6 +156,9 @@ def measure_icl_fraction_manual(
     non_member_radius_px : float
         Radius masked around a non-member with no segment of its own (fainter than the
         threshold), cutout pixels.
+    non_member_growth_px : int
+        Non-member segments are dilated by this many pixels, since their light continues
+        below the threshold.
     **options
         Passed to :func:`measure_sb_cut.measure_icl_fraction` (threshold, cosmology, aperture...).
 
@@ -194,5 +201,7 @@ def measure_icl_fraction_manual(
                 else:
                     # No own segment, or blended with the central galaxy: mask only its core.
                     non_members |= _disk_mask(shape, column, row, non_member_radius_px)
+        if non_member_growth_px > 0 and non_members.any():
+            non_members = ndimage.binary_dilation(non_members, helpers.disk(non_member_growth_px))
         logger.info("%d of %d catalogue galaxies in the image are non-members", int(chosen.sum()), int(inside_image.sum()))
     return measure_icl_fraction(image, z, mask=bad, extra_mask=non_members | stars, **options)

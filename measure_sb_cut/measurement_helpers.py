@@ -542,13 +542,14 @@ def below_limit(image, valid, limit, box_px, closing_radius=CLOSING_RADIUS_PX):
         smoothed = np.where(weights > 0, sums / weights, 0.0)
     dropped = smoothed < limit
     if closing_radius > 0:
-        disk = _disk(closing_radius)
-        dropped = ndimage.binary_closing(np.pad(dropped, closing_radius, mode="edge"), disk)
+        structure = disk(closing_radius)
+        dropped = ndimage.binary_closing(np.pad(dropped, closing_radius, mode="edge"), structure)
         dropped = dropped[closing_radius:-closing_radius, closing_radius:-closing_radius]
     return dropped
 
 
-def _disk(radius):
+def disk(radius):
+    """Boolean disk structuring element of integer ``radius``."""
     yy, xx = np.indices((2 * radius + 1, 2 * radius + 1)) - radius
     return np.hypot(yy, xx) <= radius + 0.01
 
