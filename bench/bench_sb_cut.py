@@ -53,14 +53,17 @@ def main(argv=None):
         refs, _ = prep_data.index_cutouts([shard])
         refs = refs[: args.n_cutouts]
 
+        load_before = os.getloadavg()[0]
         # The pool forks first, before this process opens the HDF5 file for the plain loop.
         start = time.perf_counter()
         parallel_rows = list(measure_refs(refs, workers=args.workers, progress=False))
         parallel_s = time.perf_counter() - start
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         single_rows = [measure_ref(ref) for ref in refs]
         single_s = time.perf_counter() - start
+        single_cpu_s = time.process_time() - cpu_start
+        load_after = os.getloadavg()[0]
 
     failures = sum(1 for row in parallel_rows + single_rows if row["error"])
     same = all(a["f_icl"] == b["f_icl"] for a, b in zip(parallel_rows, single_rows) if not a["error"])
@@ -73,6 +76,9 @@ def main(argv=None):
         "single_process_s": single_s,
         "single_process_cutouts_per_s": len(refs) / single_s,
         "speedup": single_s / parallel_s,
+        # CPU time of the plain loop: what one free core would do, whatever else runs here.
+        "single_process_cpu_ms_per_cutout": 1000 * single_cpu_s / len(refs),
+        "load_average_before_after": [load_before, load_after],
         "failures": failures,
         "identical_results": same,
     }
@@ -80,6 +86,9 @@ def main(argv=None):
     print(f"{len(refs)} cutouts of 224x224, background re-estimates included")
     print(f"parallel, {args.workers} workers: {result['parallel_cutouts_per_s']:.1f} cutouts/s ({parallel_s:.1f} s)")
     print(f"single process:       {result['single_process_cutouts_per_s']:.1f} cutouts/s ({single_s:.1f} s)")
+    print(f"single process CPU time: {result['single_process_cpu_ms_per_cutout']:.0f} ms per cutout "
+          f"(= {1000 / result['single_process_cpu_ms_per_cutout']:.1f} cutouts/s per free core)")
+    print(f"1-min load average before/after: {load_before:.1f} / {load_after:.1f} on {os.cpu_count()} cores")
     print(f"speedup {result['speedup']:.2f}x; target {TARGET_CUTOUTS_PER_S:g} cutouts/s: "
           f"{'met' if result['parallel_cutouts_per_s'] >= TARGET_CUTOUTS_PER_S else 'not met'}")
     if args.out:
