@@ -48,11 +48,12 @@ class SBMeasurement:
     threshold_sb : float
         Observed threshold between galaxies and ICL, mag/arcsec^2.
     f_icl_err_noise : float
-        Error from the pixel noise, rms x sqrt(N pixels) on both fluxes, propagated to f_icl.
+        Error from the pixel noise, rms x sqrt(N pixels) on both fluxes (N counted in
+        independent noise elements: resizing correlates neighbouring pixels), propagated to f_icl.
     f_icl_err_background : float
         Standard deviation of f_icl over the background re-estimates (0 when none).
     icl_flux_err : float
-        rms x sqrt(N ICL pixels), in counts.
+        rms x sqrt(N ICL pixels x the noise correlation area), in counts.
     pixel_rms : float
         Noise rms near the edges, counts per native pixel.
     n_icl_pixels, n_kept_pixels : int
@@ -220,8 +221,10 @@ def measure_icl_fraction(
 
     n_icl = int(icl.sum())
     n_galaxy = int(kept.sum()) - n_icl
-    icl_err = rms * np.sqrt(n_icl)
-    galaxy_err = rms * np.sqrt(n_galaxy)
+    # rms x sqrt(N pixels), with N counted in independent noise elements of the resized image.
+    correlation_area = helpers.noise_correlation_area(subtracted, excluded | galaxies)
+    icl_err = rms * np.sqrt(n_icl * correlation_area)
+    galaxy_err = rms * np.sqrt(n_galaxy * correlation_area)
     galaxy_sum = total_sum - icl_sum
     # f = I / (I + G) with independent I and G: df/dI = G / T^2, df/dG = -I / T^2.
     noise_err = float(np.hypot(galaxy_sum * icl_err, icl_sum * galaxy_err) / total_sum**2)

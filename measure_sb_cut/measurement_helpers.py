@@ -503,6 +503,31 @@ def pixel_rms(image, excluded, width=EDGE_WIDTH_PX):
     return float(std)
 
 
+def noise_correlation_area(image, excluded, block_px=4, width=EDGE_WIDTH_PX):
+    """Pixels per independent noise element, from the variance of block means near the edges.
+
+    Resized cutouts have correlated noise: the mean of an n x n block varies more than
+    rms / n. The ratio var(block mean) / (rms^2 / n^2) is the number of pixels that share one
+    noise draw; rms x sqrt(N / ratio) is then the noise of a sum of N pixels. Returns 1 for
+    white noise (and when too few clean blocks lie in the edge band).
+    """
+    height, width_px = image.shape
+    rows, columns = height // block_px, width_px // block_px
+    crop = (slice(0, rows * block_px), slice(0, columns * block_px))
+    blocks = image[crop].reshape(rows, block_px, columns, block_px)
+    clean = ~excluded[crop].reshape(rows, block_px, columns, block_px).any(axis=(1, 3))
+    clean &= edge_band((rows, columns), max(1, width // block_px))
+    if clean.sum() < 30:
+        return 1.0
+    block_means = blocks.mean(axis=(1, 3))[clean]
+    pixel_values = blocks.transpose(0, 2, 1, 3)[clean].ravel()
+    _, _, block_std = sigma_clipped_stats(block_means, sigma=3.0, maxiters=5)
+    _, _, pixel_std = sigma_clipped_stats(pixel_values, sigma=3.0, maxiters=5)
+    if pixel_std <= 0:
+        return 1.0
+    return float(max(1.0, (block_std * block_px / pixel_std) ** 2))
+
+
 def surface_brightness_limit(rms, cutout_scale, n_sigma=SB_LIMIT_N_SIGMA, box_arcsec=SB_LIMIT_BOX_ARCSEC):
     """Surface-brightness limit in counts per native pixel and the box side in cutout pixels.
 

@@ -101,8 +101,8 @@ def machine_description():
     return f"{platform.system()} {platform.release()}, {processor}, {os.cpu_count()} cores"
 
 
-def write_report(rows, path, command, bins=REDSHIFT_BINS, elapsed_s=None):
-    """Write the markdown validation report atomically."""
+def write_report(rows, path, command, bins=REDSHIFT_BINS, elapsed_s=None, note=None):
+    """Write the markdown validation report atomically; ``note`` is a sentence about the clusters."""
     import prep_data
 
     n_failed = sum(1 for row in rows if row["error"])
@@ -115,6 +115,8 @@ def write_report(rows, path, command, bins=REDSHIFT_BINS, elapsed_s=None):
         f"- Machine: {machine_description()}",
         f"- Clusters: {len(rows)} ({n_failed} could not be measured)",
     ]
+    if note:
+        lines.append(f"- Note: {note}")
     if elapsed_s is not None:
         lines.append(f"- Time: {elapsed_s:.1f} s ({len(rows) / max(elapsed_s, 1e-9):.1f} cutouts/s)")
     lines += [
@@ -130,7 +132,11 @@ def write_report(rows, path, command, bins=REDSHIFT_BINS, elapsed_s=None):
         lines += ["", f"## Against `{target}`: {descriptions[target]}", "", statistics_table(measured, target, bins)]
     errors = [row["f_icl_err"] for row in measured if np.isfinite(row["f_icl_err"])]
     if errors:
-        lines += ["", f"Median quoted error f_icl_err: {np.median(errors):.4f}."]
+        lines += [
+            "",
+            f"Median quoted error f_icl_err: {np.median(errors):.4f} (noise and background re-estimates only;",
+            "the systematic bias above is not part of it).",
+        ]
     if n_failed:
         lines += ["", "## Clusters that could not be measured", ""]
         lines += [f"- {row['error']}" for row in rows if row["error"]][:20]
@@ -285,7 +291,13 @@ def main(argv=None):
     if args.csv:
         write_csv(rows, args.csv, CSV_COLUMNS + TARGETS)
     command = "python -m measure_sb_cut.validate " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_report(rows, args.report, command, tuple(args.bins), elapsed)
+    note = None
+    if args.synthetic:
+        note = (
+            "synthetic clusters of measure_sb_cut.validate.synthetic_cluster (exponential ICL, Sersic BCG and "
+            "members, white noise drawn at native resolution and resized), not the project's cluster mocks"
+        )
+    write_report(rows, args.report, command, tuple(args.bins), elapsed, note)
     print(open(args.report).read())
     return 0
 
