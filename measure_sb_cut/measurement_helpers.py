@@ -46,7 +46,7 @@ ANNULUS_CONSTANT_FRACTION = 2.0 / 3.0
 #: Minimum connected pixels of a galaxy segment.
 SEGMENT_MIN_PIXELS = 10
 #: Gaussian sigma (pixels) of the smoothing applied before the galaxies are segmented.
-SEGMENT_SMOOTHING_PX = 1.0
+SEGMENT_SMOOTHING_PX = 0.5
 #: Minimum signal-to-noise ratio of a hot source (sum over its pixels / (rms sqrt(N))).
 HOT_MIN_SNR = 5.0
 #: Gaussian sigma (pixels) of the smoothed copy subtracted for the unsharp mask.

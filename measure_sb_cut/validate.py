@@ -12,7 +12,9 @@ measured - truth) against
   measurement should reproduce, and
 * ``f_icl_true``: the physical ICL fraction, which the threshold method is not meant to equal,
 
-overall and in redshift bins, with the command, the date and the machine.
+overall and in redshift bins, with the command, the date and the machine. When the shards also
+hold ``f_icl_sb_ideal_scene`` (the threshold fraction of the noiseless scene with the field
+galaxies and stars that the measured image holds), the report compares with it too.
 
 ``--synthetic N`` first writes N simple synthetic clusters (exponential ICL, Sersic galaxies,
 noise drawn at native resolution and resized like the real cutouts) into the first SHARD, to
@@ -36,7 +38,12 @@ from measure_sb_cut.measure import CSV_COLUMNS, measure_refs
 # Defaults; each can be set on the command line.
 REDSHIFT_BINS = (0.1, 0.2, 0.3, 0.4, 0.5)
 WORKERS = os.cpu_count() or 1
-TARGETS = ("f_icl_sb_ideal", "f_icl_true")
+#: Truth columns compared with, when present: what each one is.
+TARGETS = {
+    "f_icl_sb_ideal": "the threshold fraction of the noiseless cluster image (what the measurement should reproduce)",
+    "f_icl_sb_ideal_scene": "the threshold fraction of the noiseless scene, field galaxies and stars included",
+    "f_icl_true": "the physical ICL fraction (the threshold method is not meant to equal it)",
+}
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +131,9 @@ def write_report(rows, path, command, bins=REDSHIFT_BINS, elapsed_s=None, note=N
         "Differences are measured minus truth. MAE: mean |difference|; bias: mean difference;",
         "scatter: standard deviation of the difference.",
     ]
-    descriptions = {
-        "f_icl_sb_ideal": "the threshold fraction of the noiseless image (what the measurement should reproduce)",
-        "f_icl_true": "the physical ICL fraction (the threshold method is not meant to equal it)",
-    }
-    for target in TARGETS:
-        lines += ["", f"## Against `{target}`: {descriptions[target]}", "", statistics_table(measured, target, bins)]
+    for target, description in TARGETS.items():
+        if any(np.isfinite(float(row.get(target, np.nan))) for row in measured):
+            lines += ["", f"## Against `{target}`: {description}", "", statistics_table(measured, target, bins)]
     errors = [row["f_icl_err"] for row in measured if np.isfinite(row["f_icl_err"])]
     if errors:
         lines += [
@@ -261,6 +265,7 @@ def build_parser():
     parser.add_argument("--synthetic", type=int, metavar="N",
                         help="first write N synthetic clusters into the first SHARD (overwriting it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic clusters (default 0)")
+    parser.add_argument("--note", help="a sentence for the report about where the clusters come from")
     return parser
 
 
@@ -286,12 +291,12 @@ def main(argv=None):
     if not refs:
         parser.exit(2, "error: no clusters found in the shards\n")
     start = time.perf_counter()
-    rows = list(measure_refs(refs, workers=args.workers, meta_columns=TARGETS))
+    rows = list(measure_refs(refs, workers=args.workers, meta_columns=tuple(TARGETS)))
     elapsed = time.perf_counter() - start
     if args.csv:
-        write_csv(rows, args.csv, CSV_COLUMNS + TARGETS)
+        write_csv(rows, args.csv, CSV_COLUMNS + tuple(TARGETS))
     command = "python -m measure_sb_cut.validate " + " ".join(argv if argv is not None else sys.argv[1:])
-    note = None
+    note = args.note
     if args.synthetic:
         note = (
             "synthetic clusters of measure_sb_cut.validate.synthetic_cluster (exponential ICL, Sersic BCG and "

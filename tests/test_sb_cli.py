@@ -179,3 +179,22 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert result["n_cutouts"] == 4
     assert result["parallel_cutouts_per_s"] > 0 and result["single_process_cutouts_per_s"] > 0
     assert "cutouts/s" in capsys.readouterr().out
+
+
+def test_validation_also_compares_with_the_scene_ideal_when_present(tmp_path):
+    rng = np.random.default_rng(8)
+    images, truths = zip(*(synthetic_cluster(z, 0.2, rng, n_members=5) for z in (0.2, 0.4)))
+    columns = {key: [truth[key] for truth in truths] for key in ("z", "f_icl_true", "f_icl_sb_ideal")}
+    columns["f_icl_sb_ideal_scene"] = [truth["f_icl_sb_ideal"] - 0.01 for truth in truths]
+    shard = tmp_path / "mocks.h5"
+    prep_data.write_stacked_hdf5(shard, np.asarray(images), ids=["a", "b"], columns=columns)
+    report = tmp_path / "report.md"
+
+    assert validate_main([str(shard), "--report", str(report), "--workers", "1", "--note", "two clusters"]) == 0
+
+    text = report.read_text()
+    assert "## Against `f_icl_sb_ideal_scene`" in text
+    assert "- Note: two clusters" in text
+    biases = [float(line.split("|")[4]) for line in text.splitlines() if line.startswith("| all |")]
+    # The scene column is the ideal minus 0.01, so its bias is larger by exactly that.
+    assert biases[1] == pytest.approx(biases[0] + 0.01, abs=2e-4)
