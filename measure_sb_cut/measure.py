@@ -12,6 +12,19 @@ label the artificial training set:
 5. keep the circle of radius 300 kpc about the centre;
 6. f_ICL = counts of the kept pixels outside the galaxy segments / counts of all kept pixels.
 
+Choices the published description leaves open, made here so that noise does not bias the
+fraction (each is a parameter; see VALIDATION.md for what they do on mocks):
+
+* the sky boxes leave out sources above the threshold, grown by
+  ``measurement_helpers.SOURCE_MASK_GROWTH_PX``;
+* galaxies are segmented on a copy smoothed by a Gaussian of
+  ``measurement_helpers.SEGMENT_SMOOTHING_PX``, so that the galaxy/ICL split follows the light
+  rather than the noise (the fluxes are summed on the unsmoothed image);
+* hot sources must reach the signal-to-noise ratio ``measurement_helpers.HOT_MIN_SNR`` (with
+  the correlated noise of resized images), so that groups of noise peaks above 1.2 sigma are
+  not masked; they are not masked inside galaxy segments, where they are galaxy light;
+* "below the surface-brightness limit" is judged on the mean of each 10 x 10 arcsec box.
+
 Pixel convention: a square cutout (224 x 224 by default) spanning +-300 kpc, in counts per
 *native* HSC pixel; thresholds in counts use ``hsc.PIXEL_SCALE`` whatever the resize, and
 flux sums are converted to total counts with the area of a cutout pixel.
@@ -19,6 +32,7 @@ flux sums are converted to total counts with the area of a cutout pixel.
 
 import dataclasses
 import logging
+import os
 
 import numpy as np
 
@@ -131,6 +145,12 @@ def measure_icl_fraction(
     reestimate_box_sizes : sequence of int
         Box sides of the background re-estimates; the standard deviation of f_icl over the
         main and re-estimated backgrounds is the background error. Empty to skip (faster).
+    segment_smoothing_px : float
+        Gaussian sigma (cutout pixels) of the smoothing before the galaxies are segmented; 0
+        thresholds the raw pixels (see ``measurement_helpers.segment_galaxies``).
+    hot_min_snr : float
+        Hot (compact) sources fainter than this signal-to-noise ratio are noise and stay
+        unmasked; 0 masks every detection (see ``measurement_helpers.hot_mask``).
     extra_mask : array_like of bool, shape (N, N), optional
         More pixels to leave out of both fluxes (non-member galaxies, stars).
     keep_maps : bool
@@ -184,11 +204,13 @@ def measure_icl_fraction(
     # Flux sums over cutout pixels of counts per native pixel: multiply by the pixel area ratio.
     area_factor = (cutout_scale / pixel_scale) ** 2
 
-    subtracted, _ = helpers.subtract_background(image, bad, threshold, background_box_size)
+    # Pixels masked by the caller (stars, non-members) stay out of the sky estimate too.
+    unusable = bad | extra
+    subtracted, _ = helpers.subtract_background(image, unusable, threshold, background_box_size)
     galaxies = helpers.segment_galaxies(subtracted, threshold, bad, segment_smoothing_px)
     # Compact sources inside a galaxy segment are galaxy light already; masking them there
     # would take a bright core out of the total flux.
-    hot = helpers.hot_mask(subtracted, bad, min_snr=hot_min_snr) & ~galaxies
+    hot = helpers.hot_mask(subtracted, unusable, min_snr=hot_min_snr) & ~galaxies
     excluded = bad | extra | hot
     rms = helpers.pixel_rms(subtracted, excluded | galaxies)
     limit, box_px = helpers.surface_brightness_limit(rms, cutout_scale)
@@ -208,7 +230,7 @@ def measure_icl_fraction(
     fractions = [f_icl]
     for box_size in reestimate_box_sizes:
         try:
-            other, _ = helpers.subtract_background(image, bad, threshold, box_size)
+            other, _ = helpers.subtract_background(image, unusable, threshold, box_size)
         except ValueError as error:
             logger.debug("background re-estimate with %d px boxes skipped: %s", box_size, error)
             continue
@@ -273,8 +295,6 @@ def plot_measurement(image, measurement, path, title=None):
         PNG to write (atomically).
     title : str, optional
     """
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -420,8 +440,6 @@ def measure_ref(ref, z=None, catalogue_z=None, plot_dir=None, options=None, meta
         One CSV row (:data:`CSV_COLUMNS` plus ``meta_columns``); ``error`` holds the message of
         a cutout that could not be measured (its numbers are then NaN).
     """
-    import os
-
     import prep_data
 
     options = dict(options or {})
@@ -448,6 +466,10 @@ def measure_ref(ref, z=None, catalogue_z=None, plot_dir=None, options=None, meta
     except ValueError as error:  # prep_data.CutoutError is a ValueError
         message = str(error)
         row["error"] = message if message.startswith(ref.source) else f"{ref.source}: {message}"
+        return row
+    except Exception as error:  # one broken cutout must not stop a batch of thousands
+        logger.exception("%s: unexpected error", ref.source)
+        row["error"] = f"{ref.source}: unexpected {type(error).__name__}: {error}"
         return row
     for column in CSV_COLUMNS[3:-1]:
         row[column] = getattr(measurement, column)

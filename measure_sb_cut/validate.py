@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import sys
 
 import numpy as np
@@ -295,7 +296,7 @@ def main(argv=None):
     elapsed = time.perf_counter() - start
     if args.csv:
         write_csv(rows, args.csv, CSV_COLUMNS + tuple(TARGETS))
-    command = "python -m measure_sb_cut.validate " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m measure_sb_cut.validate " + shlex.join(argv if argv is not None else sys.argv[1:])
     note = args.note
     if args.synthetic:
         note = (
