@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import sys
 import tempfile
 import time
@@ -55,9 +56,14 @@ def main(argv=None):
 
         load_before = os.getloadavg()[0]
         # The pool forks first, before this process opens the HDF5 file for the plain loop.
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         parallel_rows = list(measure_refs(refs, workers=args.workers, progress=False))
         parallel_s = time.perf_counter() - start
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        parallel_cpu_s = (children_after.ru_utime + children_after.ru_stime) - (
+            children_before.ru_utime + children_before.ru_stime
+        )
 
         start, cpu_start = time.perf_counter(), time.process_time()
         single_rows = [measure_ref(ref) for ref in refs]
@@ -78,6 +84,7 @@ def main(argv=None):
         "speedup": single_s / parallel_s,
         # CPU time of the plain loop: what one free core would do, whatever else runs here.
         "single_process_cpu_ms_per_cutout": 1000 * single_cpu_s / len(refs),
+        "parallel_workers_cpu_ms_per_cutout": 1000 * parallel_cpu_s / len(refs),
         "load_average_before_after": [load_before, load_after],
         "failures": failures,
         "identical_results": same,
@@ -88,6 +95,7 @@ def main(argv=None):
     print(f"single process:       {result['single_process_cutouts_per_s']:.1f} cutouts/s ({single_s:.1f} s)")
     print(f"single process CPU time: {result['single_process_cpu_ms_per_cutout']:.0f} ms per cutout "
           f"(= {1000 / result['single_process_cpu_ms_per_cutout']:.1f} cutouts/s per free core)")
+    print(f"parallel workers' CPU time: {result['parallel_workers_cpu_ms_per_cutout']:.0f} ms per cutout")
     print(f"1-min load average before/after: {load_before:.1f} / {load_after:.1f} on {os.cpu_count()} cores")
     print(f"speedup {result['speedup']:.2f}x; target {TARGET_CUTOUTS_PER_S:g} cutouts/s: "
           f"{'met' if result['parallel_cutouts_per_s'] >= TARGET_CUTOUTS_PER_S else 'not met'}")
