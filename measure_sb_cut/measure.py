@@ -1,6 +1,6 @@
 """Automatic surface-brightness threshold measurement of the ICL fraction.
 
-The method of Canepa et al. 2025 (ApJ, arXiv:2501.08378, section 2.2; SPEC Part A), used to
+The method of Canepa et al. 2025 (ApJ, arXiv:2501.08378; SPEC Part A), used to
 label the artificial training set:
 
 1. subtract the background (``Background2D`` mesh, a smooth surface through its outer ring,

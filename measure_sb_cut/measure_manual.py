@@ -1,11 +1,12 @@
 """Manual-style surface-brightness threshold measurement for real clusters.
 
 The automatic measurement (:func:`measure_sb_cut.measure_icl_fraction`) plus what Canepa et
-al. 2025 (section 2.3) did by hand for the 101 real clusters of the fine-tuning set:
+al. 2025 did by hand for the 101 real clusters of the fine-tuning set:
 
 * galaxies of a member catalogue whose photometric redshift is outside
-  |z_phot - z_cl| <= 3 x 0.05 (1 + z_cl) are non-members: their segment (or, for galaxies
-  fainter than the threshold, a small disk) is masked out of both fluxes;
+  |z_phot - z_cl| <= 3 x 0.05 (1 + z_cl) are non-members: their segment, grown a little to
+  cover the halo below the threshold (or, for galaxies fainter than the threshold, a small
+  disk), is masked out of both fluxes;
 * user-given star masks are masked out of both fluxes;
 * a bright-star mask that covers the image centre (where the brightest cluster galaxy sits)
   is ignored, with a warning, whether it comes from the user or from the HSC

@@ -7,7 +7,7 @@ therefore use the native ``hsc.PIXEL_SCALE`` whatever the resize; only angular s
 10 x 10 arcsec boxes of the surface-brightness limit) and flux *sums* use the cutout's own
 scale, ``2 * 300 kpc / 224 px`` at the cluster's redshift.
 
-The steps follow Canepa et al. 2025 (ApJ, arXiv:2501.08378), section 2.2 and appendix A.
+The steps follow Canepa et al. 2025 (ApJ, arXiv:2501.08378) as summarised in SPEC Part A.
 """
 
 import functools
@@ -16,8 +16,7 @@ import warnings
 
 import numpy as np
 from astropy.cosmology import FlatLambdaCDM
-from astropy.stats import sigma_clipped_stats
-from astropy.stats import SigmaClip
+from astropy.stats import SigmaClip, sigma_clipped_stats
 from photutils.background import Background2D, MedianBackground
 from scipy import ndimage
 from scipy.interpolate import SmoothBivariateSpline
@@ -26,7 +25,7 @@ import hsc
 
 logger = logging.getLogger(__name__)
 
-#: Cosmology of the measurement (Canepa et al. 2025, section 2.1).
+#: Cosmology of the measurement (Canepa et al. 2025; SPEC Part A).
 MEASUREMENT_COSMOLOGY = FlatLambdaCDM(H0=68.4, Om0=0.301)
 #: Rest-frame threshold (mag/arcsec^2) between galaxies and ICL in the measurement.
 MEASUREMENT_SB = 26.0
@@ -113,7 +112,7 @@ def threshold_counts(mu_rest, z, pixel_scale=hsc.PIXEL_SCALE):
     """Counts per native pixel of the rest-frame surface brightness ``mu_rest`` seen at ``z``.
 
     mu_obs = mu_rest + 10 log10(1 + z) + k(z) (Tolman dimming and the k-correction of
-    Chilingarian et al. 2010, Canepa et al. 2025 section 2.2), then ``hsc.sb_to_counts``.
+    Chilingarian et al. 2010, as in Canepa et al. 2025), then ``hsc.sb_to_counts``.
     """
     return float(hsc.sb_to_counts(hsc.observed_surface_brightness(mu_rest, z), pixel_scale))
 
@@ -465,7 +464,9 @@ def hot_mask(
 
     The image minus its Gaussian-smoothed copy (sigma ``smooth_sigma`` px) keeps only small
     structures; pixels more than ``n_sigma`` x the rms of a ``box_size`` Background2D above its
-    background, in groups of at least ``n_pixels``, are hot.
+    background, in groups of at least ``n_pixels``, are hot. Groups whose summed signal is below
+    ``min_snr`` x rms sqrt(N pixels x the noise correlation area) are noise and are dropped
+    (``min_snr = 0`` keeps every group).
 
     Returns
     -------
