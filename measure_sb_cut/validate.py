@@ -41,8 +41,9 @@ REDSHIFT_BINS = (0.1, 0.2, 0.3, 0.4, 0.5)
 WORKERS = os.cpu_count() or 1
 #: Truth columns compared with, when present: what each one is.
 TARGETS = {
-    "f_icl_sb_ideal": "the threshold fraction of the noiseless cluster image (what the measurement should reproduce)",
-    "f_icl_sb_ideal_scene": "the threshold fraction of the noiseless scene, field galaxies and stars included",
+    "f_icl_sb_ideal": "the threshold fraction of the noiseless cluster image",
+    "f_icl_sb_ideal_scene": "the threshold fraction of the noiseless scene, field galaxies and stars included "
+    "(what an automatic measurement, blind to membership, can reproduce)",
     "f_icl_true": "the physical ICL fraction (the threshold method is not meant to equal it)",
 }
 
