@@ -516,11 +516,14 @@ def measure_refs(refs, z=None, catalogue=None, plot_dir=None, options=None, work
             bar.update()
     else:
         import multiprocessing
+        import sys
 
         # Cutouts are read by the workers themselves: sending pixels back and forth would cost
-        # more than measuring them. Chunks keep the inter-process traffic low.
+        # more than measuring them. Chunks keep the inter-process traffic low. Forking is the
+        # fastest start, but a process that has loaded TensorFlow must not be forked.
         chunk = max(1, min(16, len(tasks) // (4 * workers)))
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        method = "forkserver" if "tensorflow" in sys.modules else "fork"
+        with multiprocessing.get_context(method).Pool(workers) as pool:
             for row in pool.imap(_measure_task, tasks, chunksize=chunk):
                 yield row
                 bar.update()
