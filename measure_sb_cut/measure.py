@@ -1,0 +1,530 @@
+"""Automatic surface-brightness threshold measurement of the ICL fraction.
+
+The method of Canepa et al. 2025 (ApJ, arXiv:2501.08378; SPEC Part A), used to
+label the artificial training set:
+
+1. subtract the background (``Background2D`` mesh, a smooth surface through its outer ring,
+   then 2/3 of the faintest annulus mean);
+2. segment galaxies: at least 10 connected pixels brighter than the threshold
+   mu = 26 + 10 log10(1 + z) + k(z) mag/arcsec^2;
+3. mask compact "hot" sources found in an unsharp-masked copy;
+4. drop pixels fainter than the 3-sigma surface-brightness limit in 10 x 10 arcsec boxes;
+5. keep the circle of radius 300 kpc about the centre;
+6. f_ICL = counts of the kept pixels outside the galaxy segments / counts of all kept pixels.
+
+Choices the published description leaves open, made here so that noise does not bias the
+fraction (each is a parameter; see VALIDATION.md for what they do on mocks):
+
+* the sky boxes leave out sources above the threshold, grown by
+  ``measurement_helpers.SOURCE_MASK_GROWTH_PX``;
+* galaxies are segmented on a copy smoothed by a Gaussian of
+  ``measurement_helpers.SEGMENT_SMOOTHING_PX``, so that the galaxy/ICL split follows the light
+  rather than the noise (the fluxes are summed on the unsmoothed image);
+* hot sources must reach the signal-to-noise ratio ``measurement_helpers.HOT_MIN_SNR`` (with
+  the correlated noise of resized images), so that groups of noise peaks above 1.2 sigma are
+  not masked; they are not masked inside galaxy segments, where they are galaxy light;
+* "below the surface-brightness limit" is judged on the mean of each 10 x 10 arcsec box.
+
+Pixel convention: a square cutout (224 x 224 by default) spanning +-300 kpc, in counts per
+*native* HSC pixel; thresholds in counts use ``hsc.PIXEL_SCALE`` whatever the resize, and
+flux sums are converted to total counts with the area of a cutout pixel.
+"""
+
+import dataclasses
+import logging
+import os
+
+import numpy as np
+
+import hsc
+from measure_sb_cut import measurement_helpers as helpers
+
+logger = logging.getLogger(__name__)
+
+#: Background2D box sides (cutout pixels) of the re-estimates whose spread enters the error.
+REESTIMATE_BOX_SIZES = (14, 28)
+
+
+@dataclasses.dataclass(frozen=True)
+class SBMeasurement:
+    """Result of one surface-brightness threshold measurement.
+
+    Attributes
+    ----------
+    f_icl : float
+        ICL fraction inside the aperture, ``icl_flux / total_flux``.
+    f_icl_err : float
+        Uncertainty of ``f_icl``: the noise term and the background term added in quadrature.
+    icl_flux, total_flux : float
+        Counts (zero point 27) of the ICL and of all kept light inside the aperture.
+    sb_limit : float
+        Surface-brightness limit reached, mag/arcsec^2 (3 sigma, 10 x 10 arcsec boxes).
+    threshold_sb : float
+        Observed threshold between galaxies and ICL, mag/arcsec^2.
+    f_icl_err_noise : float
+        Error from the pixel noise, rms x sqrt(N pixels) on both fluxes (N counted in
+        independent noise elements: resizing correlates neighbouring pixels), propagated to f_icl.
+    f_icl_err_background : float
+        Standard deviation of f_icl over the background re-estimates (0 when none).
+    icl_flux_err : float
+        rms x sqrt(N ICL pixels x the noise correlation area), in counts.
+    pixel_rms : float
+        Noise rms near the edges, counts per native pixel.
+    n_icl_pixels, n_kept_pixels : int
+        Cutout pixels counted as ICL, and all pixels counted inside the aperture.
+    z : float
+        Cluster redshift used.
+    maps : dict or None
+        With ``keep_maps=True``: the boolean maps (``bad``, ``galaxies``, ``hot``, ``dropped``,
+        ``aperture``, ``extra``), the ``subtracted`` image, its ``smoothed`` copy that was
+        segmented and the ``threshold_counts``, for diagnostics.
+    """
+
+    f_icl: float
+    f_icl_err: float
+    icl_flux: float
+    total_flux: float
+    sb_limit: float
+    threshold_sb: float
+    f_icl_err_noise: float
+    f_icl_err_background: float
+    icl_flux_err: float
+    pixel_rms: float
+    n_icl_pixels: int
+    n_kept_pixels: int
+    z: float
+    maps: dict = dataclasses.field(default=None, repr=False, compare=False)
+
+
+def measure_icl_fraction(
+    image,
+    z,
+    mask=None,
+    mask_bits=None,
+    *,
+    threshold_sb=helpers.MEASUREMENT_SB,
+    cosmology=helpers.MEASUREMENT_COSMOLOGY,
+    aperture_kpc=helpers.APERTURE_KPC,
+    half_width_kpc=hsc.CUTOUT_HALF_WIDTH_KPC,
+    pixel_scale=hsc.PIXEL_SCALE,
+    background_box_size=helpers.BACKGROUND_BOX_PX,
+    reestimate_box_sizes=REESTIMATE_BOX_SIZES,
+    segment_smoothing_px=helpers.SEGMENT_SMOOTHING_PX,
+    hot_min_snr=helpers.HOT_MIN_SNR,
+    extra_mask=None,
+    keep_maps=False,
+):
+    """Measure the ICL fraction of a cluster cutout with the surface-brightness threshold method.
+
+    Parameters
+    ----------
+    image : array_like, shape (N, N)
+        Square cutout spanning +-``half_width_kpc`` about the cluster centre (224 x 224 in this
+        project), in counts per native pixel of ``pixel_scale`` arcsec (zero point 27).
+        Non-finite pixels are treated as masked.
+    z : float
+        Cluster redshift, in [0.1, 0.5].
+    mask : array_like of int or bool, shape (N, N), optional
+        HSC mask plane (BAD, NO_DATA and BRIGHT_OBJECT pixels are left out) or a boolean map
+        of bad pixels.
+    mask_bits : dict of str -> int, optional
+        Mask plane bit numbers; ``hsc.DEFAULT_MASK_BITS`` by default.
+    threshold_sb : float
+        Rest-frame threshold between galaxies and ICL, mag/arcsec^2 (26 for the measurement,
+        ``helpers.INJECTION_SB`` = 25 is the injection's).
+    cosmology : astropy.cosmology.FLRW
+        Converts kpc to arcsec; FlatLambdaCDM(H0=68.4, Om0=0.301) by default.
+    aperture_kpc : float
+        Radius of the measurement aperture, kpc (must fit in the cutout).
+    half_width_kpc : float
+        Half-width of the cutout, kpc.
+    pixel_scale : float
+        Native pixel scale (arcsec/px) of the counts, for the surface-brightness conversions.
+    background_box_size : int
+        Background2D box side, cutout pixels.
+    reestimate_box_sizes : sequence of int
+        Box sides of the background re-estimates; the standard deviation of f_icl over the
+        main and re-estimated backgrounds is the background error. Empty to skip (faster).
+    segment_smoothing_px : float
+        Gaussian sigma (cutout pixels) of the smoothing before the galaxies are segmented; 0
+        thresholds the raw pixels (see ``measurement_helpers.segment_galaxies``).
+    hot_min_snr : float
+        Hot (compact) sources fainter than this signal-to-noise ratio are noise and stay
+        unmasked; 0 masks every detection (see ``measurement_helpers.hot_mask``).
+    extra_mask : array_like of bool, shape (N, N), optional
+        More pixels to leave out of both fluxes (non-member galaxies, stars).
+    keep_maps : bool
+        Keep the masks and the background-subtracted image in ``SBMeasurement.maps``.
+
+    Returns
+    -------
+    SBMeasurement
+
+    Raises
+    ------
+    ValueError
+        With a message naming the problem: bad shape, z missing or outside [0.1, 0.5], an
+        aperture larger than the cutout, every aperture pixel masked, a background estimate
+        that failed, or no positive flux in the aperture.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {image.shape}")
+    if image.shape[0] != image.shape[1]:
+        raise ValueError(
+            f"image must be square (pad it with prep_data.pad_to_square first), got shape {image.shape}"
+        )
+    z = helpers.check_redshift(z)
+    if aperture_kpc <= 0:
+        raise ValueError(f"aperture_kpc must be positive, got {aperture_kpc}")
+    if aperture_kpc > half_width_kpc:
+        raise ValueError(
+            f"cutout smaller than the aperture: the aperture radius {aperture_kpc:g} kpc exceeds the "
+            f"cutout half-width {half_width_kpc:g} kpc"
+        )
+    if mask is not None and np.shape(mask) != image.shape:
+        raise ValueError(f"mask shape {np.shape(mask)} does not match image shape {image.shape}")
+    if extra_mask is not None and np.shape(extra_mask) != image.shape:
+        raise ValueError(f"extra_mask shape {np.shape(extra_mask)} does not match image shape {image.shape}")
+
+    size = image.shape[0]
+    bad = helpers.bad_pixel_map(image, mask, mask_bits)
+    n_non_finite = int((~np.isfinite(image)).sum())
+    if n_non_finite:
+        logger.warning("%d non-finite pixels treated as masked", n_non_finite)
+    extra = np.zeros(image.shape, dtype=bool) if extra_mask is None else np.asarray(extra_mask, dtype=bool)
+    radius_px = aperture_kpc / half_width_kpc * size / 2.0
+    in_aperture = helpers.aperture(image.shape, radius_px)
+    if not (in_aperture & ~bad & ~extra).any():
+        raise ValueError("all pixels inside the aperture are masked")
+
+    cutout_scale = helpers.cutout_pixel_scale(z, size, half_width_kpc, cosmology)
+    threshold_mu = float(hsc.observed_surface_brightness(threshold_sb, z))
+    threshold = float(hsc.sb_to_counts(threshold_mu, pixel_scale))
+    # Flux sums over cutout pixels of counts per native pixel: multiply by the pixel area ratio.
+    area_factor = (cutout_scale / pixel_scale) ** 2
+
+    # Pixels masked by the caller (stars, non-members) stay out of the sky estimate too.
+    unusable = bad | extra
+    subtracted, _ = helpers.subtract_background(image, unusable, threshold, background_box_size)
+    galaxies = helpers.segment_galaxies(subtracted, threshold, bad, segment_smoothing_px)
+    # Compact sources inside a galaxy segment are galaxy light already; masking them there
+    # would take a bright core out of the total flux.
+    hot = helpers.hot_mask(subtracted, unusable, min_snr=hot_min_snr) & ~galaxies
+    excluded = bad | extra | hot
+    rms = helpers.pixel_rms(subtracted, excluded | galaxies)
+    limit, box_px = helpers.surface_brightness_limit(rms, cutout_scale)
+
+    dropped = helpers.below_limit(subtracted, ~excluded, limit, box_px) & ~galaxies
+    kept = in_aperture & ~excluded & ~dropped
+    if not kept.any():
+        raise ValueError("all pixels inside the aperture are masked or below the surface-brightness limit")
+    icl = kept & ~galaxies
+    icl_sum, total_sum = float(subtracted[icl].sum()), float(subtracted[kept].sum())
+    if total_sum <= 0:
+        raise ValueError(f"no positive flux in the aperture (sum {total_sum:.3g} counts per pixel)")
+    f_icl = icl_sum / total_sum
+
+    # Background re-estimates: the sky and the galaxy/ICL split move with the background; the
+    # pixels below the surface-brightness limit (a noise property) are kept from the main run.
+    fractions = [f_icl]
+    for box_size in reestimate_box_sizes:
+        try:
+            other, _ = helpers.subtract_background(image, unusable, threshold, box_size)
+        except ValueError as error:
+            logger.debug("background re-estimate with %d px boxes skipped: %s", box_size, error)
+            continue
+        other_galaxies = helpers.segment_galaxies(other, threshold, bad, segment_smoothing_px)
+        other_kept = in_aperture & ~excluded & ~(dropped & ~other_galaxies)
+        other_total = float(other[other_kept].sum())
+        if other_total > 0:
+            fractions.append(float(other[other_kept & ~other_galaxies].sum()) / other_total)
+    background_err = float(np.std(fractions, ddof=1)) if len(fractions) > 1 else 0.0
+
+    n_icl = int(icl.sum())
+    n_galaxy = int(kept.sum()) - n_icl
+    # rms x sqrt(N pixels), with N counted in independent noise elements of the resized image.
+    correlation_area = helpers.noise_correlation_area(subtracted, excluded | galaxies)
+    icl_err = rms * np.sqrt(n_icl * correlation_area)
+    galaxy_err = rms * np.sqrt(n_galaxy * correlation_area)
+    galaxy_sum = total_sum - icl_sum
+    # f = I / (I + G) with independent I and G: df/dI = G / T^2, df/dG = -I / T^2.
+    noise_err = float(np.hypot(galaxy_sum * icl_err, icl_sum * galaxy_err) / total_sum**2)
+
+    maps = None
+    if keep_maps:
+        maps = {
+            "subtracted": subtracted,
+            "bad": bad,
+            "extra": extra,
+            "galaxies": galaxies,
+            "hot": hot,
+            "dropped": dropped,
+            "aperture": in_aperture,
+            "threshold_counts": threshold,
+            "smoothed": helpers.smooth(subtracted, bad, segment_smoothing_px),
+        }
+    return SBMeasurement(
+        f_icl=float(f_icl),
+        f_icl_err=float(np.hypot(noise_err, background_err)),
+        icl_flux=icl_sum * area_factor,
+        total_flux=total_sum * area_factor,
+        sb_limit=float(hsc.counts_to_sb(limit, pixel_scale)),
+        threshold_sb=threshold_mu,
+        f_icl_err_noise=noise_err,
+        f_icl_err_background=background_err,
+        icl_flux_err=float(icl_err * area_factor),
+        pixel_rms=rms,
+        n_icl_pixels=n_icl,
+        n_kept_pixels=int(kept.sum()),
+        z=z,
+        maps=maps,
+    )
+
+
+def plot_measurement(image, measurement, path, title=None):
+    """Diagnostic PNG of one measurement: the image, the masks, the threshold contour, the aperture.
+
+    Parameters
+    ----------
+    image : ndarray, shape (N, N)
+        The cutout measured (counts).
+    measurement : SBMeasurement
+        Made with ``keep_maps=True``.
+    path : str or path-like
+        PNG to write (atomically).
+    title : str, optional
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    import prep_data
+
+    maps = measurement.maps
+    if maps is None:
+        raise ValueError("measurement has no maps: measure with keep_maps=True")
+    stretched = np.arcsinh(np.clip(np.nan_to_num(maps["subtracted"]), 0, None) / hsc.ARCSINH_SCALE)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 5.6), constrained_layout=True)
+    for axis in axes:
+        axis.imshow(stretched, origin="lower", cmap="gray", vmin=0, vmax=np.percentile(stretched, 99.5))
+        axis.set_xticks([])
+        axis.set_yticks([])
+    layers = [
+        ("bad", "masked (mask plane)", "tab:red"),
+        ("extra", "masked (members / stars)", "tab:orange"),
+        ("galaxies", "galaxies (above threshold)", "tab:blue"),
+        ("hot", "hot (compact sources)", "tab:green"),
+        ("dropped", "below SB limit", "tab:purple"),
+    ]
+    handles = []
+    for key, label, colour in layers:
+        layer = maps[key]
+        if layer.any():
+            axes[1].imshow(
+                np.where(layer, 1.0, np.nan), origin="lower", cmap=ListedColormap([colour]), alpha=0.45, vmin=0, vmax=1
+            )
+            handles.append(Patch(color=colour, alpha=0.6, label=label))
+    centre = (image.shape[0] - 1) / 2.0
+    radius = np.sqrt(maps["aperture"].sum() / np.pi)
+    for axis in axes:
+        axis.add_patch(plt.Circle((centre, centre), radius, fill=False, color="yellow", lw=1.2))
+        axis.contour(maps["smoothed"], levels=[maps["threshold_counts"]], colors="cyan", linewidths=0.8)
+        axis.set_xlim(-0.5, image.shape[1] - 0.5)
+        axis.set_ylim(-0.5, image.shape[0] - 0.5)
+    handles += [
+        Patch(edgecolor="yellow", fill=False, label="aperture"),
+        Patch(edgecolor="cyan", fill=False, label=f"threshold {measurement.threshold_sb:.2f} mag/arcsec$^2$"),
+    ]
+    axes[1].legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.8)
+    axes[0].set_title(f"{title}: background subtracted" if title else "background subtracted", fontsize=10)
+    axes[1].set_title(
+        f"z = {measurement.z:.3f}, f_ICL = {measurement.f_icl:.3f} +- {measurement.f_icl_err:.3f}, "
+        f"SB limit {measurement.sb_limit:.2f} mag/arcsec$^2$",
+        fontsize=10,
+    )
+    temporary = prep_data.atomic_path(path)
+    figure.savefig(temporary, dpi=90, format="png")
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------------------
+# Measuring cutouts read from files (the command line, the validation and the benchmark)
+
+#: Columns of the measurement CSV, in order.
+CSV_COLUMNS = (
+    "id",
+    "source",
+    "z",
+    "f_icl",
+    "f_icl_err",
+    "icl_flux",
+    "total_flux",
+    "sb_limit",
+    "threshold_sb",
+    "f_icl_err_noise",
+    "f_icl_err_background",
+    "error",
+)
+#: Relative tolerance on the span of a native-resolution cutout (cosmologies of the cutouts differ).
+SPAN_TOLERANCE = 0.1
+
+
+def cutout_for_measurement(
+    cutout, z, half_width_kpc=hsc.CUTOUT_HALF_WIDTH_KPC, cosmology=helpers.MEASUREMENT_COSMOLOGY
+):
+    """The 224 x 224 image and bad-pixel map of a cutout read by ``prep_data.read_cutout``.
+
+    A 224 x 224 cutout is taken as already resized (it spans +-``half_width_kpc``). Any other
+    cutout is in native HSC pixels: non-square ones are padded to a square (the padding
+    masked, as ``prep_data.pad_to_square`` does), one wider than +-``half_width_kpc`` by more
+    than 10% is cropped about its centre to that span, and the square is resized with
+    ``prep_data.resize_image`` / ``prep_data.resize_mask``.
+
+    Raises
+    ------
+    ValueError
+        For a prepared (.npy) image, an empty or all-masked image, or a cutout that does not
+        reach +-``half_width_kpc`` ("cutout smaller than the aperture").
+    """
+    import prep_data
+
+    if cutout.prepared:
+        raise ValueError("prepared (arcsinh-stretched) images cannot be measured; give cutouts in counts")
+    prep_data.check_cutout(cutout)
+    size = hsc.ICL_IMAGE_SIZE
+    bad = prep_data.bad_pixels(cutout)
+    image = np.where(bad, 0.0, cutout.image).astype(np.float32)
+    if image.shape == (size, size):
+        return image, bad
+    image, bad = prep_data.pad_to_square(image, bad)
+    span_px = 2.0 * half_width_kpc / helpers.kpc_per_arcsec(z, cosmology) / hsc.PIXEL_SCALE
+    side = image.shape[0]
+    if side < (1.0 - SPAN_TOLERANCE) * span_px:
+        raise ValueError(
+            f"cutout smaller than the aperture: {side} px x {hsc.PIXEL_SCALE}\"/px spans "
+            f"{side * hsc.PIXEL_SCALE:.0f}\", but +-{half_width_kpc:g} kpc at z = {z:g} needs "
+            f"{span_px * hsc.PIXEL_SCALE:.0f}\" ({span_px:.0f} px)"
+        )
+    if side > (1.0 + SPAN_TOLERANCE) * span_px:
+        start = (side - int(round(span_px))) // 2
+        stop = start + int(round(span_px))
+        image, bad = image[start:stop, start:stop], bad[start:stop, start:stop]
+    return prep_data.resize_image(image, size), prep_data.resize_mask(bad, size)
+
+
+def measure_ref(ref, z=None, catalogue_z=None, plot_dir=None, options=None, meta_columns=()):
+    """Read and measure one cutout; never raises for a bad cutout.
+
+    Parameters
+    ----------
+    ref : prep_data.CutoutRef
+    z : float, optional
+        Redshift for every cutout (the command line's ``--z``); first choice.
+    catalogue_z : float, optional
+        Redshift of this cutout from a catalogue; second choice, before the file's ``z``.
+    plot_dir : str, optional
+        Directory for a diagnostic PNG named after the cutout's id.
+    options : dict, optional
+        Keyword arguments of :func:`measure_icl_fraction`.
+    meta_columns : sequence of str
+        Metadata columns of the cutout to copy into the row (truth columns of mocks).
+
+    Returns
+    -------
+    dict
+        One CSV row (:data:`CSV_COLUMNS` plus ``meta_columns``); ``error`` holds the message of
+        a cutout that could not be measured (its numbers are then NaN).
+    """
+    import prep_data
+
+    options = dict(options or {})
+    row = {column: np.nan for column in CSV_COLUMNS}
+    row.update(id=ref.id, source=ref.source, error="")
+    try:
+        cutout = prep_data.read_cutout(ref)
+        for column in meta_columns:
+            row[column] = cutout.meta.get(column, np.nan)
+        for candidate in (z, catalogue_z, cutout.meta.get("z")):
+            if candidate is not None and not (isinstance(candidate, float) and np.isnan(candidate)):
+                row["z"] = candidate
+                break
+        else:
+            raise ValueError("no redshift: give --z, a --catalog row for this id, or a Z/REDSHIFT header keyword")
+        redshift = helpers.check_redshift(row["z"])
+        image, bad = cutout_for_measurement(
+            cutout,
+            redshift,
+            options.get("half_width_kpc", hsc.CUTOUT_HALF_WIDTH_KPC),
+            options.get("cosmology", helpers.MEASUREMENT_COSMOLOGY),
+        )
+        measurement = measure_icl_fraction(image, redshift, mask=bad, keep_maps=plot_dir is not None, **options)
+    except ValueError as error:  # prep_data.CutoutError is a ValueError
+        message = str(error)
+        row["error"] = message if message.startswith(ref.source) else f"{ref.source}: {message}"
+        return row
+    except Exception as error:  # one broken cutout must not stop a batch of thousands
+        logger.exception("%s: unexpected error", ref.source)
+        row["error"] = f"{ref.source}: unexpected {type(error).__name__}: {error}"
+        return row
+    for column in CSV_COLUMNS[3:-1]:
+        row[column] = getattr(measurement, column)
+    if plot_dir is not None:
+        safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(ref.id))
+        plot_measurement(image, measurement, os.path.join(plot_dir, f"{safe_id}.png"), title=f"{ref.id}")
+    return row
+
+
+def _measure_task(arguments):
+    return measure_ref(*arguments)
+
+
+def measure_refs(refs, z=None, catalogue=None, plot_dir=None, options=None, workers=1, meta_columns=(), progress=True):
+    """Measure many cutouts, in input order, in parallel over ``workers`` processes.
+
+    Parameters
+    ----------
+    refs : sequence of prep_data.CutoutRef
+    z : float, optional
+        Redshift for every cutout.
+    catalogue : dict of str -> float, optional
+        Redshift by cutout id.
+    plot_dir, options, meta_columns
+        As for :func:`measure_ref`.
+    workers : int
+        Processes; 1 measures in this process.
+    progress : bool
+        Show a tqdm progress bar.
+
+    Yields
+    ------
+    dict
+        One row per ref, in order (see :func:`measure_ref`).
+    """
+    from tqdm import tqdm
+
+    catalogue = catalogue or {}
+    tasks = [(ref, z, catalogue.get(str(ref.id)), plot_dir, options, tuple(meta_columns)) for ref in refs]
+    bar = tqdm(total=len(tasks), desc="measuring", unit="cutout", disable=not progress)
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield _measure_task(task)
+            bar.update()
+    else:
+        import multiprocessing
+        import sys
+
+        # Cutouts are read by the workers themselves: sending pixels back and forth would cost
+        # more than measuring them. Chunks keep the inter-process traffic low. Forking is the
+        # fastest start, but a process that has loaded TensorFlow must not be forked.
+        chunk = max(1, min(16, len(tasks) // (4 * workers)))
+        method = "forkserver" if "tensorflow" in sys.modules else "fork"
+        with multiprocessing.get_context(method).Pool(workers) as pool:
+            for row in pool.imap(_measure_task, tasks, chunksize=chunk):
+                yield row
+                bar.update()
+    bar.close()
