@@ -532,7 +532,10 @@ def read_labels(refs, label_key):
         cutout = read_cutout(ref)
         if label_key not in cutout.meta:
             raise CutoutError(f"{ref.source}: has no label '{label_key}' (available: {sorted(cutout.meta)})")
-        labels.append(float(cutout.meta[label_key]))
+        label = float(cutout.meta[label_key])
+        if not np.isfinite(label):
+            raise CutoutError(f"{ref.source}: label '{label_key}' is {label}; remove the cutout or measure it again")
+        labels.append(label)
     return np.asarray(labels, dtype=np.float32)
 
 

@@ -24,7 +24,11 @@ because truncated profiles do not hold their nominal flux):
 * ``f_icl_sb_ideal``: the surface-brightness-threshold fraction of the noiseless, PSF-convolved,
   resized cluster (BCG, members, ICL; no field galaxies, stars or noise): the flux in aperture
   pixels fainter than ``mu = 26 + 10 log10(1 + z) + k(z)`` over the flux of all aperture pixels
-  (Canepa et al. 2025, section 3; applied per pixel, with no masks).
+  (Canepa et al. 2025, section 3; applied per pixel, with no masks): what the method gives when
+  non-members are masked perfectly.
+* ``f_icl_sb_ideal_scene``: the same on the noiseless image of the whole frame (field galaxies
+  and stars included): what the automatic method, which cannot tell members from the field,
+  can at best reproduce.
 * ``z`` and ``params`` (the generation parameters).
 """
 
@@ -591,7 +595,8 @@ def render_cluster(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z=
     mask : ndarray of int32, shape (224, 224)
         HSC mask plane with bits ``hsc.DEFAULT_MASK_BITS`` (BRIGHT_OBJECT, NO_DATA).
     truth : dict
-        ``z``, ``f_icl_true``, ``f_icl_sb_ideal`` (floats) and ``params`` (a JSON-able dict).
+        ``z``, ``f_icl_true``, ``f_icl_sb_ideal``, ``f_icl_sb_ideal_scene`` (floats) and ``params``
+        (a JSON-able dict).
     components : dict, only with ``return_components``
         ``icl``, ``galaxies`` (BCG and members) and ``others`` (field galaxies and stars), each
         (224, 224) float32 counts per native pixel, without noise or masks.
@@ -715,6 +720,10 @@ def render_cluster(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z=
     image = resize_fast(scene) / np.float32(area_ratio)
     ideal = resize_fast(cluster_convolved[frame, frame]) / np.float32(area_ratio)
     f_icl_sb_ideal = sb_threshold_fraction(ideal, z)
+    # The automatic SB method cannot tell field galaxies and stars from members; this is the
+    # answer it would give on the noiseless image of everything in the frame.
+    ideal_scene = resize_fast(cluster_convolved[frame, frame] + others_convolved[frame, frame]) / np.float32(area_ratio)
+    f_icl_sb_ideal_scene = sb_threshold_fraction(ideal_scene, z)
 
     mask = np.zeros(image.shape, np.int32)
     size = image.shape[0]
@@ -756,7 +765,13 @@ def render_cluster(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z=
         no_data=no_data,
         sb_threshold_counts=float(sb_threshold_counts(z)),
     )
-    truth = dict(z=z, f_icl_true=float(f_icl_true), f_icl_sb_ideal=float(f_icl_sb_ideal), params=_json_safe(params))
+    truth = dict(
+        z=z,
+        f_icl_true=float(f_icl_true),
+        f_icl_sb_ideal=float(f_icl_sb_ideal),
+        f_icl_sb_ideal_scene=float(f_icl_sb_ideal_scene),
+        params=_json_safe(params),
+    )
     if not return_components:
         return image.astype(np.float32), mask, truth
     icl_convolved, galaxies_convolved = convolve_fft([icl_image, galaxies], psf)

@@ -138,7 +138,7 @@ def write_shard(path, kind, images, masks, truths, ids, attributes):
             f.create_dataset("params", data=np.asarray(params, dtype=h5py.string_dtype()))
             f.attrs.update(attributes)
     else:
-        names = ("z", "f_icl_true", "f_icl_sb_ideal") + (("f_icl_sb",) if "f_icl_sb" in truths[0] else ())
+        names = ("z", "f_icl_true", "f_icl_sb_ideal", "f_icl_sb_ideal_scene") + (("f_icl_sb",) if "f_icl_sb" in truths[0] else ())
         columns = {name: [float(t[name]) for t in truths] for name in names}
         columns["params"] = params
         prep_data.write_stacked_hdf5(
@@ -160,10 +160,22 @@ def _init_worker(counter):
 
 
 def measure_sb_label(image, mask, z):
-    """The SB-method label ``f_icl_sb`` of one noisy cutout (``measure_sb_cut.measure_icl_fraction``)."""
+    """The SB-method label ``f_icl_sb`` of one noisy cutout (``measure_sb_cut.measure_icl_fraction``).
+
+    Only the fraction is needed, so the background re-estimates behind the error bar are
+    skipped. A cutout the method cannot measure gets NaN and a warning rather than stopping
+    its shard; readers refuse NaN labels when training.
+    """
     import measure_sb_cut
 
-    return float(measure_sb_cut.measure_icl_fraction(image, z, mask=mask, mask_bits=hsc.DEFAULT_MASK_BITS).f_icl)
+    try:
+        measurement = measure_sb_cut.measure_icl_fraction(
+            image, z, mask=mask, mask_bits=hsc.DEFAULT_MASK_BITS, reestimate_box_sizes=()
+        )
+    except ValueError as error:
+        logger.warning("SB measurement failed, label f_icl_sb = NaN: %s", error)
+        return float("nan")
+    return float(measurement.f_icl)
 
 
 def make_shard(path, kind, seed, start, count, distribution, attributes, measure_sb=False):

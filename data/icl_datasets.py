@@ -49,7 +49,7 @@ import prep_data
 logger = logging.getLogger(__name__)
 
 #: Config name suffix -> column holding the label.
-LABEL_COLUMNS = {"sb": "f_icl_sb", "ideal": "f_icl_sb_ideal", "true": "f_icl_true"}
+LABEL_COLUMNS = {"sb": "f_icl_sb", "ideal": "f_icl_sb_ideal", "ideal_scene": "f_icl_sb_ideal_scene", "true": "f_icl_true"}
 #: Cutouts of the small configs.
 SMALL_SIZE = 8
 

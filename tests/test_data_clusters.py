@@ -180,7 +180,7 @@ def test_cluster_mock_layout_and_truth(cluster_mock):
     assert mask.shape == (224, 224) and mask.dtype == np.int32
     allowed = (1 << hsc.DEFAULT_MASK_BITS["NO_DATA"]) | (1 << hsc.DEFAULT_MASK_BITS["BRIGHT_OBJECT"])
     assert not (mask & ~allowed).any()
-    assert set(truth) == {"z", "f_icl_true", "f_icl_sb_ideal", "params"}
+    assert set(truth) == {"z", "f_icl_true", "f_icl_sb_ideal", "f_icl_sb_ideal_scene", "params"}
     assert truth["z"] == 0.45
     params = json.loads(clusters.params_json(truth["params"]))
     assert truth["f_icl_true"] == pytest.approx(params["icl"]["target_fraction"], abs=1e-4)
@@ -312,3 +312,5 @@ def test_mock_icl_is_smooth_and_the_labels_follow_from_the_pixels():
     recomputed = icl[aperture].sum() / (icl[aperture].sum() + galaxies[aperture].sum())
     assert recomputed == pytest.approx(truth["f_icl_true"], abs=2e-3)
     assert clusters.sb_threshold_fraction(icl + galaxies, 0.45) == pytest.approx(truth["f_icl_sb_ideal"], abs=1e-4)
+    scene = clusters.sb_threshold_fraction(icl + galaxies + parts["others"].astype(np.float64), 0.45)
+    assert scene == pytest.approx(truth["f_icl_sb_ideal_scene"], abs=1e-4)

@@ -37,7 +37,7 @@ def test_shard_layout_is_the_stacked_icl_layout(one_worker_run):
         assert f["image"].shape == (2, 224, 224) and f["image"].dtype == np.float16
         assert f["mask"].shape == (2, 224, 224) and f["mask"].dtype == np.int32
         assert [v.decode() for v in f["id"][()]] == ["backgrounds-s5-0000000", "backgrounds-s5-0000001"]
-        assert set(f.keys()) == {"image", "mask", "id", "z", "f_icl_true", "f_icl_sb_ideal", "params"}
+        assert set(f.keys()) == {"image", "mask", "id", "z", "f_icl_true", "f_icl_sb_ideal", "f_icl_sb_ideal_scene", "params"}
         np.testing.assert_array_equal(f["f_icl_true"][()], 0.0)
         assert json.loads(f["params"][0])["z"] == pytest.approx(f["z"][0])
         assert f.attrs["layout"] == "stacked" and f.attrs["seed"] == 5
@@ -205,3 +205,28 @@ def test_benchmark_script_runs(capsys):
     assert bench.main(["--clusters", "1", "--tidal", "0", "--workers", "1"]) == 0
     output = capsys.readouterr().out
     assert "clusters: 1 process" in output and "CPU s each" in output
+
+
+def test_measure_sb_label_is_the_measurement_of_the_stored_cutout(tmp_path):
+    import measure_sb_cut
+
+    paths = generate.generate("clusters", 1, 8, tmp_path / "sb", workers=1, progress=False, measure_sb=True)
+    with h5py.File(paths[0], "r") as f:
+        image, mask, z, label = f["image"][0].astype(np.float32), f["mask"][0], f["z"][0], f["f_icl_sb"][0]
+    direct = measure_sb_cut.measure_icl_fraction(image, z, mask=mask, reestimate_box_sizes=()).f_icl
+    # The label is measured before the float16 storage; the rounding moves it by far less than its error.
+    assert label == pytest.approx(direct, abs=2e-3)
+
+
+def test_unmeasurable_cutout_gets_nan_label_that_training_refuses(tmp_path, monkeypatch):
+    module = types.ModuleType("measure_sb_cut")
+
+    def measure_icl_fraction(image, z, mask=None, mask_bits=None, **options):
+        raise ValueError("aperture is entirely masked")
+
+    module.measure_icl_fraction = measure_icl_fraction
+    monkeypatch.setitem(sys.modules, "measure_sb_cut", module)
+    paths = generate.generate("clusters", 1, 9, tmp_path / "nan", workers=1, progress=False, measure_sb=True)
+    refs, _ = prep_data.index_cutouts(paths)
+    with pytest.raises(prep_data.CutoutError, match="label 'f_icl_sb' is nan"):
+        prep_data.read_labels(refs, "f_icl_sb")
