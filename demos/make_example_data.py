@@ -55,6 +55,7 @@ def write_example_clusters(out_dir, n=N_CLUSTERS, seed=SEED):
         hdus.writeto(temporary, overwrite=True)
         os.replace(temporary, path)
         rows.append({"id": name, "z": truth["z"], "f_icl_true": truth["f_icl_true"], "f_icl_sb_ideal": truth["f_icl_sb_ideal"],
+                     "f_icl_sb_ideal_scene": truth["f_icl_sb_ideal_scene"],
                      "params": json.dumps(truth["params"], default=float)})
     table_path = pathlib.Path(out_dir) / "clusters_truth.csv"
     pd.DataFrame(rows).to_csv(table_path, index=False, float_format="%.5f")

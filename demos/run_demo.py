@@ -79,6 +79,10 @@ def compare_icl(out_dir):
     return table
 
 
+def _status_text(status):
+    return {0: "ok", "skipped": "skipped"}.get(status, f"exit {status}")
+
+
 def write_index(out_dir, log, table):
     """One HTML page with every figure and table of the demo."""
     def images(pattern, width=320, limit=12):
@@ -91,12 +95,14 @@ def write_index(out_dir, log, table):
 
     steps = "".join(
         f"<tr><td>{html.escape(entry['step'])}</td><td><code>{html.escape(entry['command'])}</code></td>"
-        f"<td>{'ok' if entry['status'] == 0 else 'exit ' + str(entry['status'])}</td><td>{entry['seconds']:.0f} s</td></tr>"
+        f"<td>{_status_text(entry['status'])}</td><td>{entry['seconds']:.0f} s</td></tr>"
         for entry in log
     )
     sections = [
         "<h1>ICL fractions and tidal features: demo results</h1>",
         f"<p>Made {time.strftime('%Y-%m-%d %H:%M')} by <code>make demo</code>. Files are in this folder.</p>",
+        "".join(f"<p><b>{html.escape(e['step'])} skipped:</b> {html.escape(e['output'])}</p>"
+                for e in log if e["status"] == "skipped"),
         "<h2>ICL fraction of the example clusters</h2>",
         table.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-") if table is not None else "",
         images("icl_comparison.png", 480),
@@ -130,15 +136,25 @@ def main(argv=None):
     log = []
     start = time.perf_counter()
 
-    run("ICL prediction", [python, "predict.py", EXAMPLE_CLUSTERS, "--out", out_dir / "icl_predictions.csv",
-                           "--gradcam", out_dir / "gradcam"], log)
+    import model
+    import predict
+
+    try:
+        predict.default_checkpoint()
+    except model.CheckpointError as error:
+        print(f"\n[ICL prediction] skipped: {error}")
+        log.append({"step": "ICL prediction", "command": "predict.py (skipped)", "status": "skipped",
+                    "seconds": 0.0, "output": str(error)})
+    else:
+        run("ICL prediction", [python, "predict.py", EXAMPLE_CLUSTERS, "--out", out_dir / "icl_predictions.csv",
+                               "--gradcam", out_dir / "gradcam"], log)
     run("SB measurement", [python, "-m", "measure_sb_cut", EXAMPLE_CLUSTERS, "--out", out_dir / "sb_measurements.csv",
                            "--plot", out_dir / "sb_plots"], log)
     table = compare_icl(out_dir)
     print("\n" + table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
     index = write_index(out_dir, log, table)
-    failed = [entry["step"] for entry in log if entry["status"] != 0]
+    failed = [entry["step"] for entry in log if entry["status"] not in (0, "skipped")]
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; open {index}")
     if failed:
         print(f"steps that did not succeed: {', '.join(failed)} (their output is in the page)")
