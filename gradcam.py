@@ -522,12 +522,7 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {len(paths)} GradCAM overlays to {args.out_dir}")
-    if errors:
-        print(f"{len(errors)} cutout(s) could not be processed:", file=sys.stderr)
-        for message in errors:
-            print(f"  {message}", file=sys.stderr)
-        return 1
-    return 0
+    return prep_data.report_bad_cutouts(errors, "processed")
 
 
 if __name__ == "__main__":

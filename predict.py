@@ -191,12 +191,7 @@ def main(argv=None):
               file=sys.stderr)
         return 130
     print(f"wrote {n_written} predictions to {args.out}")
-    if errors:
-        print(f"{len(errors)} cutout(s) could not be predicted:", file=sys.stderr)
-        for message in errors:
-            print(f"  {message}", file=sys.stderr)
-        return 1
-    return 0
+    return prep_data.report_bad_cutouts(errors, "predicted")
 
 
 if __name__ == "__main__":

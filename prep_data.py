@@ -463,6 +463,18 @@ def prepare_cutout(cutout, size=hsc.ICL_IMAGE_SIZE):
     return prepare_image(cutout.image, bad, size)
 
 
+def report_bad_cutouts(errors, verb="processed"):
+    """Print one line per bad cutout to stderr; returns the exit status of a script (1 if any, else 0)."""
+    import sys
+
+    if not errors:
+        return 0
+    print(f"{len(errors)} cutout(s) could not be {verb}:", file=sys.stderr)
+    for message in errors:
+        print(f"  {message}", file=sys.stderr)
+    return 1
+
+
 def load_prepared(ref, size=hsc.ICL_IMAGE_SIZE):
     """Read and prepare one cutout; raises :class:`CutoutError`."""
     return prepare_cutout(read_cutout(ref), size)
