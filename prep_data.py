@@ -901,7 +901,9 @@ def tidal_hdf5_dataset(catalogue, chunk=64):
         "image": tf.TensorSpec(catalogue.image_shape, tf.float32),
         "id": tf.TensorSpec((), tf.string),
     }
-    return tf.data.Dataset.from_generator(generate, output_signature=signature)
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    # A known length lets Keras size its epochs without running out of data first.
+    return dataset.apply(tf.data.experimental.assert_cardinality(len(catalogue)))
 
 
 def write_tidal_hdf5(path, images, ids, columns=None):
