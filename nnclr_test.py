@@ -285,7 +285,7 @@ def main(argv=None):
         prep_data.check_tidal_shape(source.image_shape, config.min_image_size, config.n_bands)
         if tuple(source.image_shape) != config.input_shape:
             raise ValueError(f"the data's images are {tuple(source.image_shape)}, the run was trained on {config.input_shape}")
-        splits = prep_data.tidal_classifier_splits(source.labels, settings.get("split_sizes", (300, 30, 50)), seed=seed)
+        splits = prep_data.tidal_source_splits(source, settings.get("split_sizes", prep_data.TIDAL_SPLIT_SIZES), seed=seed)
     except (ValueError, OSError) as error:
         parser.exit(2, f"error: {error}\n")
     saved_splits = run / "splits.json"

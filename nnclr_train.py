@@ -293,13 +293,17 @@ def main(argv=None):
                 config, extra = nnclr_model.load_config(encoder_run)
                 band_scale = np.asarray(extra["band_scale"], dtype=np.float32)
                 logger.info("using the config and band scale of %s", encoder_run)
+            if tuple(source.image_shape) != config.input_shape:
+                raise ValueError(
+                    f"the data's images are {tuple(source.image_shape)}, the encoder's run used {config.input_shape}"
+                )
             encoder = nnclr_model.load_encoder(args.load_encoder, config)
-        splits = prep_data.tidal_classifier_splits(source.labels, args.split_sizes, seed=args.seed)
+        splits = prep_data.tidal_source_splits(source, args.split_sizes, seed=args.seed)
+        if band_scale is None:
+            first = list(source.unlabelled().take(prep_data.TIDAL_SCALE_IMAGES).as_numpy_iterator())
+            band_scale = prep_data.tidal_band_scale(np.stack(first))
     except (ValueError, OSError) as error:
         parser.exit(2, f"error: {error}\n")
-    if band_scale is None:
-        first = [image for image in source.unlabelled().take(prep_data.TIDAL_SCALE_IMAGES).as_numpy_iterator()]
-        band_scale = prep_data.tidal_band_scale(np.stack(first))
     logger.info("data: %s; %d labelled galaxies; band scale %s", source.description, len(source.labels), band_scale)
     save_json(out / "splits.json", {name: [str(i) for i in source.ids[indices]] for name, indices in splits.items()})
     settings = {key: value for key, value in vars(args).items() if key not in {f.name for f in dataclasses.fields(config)}}

@@ -958,6 +958,9 @@ class TidalSource:
     unlabelled : callable
         ``unlabelled()`` -> unbatched tf.data.Dataset of counts images (H, W, bands): the
         unlabelled set with the tidal galaxies joined in.
+    splits : dict of str -> ndarray of int, or None
+        Classifier sets fixed by the storage (the TFDS builder's splits), as indices into
+        ``ids``; None when :func:`tidal_classifier_splits` draws them.
     """
 
     description: str
@@ -966,6 +969,27 @@ class TidalSource:
     image_shape: tuple
     read_labelled: object
     unlabelled: object
+    splits: dict = None
+
+
+def tidal_source_splits(source, sizes=TIDAL_SPLIT_SIZES, seed=0):
+    """The classifier sets of a :class:`TidalSource`: its own splits if it has them, else drawn.
+
+    Raises
+    ------
+    ValueError
+        If a set lacks one of the classes, or the pool is too small for ``sizes``.
+    """
+    if source.splits is None:
+        return tidal_classifier_splits(source.labels, sizes, seed)
+    for name in TIDAL_SPLITS:
+        if name not in source.splits:
+            raise ValueError(f"{source.description}: has no {name!r} split")
+        try:
+            check_tidal_labels(source.labels[source.splits[name]])
+        except ValueError as error:
+            raise ValueError(f"{name} split: {error}") from None
+    return {name: np.asarray(source.splits[name]) for name in TIDAL_SPLITS}
 
 
 def tidal_source_from_hdf5(inputs):
@@ -982,22 +1006,26 @@ def tidal_source_from_hdf5(inputs):
     )
 
 
-def _load_tfds(name, data_dir):
+def _load_tfds(name, data_dir, split="all"):
     import tensorflow_datasets as tfds
 
     from data import tidal_datasets  # noqa: F401  (importing registers the builders)
 
-    return tfds.load(name, split="all", data_dir=data_dir, shuffle_files=False)
+    return tfds.load(name, split=split, data_dir=data_dir, shuffle_files=False)
 
 
 def tidal_source_from_tfds(unlabelled_name="tidal_unlabelled", labelled_name="tidal_labelled", data_dir=None):
     """A :class:`TidalSource` over the TFDS builders of ``data/tidal_datasets.py``.
 
-    The labelled builder (small by design) is read into memory; its tidal galaxies join the
-    unlabelled stream, as in Desmons et al. 2023. Builder configs go in the names
-    (``"tidal_unlabelled/small"``).
+    The labelled builder (small by design) is read into memory, and its train / validation /
+    test splits are the classifier sets; its tidal galaxies join the unlabelled stream, as in
+    Desmons et al. 2023. Builder configs go in the names (``"tidal_unlabelled/small"``).
     """
-    labelled = list(_load_tfds(labelled_name, data_dir).as_numpy_iterator())
+    labelled, splits = [], {}
+    for name in TIDAL_SPLITS:
+        elements = list(_load_tfds(labelled_name, data_dir, split=name).as_numpy_iterator())
+        splits[name] = np.arange(len(labelled), len(labelled) + len(elements))
+        labelled.extend(elements)
     if not labelled:
         raise CutoutError(f"TFDS dataset {labelled_name} is empty")
     images = np.stack([element["image"] for element in labelled]).astype(np.float32)
@@ -1018,6 +1046,7 @@ def tidal_source_from_tfds(unlabelled_name="tidal_unlabelled", labelled_name="ti
         image_shape=images.shape[1:],
         read_labelled=lambda indices: images[np.asarray(indices, dtype=np.int64)],
         unlabelled=unlabelled,
+        splits=splits,
     )
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -48,10 +49,28 @@ def tidal_file(tmp_path_factory):
     return _write(tmp_path_factory.mktemp("data") / "tidal.h5")
 
 
+class _Interrupted(Exception):
+    pass
+
+
 @pytest.fixture(scope="module")
 def trained_run(tidal_file, tmp_path_factory):
+    """A run stopped after its first NNCLR epoch, then started again and finished."""
+    import keras
+
     out = tmp_path_factory.mktemp("run")
-    assert nnclr_train.main(["--data", str(tidal_file), "--out", str(out), *SMALL]) == 0
+    argv = ["--data", str(tidal_file), "--out", str(out), *SMALL]
+
+    class StopAfterFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise _Interrupted()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nnclr_train, "progress_callback", lambda description: StopAfterFirstEpoch())
+        with pytest.raises(_Interrupted):
+            nnclr_train.main(argv)
+    assert (out / "backup_nnclr").is_dir() and not (out / "encoder.keras").exists()
+    assert nnclr_train.main(argv) == 0
     return out
 
 
@@ -181,8 +200,9 @@ def test_train_writes_every_promised_file(trained_run):
     for name in ("train_loss.npy", "val_loss.npy"):
         loss = np.load(trained_run / name)
         assert loss.shape == (2,) and np.isfinite(loss).all() and (loss > 0).all()
+    # The run resumed after its first epoch, so the second start trained the second epoch only.
     history = json.loads((trained_run / "nnclr_history.json").read_text())
-    assert len(history["c_loss"]) == 2
+    assert len(history["c_loss"]) == 1
     config, extra = nnclr_model.load_config(trained_run / "config.json")
     assert config.input_shape == (24, 24, 5)
     assert len(extra["band_scale"]) == 5 and min(extra["band_scale"]) > 0
@@ -252,3 +272,39 @@ def test_train_refuses_bad_data(tmp_path, capsys, size, has_tidal, message):
         nnclr_train.main(["--data", str(path), "--out", str(tmp_path / "out"), *SMALL])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_tfds_source_joins_the_tidal_galaxies_to_the_unlabelled_stream(monkeypatch):
+    import tensorflow as tf
+
+    images, has_tidal = _tidal_images(6)
+    labelled = {"image": images, "id": np.array([f"l{i}".encode() for i in range(6)]), "label": has_tidal}
+    parts = {"train": slice(0, 2), "validation": slice(2, 4), "test": slice(4, 6)}
+    stored = {("tidal_unlabelled", "all"): {"image": images[:4], "id": np.array([b"u0", b"u1", b"u2", b"u3"])}}
+    stored.update({("tidal_labelled", name): {k: v[part] for k, v in labelled.items()} for name, part in parts.items()})
+
+    def load(name, data_dir, split="all"):
+        return tf.data.Dataset.from_tensor_slices(stored[name, split])
+
+    monkeypatch.setattr(prep_data, "_load_tfds", load)
+    source = prep_data.tidal_source_from_tfds(data_dir="unused")
+    assert list(source.ids) == [f"l{i}" for i in range(6)] and list(source.labels) == list(has_tidal)
+    np.testing.assert_array_equal(source.read_labelled([4, 1]), images[[4, 1]])
+    # The builder's own splits are the classifier sets.
+    splits = prep_data.tidal_source_splits(source)
+    assert {name: list(indices) for name, indices in splits.items()} == {"train": [0, 1], "validation": [2, 3], "test": [4, 5]}
+    stream = np.stack(list(source.unlabelled().as_numpy_iterator()))
+    np.testing.assert_array_equal(stream, np.concatenate([images[:4], images[has_tidal == 1]]))
+
+
+def test_bench_smoke(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_nnclr", pathlib.Path(__file__).parent.parent / "bench" / "bench_nnclr.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--config", "testing", "--batch-size", "4", "--steps", "1", "--inference-batch-size", "4",
+                       "--inference-batches", "1", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["train_images_per_second"] > 0 and results["inference_images_per_second"] > 0
