@@ -16,7 +16,6 @@ scale / 3) per band); the models hold the augmentation, so they take the full cu
 
 import dataclasses
 import json
-import logging
 import os
 import pathlib
 
@@ -28,8 +27,6 @@ from keras import layers
 import augmentations
 import prep_data
 from resnet_cifar10_v2 import build_resnet_v2
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
