@@ -245,5 +245,17 @@ def nnclr_test_view(images, crop_size=NNCLR_CROP_SIZE):
     ----------
     images : array or tensor, shape (batch, H, W, bands)
         Stretched images, at least ``crop_size`` on each side.
+
+    Returns
+    -------
+    array or tensor, shape (batch, crop_size, crop_size, bands)
+        The same window as :class:`JitteredCrop` at inference.
     """
-    return JitteredCrop(crop_size, jitter=0)(images, training=False)
+    shape = tuple(images.shape)
+    if len(shape) != 4:
+        raise ValueError(f"images must be (batch, H, W, bands), got shape {shape}")
+    height, width = shape[1], shape[2]
+    if height < crop_size or width < crop_size:
+        raise ValueError(f"images are {height}x{width} px, smaller than the crop {crop_size}x{crop_size}")
+    top, left = (height - crop_size) // 2, (width - crop_size) // 2
+    return images[:, top : top + crop_size, left : left + crop_size, :]

@@ -296,7 +296,18 @@ class NNCLR(keras.Model):
     def metrics(self):
         return [self.loss_tracker, self.contrastive_loss_tracker, self.contrastive_accuracy, self.correlation_accuracy]
 
+    def check_images(self, images):
+        """Raise ValueError unless a batch of images has the shape the config gives."""
+        if len(images.shape) != 4 or any(
+            got is not None and got != want for got, want in zip(images.shape[1:], self.config.input_shape)
+        ):
+            raise ValueError(
+                f"images must be (batch, {', '.join(map(str, self.config.input_shape))}) as the NNCLR config "
+                f"gives (H, W, bands), got shape {tuple(images.shape)}"
+            )
+
     def call(self, images, training=False):
+        self.check_images(images)
         return self.encoder(self.augmenter(images, training=training), training=training)
 
     def push_to_queue(self, projections):
@@ -326,6 +337,7 @@ class NNCLR(keras.Model):
 
     def train_step(self, data):
         images = _images_of(data)
+        self.check_images(images)
         view_1 = self.augmenter(images, training=True)
         view_2 = self.augmenter(images, training=True)
         with tf.GradientTape() as tape:
@@ -346,6 +358,7 @@ class NNCLR(keras.Model):
 
     def test_step(self, data):
         images = _images_of(data)
+        self.check_images(images)
         features_1 = self.encoder(self.augmenter(images, training=True), training=False)
         features_2 = self.encoder(self.augmenter(images, training=True), training=False)
         contrastive_loss = nnclr_loss(

@@ -96,3 +96,8 @@ def test_augmenter_survives_a_save_load_round_trip(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "augmenter.keras")
     images = _images((2, 24, 24, 5))
     np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
+
+
+def test_test_time_view_rejects_images_smaller_than_the_crop():
+    with pytest.raises(ValueError, match=r"images are 12x12 px, smaller than the crop 16x16"):
+        augmentations.nnclr_test_view(_images((1, 12, 12, 5)), crop_size=16)

@@ -220,3 +220,10 @@ def test_config_json_round_trip(tmp_path):
     nnclr_model.save_config(TESTING_CONFIG, tmp_path / "config.json", band_scale=[1.0, 2.0])
     config, extra = nnclr_model.load_config(tmp_path / "config.json")
     assert config == TESTING_CONFIG and extra == {"band_scale": [1.0, 2.0]}
+
+
+def test_model_names_the_expected_image_shape():
+    model = nnclr_model.NNCLR(TESTING_CONFIG, seed=0)
+    model.compile(optimizer=keras.optimizers.Adam())
+    with pytest.raises(ValueError, match=r"images must be \(batch, 24, 24, 5\) as the NNCLR config gives \(H, W, bands\), got shape \(2, 24, 24, 3\)"):
+        model.train_step(tf.zeros((2, 24, 24, 3)))
