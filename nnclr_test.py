@@ -253,15 +253,15 @@ def build_parser():
     parser.add_argument("--run", required=True, help="output directory of nnclr_train.py")
     parser.add_argument("--out", help="output directory (default: RUN/test)")
     add_data_arguments(parser)
-    parser.add_argument("--contamination", type=float, default=CONTAMINATION)
+    parser.add_argument("--contamination", type=float, default=CONTAMINATION, help="contamination of the quoted completeness")
     parser.add_argument("--label-efficiency", action="store_true", help="run the label-efficiency study")
-    parser.add_argument("--label-counts", type=int, nargs="+", default=LABEL_COUNTS)
-    parser.add_argument("--label-seeds", type=int, default=LABEL_SEEDS)
-    parser.add_argument("--probe-epochs", type=int, default=PROBE_EPOCHS)
-    parser.add_argument("--baseline-epochs", type=int, default=BASELINE_EPOCHS)
+    parser.add_argument("--label-counts", type=int, nargs="+", default=LABEL_COUNTS, help="labelled galaxies per class")
+    parser.add_argument("--label-seeds", type=int, default=LABEL_SEEDS, help="random draws of the labels per count")
+    parser.add_argument("--probe-epochs", type=int, default=PROBE_EPOCHS, help="epochs of each linear probe")
+    parser.add_argument("--baseline-epochs", type=int, default=BASELINE_EPOCHS, help="epochs of each supervised baseline")
     parser.add_argument("--similar-to", metavar="ID", help="similarity search around this galaxy id")
-    parser.add_argument("--top-k", type=int, default=TOP_K)
-    parser.add_argument("--similarity-pool", type=int, default=SIMILARITY_POOL)
+    parser.add_argument("--top-k", type=int, default=TOP_K, help="matches shown and counted")
+    parser.add_argument("--similarity-pool", type=int, default=SIMILARITY_POOL, help="galaxies ranked (random subset)")
     return parser
 
 

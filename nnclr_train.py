@@ -79,12 +79,15 @@ def add_config_arguments(parser):
         option = "--" + field.name.replace("_", "-")
         if field.name == "image_size":
             continue  # set from the data
+        text = f"paper: {field.default}, testing: {getattr(nnclr_model.TESTING_CONFIG, field.name)}"
         if isinstance(field.default, bool):
-            group.add_argument(option, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(option, dest=field.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         elif isinstance(field.default, tuple):
-            group.add_argument(option, dest=field.name, type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
+            group.add_argument(
+                option, dest=field.name, type=float, nargs=2, metavar=("LOW", "HIGH"), default=argparse.SUPPRESS, help=text
+            )
         else:
-            group.add_argument(option, dest=field.name, type=type(field.default), default=None)
+            group.add_argument(option, dest=field.name, type=type(field.default), default=argparse.SUPPRESS, help=text)
 
 
 def config_from_arguments(args, image_shape):
@@ -116,17 +119,20 @@ def build_parser():
     add_data_arguments(parser)
     add_config_arguments(parser)
     training = parser.add_argument_group("training")
-    training.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    training.add_argument("--epochs", type=int, default=EPOCHS)
-    training.add_argument("--steps-per-epoch", type=int, default=None, help="NNCLR steps per epoch (default: one pass)")
-    training.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_BUFFER)
-    training.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
-    training.add_argument("--classifier-batch-size", type=int, default=CLASSIFIER_BATCH_SIZE)
-    training.add_argument("--classifier-epochs", type=int, default=CLASSIFIER_EPOCHS)
-    training.add_argument("--classifier-learning-rate", type=float, default=CLASSIFIER_LEARNING_RATE)
+    training.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="unlabelled images per NNCLR step")
+    training.add_argument("--epochs", type=int, default=EPOCHS, help="NNCLR epochs")
+    training.add_argument("--steps-per-epoch", type=int, help="NNCLR steps per epoch (None: one pass over the data)")
+    training.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_BUFFER, help="shuffle buffer of the unlabelled stream")
+    training.add_argument("--learning-rate", type=float, default=LEARNING_RATE, help="Adam learning rate of NNCLR")
+    training.add_argument("--classifier-batch-size", type=int, default=CLASSIFIER_BATCH_SIZE, help="labelled images per step")
+    training.add_argument("--classifier-epochs", type=int, default=CLASSIFIER_EPOCHS, help="classifier epochs")
+    training.add_argument("--classifier-learning-rate", type=float, default=CLASSIFIER_LEARNING_RATE, help="Adam learning rate of the classifier")
     training.add_argument("--fine-tune", action="store_true", help="train the encoder with the classifier (default: linear probe)")
-    training.add_argument("--split-sizes", type=int, nargs=3, default=SPLIT_SIZES, metavar=("TRAIN", "VAL", "TEST"))
-    training.add_argument("--seed", type=int, default=SEED)
+    training.add_argument(
+        "--split-sizes", type=int, nargs=3, default=SPLIT_SIZES, metavar=("TRAIN", "VAL", "TEST"),
+        help="classifier galaxies per class (HDF5 data; the TFDS labelled builder has its own splits)",
+    )
+    training.add_argument("--seed", type=int, default=SEED, help="seeds splits, shuffling, augmentation and weights")
     return parser
 
 
