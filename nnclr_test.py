@@ -183,6 +183,8 @@ def plot_label_efficiency(results, path):
         spreads = np.array([np.std(v) for v in values])
         axes.errorbar(counts, means, yerr=spreads, marker="o", capsize=3, label=label)
     axes.set_xscale("log")
+    axes.set_xticks(counts, [str(count) for count in counts])
+    axes.minorticks_off()
     axes.set_xlabel("labelled galaxies per class")
     axes.set_ylabel("test AUC (mean and std over seeds)")
     axes.legend(loc="lower right")
