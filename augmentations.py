@@ -66,3 +66,196 @@ def icl_augmentation(seed=None, name="augmentation"):
         ],
         name=name,
     )
+
+
+# ----------------------------------------------------------------------------------------
+# NNCLR tidal-feature detector (Desmons et al. 2023)
+#
+# The views are taken from images already stretched by ``prep_data.tidal_stretch``
+# (arcsinh(x / scale / 3) per band), so the whole augmentation works in stretched units.
+
+#: Side of the square views the NNCLR encoder sees, in pixels.
+NNCLR_CROP_SIZE = 96
+#: Largest shift of the random crop, in pixels: centre crop to 96 + 13, then a random 96 crop.
+NNCLR_JITTER = 13
+#: The noise sigma is drawn from U(low, high) in units of the per-band scale.
+NNCLR_NOISE_RANGE = (1.0, 3.0)
+
+
+@keras.saving.register_keras_serializable(package="nnclr")
+class StretchedGaussianNoise(layers.Layer):
+    """Add Gaussian noise of sigma = f x (per-band scale) in counts to arcsinh-stretched images.
+
+    The images hold y = arcsinh(x / (s * softening)) per band, with s the band's MAD-std scale
+    (``prep_data.tidal_stretch``). Adding noise n ~ N(0, (f s)^2) to the counts x gives
+    y' = arcsinh(sinh(y) + f n' / softening), n' ~ N(0, 1): the band scale cancels, so the layer
+    needs only the softening. f is drawn from U(noise_range) once per image. The original code
+    added f x s to the *stretched* image, where s (a few hundredths of a count) is negligible
+    next to the stretched background noise (about 1 / softening); noise added before the
+    stretch is what "1 to 3 times the background noise" means. Acts only in training.
+
+    Parameters
+    ----------
+    noise_range : (float, float)
+        Lower and upper limits of the noise factor f, in units of the band scale.
+    softening : float
+        Softening of the stretch, in units of the band scale (3 in Desmons et al. 2023).
+    seed : int or None
+        Seed of the layer's random generator.
+    """
+
+    def __init__(self, noise_range=NNCLR_NOISE_RANGE, softening=3.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        low, high = (float(value) for value in noise_range)
+        if not 0 <= low <= high:
+            raise ValueError(f"noise_range must satisfy 0 <= low <= high, got {tuple(noise_range)}")
+        if softening <= 0:
+            raise ValueError(f"softening must be > 0, got {softening}")
+        self.noise_range = (low, high)
+        self.softening = float(softening)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        if not training:
+            return images
+        batch = tf.shape(images)[0]
+        factor = keras.random.uniform(
+            (batch, 1, 1, 1), *self.noise_range, dtype=images.dtype, seed=self.seed_generator
+        )
+        noise = keras.random.normal(tf.shape(images), dtype=images.dtype, seed=self.seed_generator)
+        return tf.asinh(tf.sinh(images) + factor * noise / self.softening)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "noise_range": self.noise_range, "softening": self.softening, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="nnclr")
+class JitteredCrop(layers.Layer):
+    """Crop square views: jittered around the centre in training, exactly centred otherwise.
+
+    Training: centre crop to ``crop_size + jitter``, then a random ``crop_size`` crop inside it,
+    with its own offset per image (the original drew one offset per batch). Inference: the
+    deterministic test-time view, a centre crop to ``crop_size``.
+
+    Parameters
+    ----------
+    crop_size : int
+        Side of the output views in pixels.
+    jitter : int
+        Largest shift of the random crop in pixels.
+    seed : int or None
+        Seed of the layer's random generator.
+
+    Raises
+    ------
+    ValueError
+        When built on images that are not (batch, H, W, C) or smaller than crop_size + jitter.
+    """
+
+    def __init__(self, crop_size=NNCLR_CROP_SIZE, jitter=NNCLR_JITTER, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if crop_size < 1:
+            raise ValueError(f"crop_size must be >= 1, got {crop_size}")
+        if jitter < 0:
+            raise ValueError(f"jitter must be >= 0, got {jitter}")
+        self.crop_size = int(crop_size)
+        self.jitter = int(jitter)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        if len(input_shape) != 4:
+            raise ValueError(f"images must be (batch, H, W, bands), got shape {tuple(input_shape)}")
+        height, width = input_shape[1], input_shape[2]
+        needed = self.crop_size + self.jitter
+        if height is not None and width is not None and (height < needed or width < needed):
+            raise ValueError(
+                f"images are {height}x{width} px, smaller than the crop: they must be at least "
+                f"{needed}x{needed} (crop {self.crop_size} + jitter {self.jitter})"
+            )
+
+    def call(self, images, training=None):
+        height, width = tf.shape(images)[1], tf.shape(images)[2]
+        if not training:
+            top = (height - self.crop_size) // 2
+            left = (width - self.crop_size) // 2
+            return images[:, top : top + self.crop_size, left : left + self.crop_size, :]
+        batch = tf.shape(images)[0]
+        offsets = keras.random.randint((batch, 2), 0, self.jitter + 1, seed=self.seed_generator)
+        top = (height - self.crop_size - self.jitter) // 2 + offsets[:, :1]
+        left = (width - self.crop_size - self.jitter) // 2 + offsets[:, 1:]
+        steps = tf.range(self.crop_size)[None, :]
+        # Per-image windows by gathering rows then columns: vectorised, no map_fn.
+        rows = tf.gather(images, top + steps, axis=1, batch_dims=1)
+        return tf.gather(rows, left + steps, axis=2, batch_dims=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.crop_size, self.crop_size, input_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "crop_size": self.crop_size, "jitter": self.jitter, "seed": self.seed}
+
+
+def nnclr_augmentation(
+    crop_size=NNCLR_CROP_SIZE, jitter=NNCLR_JITTER, noise_range=NNCLR_NOISE_RANGE, softening=3.0, seed=None,
+    name="nnclr_augmentation",
+):
+    """Views of stretched tidal images for NNCLR (Desmons et al. 2023, section 3.2).
+
+    Training (``training=True``): random horizontal and vertical flips, Gaussian noise of
+    sigma ~ U(noise_range) x the per-band scale (:class:`StretchedGaussianNoise`), centre crop
+    to ``crop_size + jitter`` and a random ``crop_size`` crop. Inference: the deterministic
+    test-time view, a centre crop to ``crop_size`` with no flip and no noise.
+
+    Parameters
+    ----------
+    crop_size, jitter : int
+        Output side and largest crop shift, in pixels.
+    noise_range : (float, float)
+        Range of the noise factor, in units of the per-band scale.
+    softening : float
+        Softening of the stretch the images went through, in units of the band scale.
+    seed : int or None
+        Seed of the layers' random generators.
+
+    Returns
+    -------
+    keras.Sequential
+        (batch, H, W, bands) -> (batch, crop_size, crop_size, bands).
+    """
+    seeds = [None] * 3 if seed is None else [seed, seed + 1, seed + 2]
+    return keras.Sequential(
+        [
+            layers.RandomFlip("horizontal_and_vertical", seed=seeds[0], name="random_flip"),
+            StretchedGaussianNoise(noise_range, softening, seed=seeds[1], name="random_noise"),
+            JitteredCrop(crop_size, jitter, seed=seeds[2], name="jittered_crop"),
+        ],
+        name=name,
+    )
+
+
+def nnclr_test_view(images, crop_size=NNCLR_CROP_SIZE):
+    """The deterministic test-time view: a centre crop to ``crop_size``, no flip, no noise.
+
+    Parameters
+    ----------
+    images : array or tensor, shape (batch, H, W, bands)
+        Stretched images, at least ``crop_size`` on each side.
+
+    Returns
+    -------
+    array or tensor, shape (batch, crop_size, crop_size, bands)
+        The same window as :class:`JitteredCrop` at inference.
+    """
+    shape = tuple(images.shape)
+    if len(shape) != 4:
+        raise ValueError(f"images must be (batch, H, W, bands), got shape {shape}")
+    height, width = shape[1], shape[2]
+    if height < crop_size or width < crop_size:
+        raise ValueError(f"images are {height}x{width} px, smaller than the crop {crop_size}x{crop_size}")
+    top, left = (height - crop_size) // 2, (width - crop_size) // 2
+    return images[:, top : top + crop_size, left : left + crop_size, :]

@@ -1,0 +1,108 @@
+"""Throughput of the NNCLR tidal-feature detector: training steps and classifier inference.
+
+Times ``NNCLR.train_step`` (two augmented views, encoder, projection head, nearest-neighbour
+loss, queue update, Adam) and the classifier's forward pass on the deterministic test-time
+view, on random stretched images of the configured size. Runs on whatever device TensorFlow
+sees (a GPU when there is one). The first step of each is a warm-up (tracing) and is not timed.
+
+Example::
+
+    python bench/bench_nnclr.py                      # paper configuration, 128 px, batch 220
+    python bench/bench_nnclr.py --batch-size 32 --steps 3 --out bench/nnclr_cpu.json
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+# Defaults; every one can be set from the command line.
+CONFIG = "paper"  # NNCLR configuration: "paper" (128 px, N = 2, queue 10,000) or "testing"
+BATCH_SIZE = 220  # images per NNCLR step (Desmons et al. 2023)
+STEPS = 5  # timed NNCLR steps
+INFERENCE_BATCH_SIZE = 256  # images per classifier forward pass
+INFERENCE_BATCHES = 5  # timed classifier forward passes
+SEED = 0
+
+
+def device_description():
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return f"GPU: {details.get('device_name', gpus[0].name)}"
+    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores visible"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", choices=("paper", "testing"), default=CONFIG)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--inference-batch-size", type=int, default=INFERENCE_BATCH_SIZE)
+    parser.add_argument("--inference-batches", type=int, default=INFERENCE_BATCHES)
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--out", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import nnclr_model
+
+    keras.utils.set_random_seed(args.seed)
+    config = nnclr_model.TESTING_CONFIG if args.config == "testing" else nnclr_model.NNCLRConfig()
+    rng = np.random.default_rng(args.seed)
+    model = nnclr_model.NNCLR(config, seed=args.seed)
+    model.compile(optimizer=keras.optimizers.Adam())
+    images = tf.constant(rng.normal(size=(args.batch_size,) + config.input_shape).astype(np.float32))
+    step = tf.function(model.train_step, reduce_retracing=True)
+    keras.ops.convert_to_numpy(step(images)["loss"])
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        logs = step(images)
+    keras.ops.convert_to_numpy(logs["loss"])
+    train_seconds = time.perf_counter() - start
+
+    classifier = nnclr_model.build_classifier(model.encoder, config)
+    predict = tf.function(lambda batch: classifier(batch, training=False))
+    batch = tf.constant(rng.normal(size=(args.inference_batch_size,) + config.input_shape).astype(np.float32))
+    keras.ops.convert_to_numpy(predict(batch))
+    start = time.perf_counter()
+    for _ in range(args.inference_batches):
+        scores = predict(batch)
+    keras.ops.convert_to_numpy(scores)
+    inference_seconds = time.perf_counter() - start
+
+    results = {
+        "device": device_description(),
+        "config": args.config,
+        "image_shape": list(config.input_shape),
+        "train_batch_size": args.batch_size,
+        "train_steps": args.steps,
+        "train_images_per_second": args.batch_size * args.steps / train_seconds,
+        "inference_batch_size": args.inference_batch_size,
+        "inference_batches": args.inference_batches,
+        "inference_images_per_second": args.inference_batch_size * args.inference_batches / inference_seconds,
+        "tensorflow": tf.__version__,
+    }
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        import prep_data
+
+        out = pathlib.Path(args.out)
+        temporary = prep_data.atomic_path(out)
+        temporary.write_text(text)
+        os.replace(temporary, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

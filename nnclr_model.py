@@ -1,0 +1,554 @@
+"""NNCLR self-supervised encoder and linear classifier for tidal features (Desmons et al. 2023).
+
+NNCLR (Dwibedi et al. 2021, "With a Little Help from My Friends") learns representations
+without labels: two random views of each galaxy are encoded and projected; each view's
+projection is replaced by its nearest neighbour in a support queue of past projections, and
+a contrastive loss asks that neighbour to pick out the *other* view of the same galaxy among
+the batch. The encoder's 128-d representation then feeds a linear classifier trained on a
+few hundred labelled galaxies.
+
+Adapted from the Keras example "Self-supervised contrastive learning with NNCLR" (Rishit
+Dagli), as the original code was; ported to Keras 3.
+
+Inputs are tidal cutouts already stretched with ``prep_data.tidal_stretch`` (arcsinh(x /
+scale / 3) per band); the models hold the augmentation, so they take the full cutouts.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+import augmentations
+import prep_data
+from resnet_cifar10_v2 import build_resnet_v2
+
+
+@dataclasses.dataclass(frozen=True)
+class NNCLRConfig:
+    """Everything that fixes the NNCLR architecture and its views (defaults: Desmons et al. 2023)."""
+
+    # Side of the square input cutouts in pixels.
+    image_size: int = 128
+    # Number of bands in the last image axis (g, r, i, z, y).
+    n_bands: int = len(prep_data.TIDAL_BANDS)
+    # Side of the augmented views the encoder reads, in pixels.
+    crop_size: int = augmentations.NNCLR_CROP_SIZE
+    # Largest shift of the random crop in pixels; inputs must be at least crop_size + jitter.
+    jitter: int = augmentations.NNCLR_JITTER
+    # Noise sigma ~ U(low, high) in units of the per-band scale.
+    noise_range: tuple = augmentations.NNCLR_NOISE_RANGE
+    # Blocks per ResNet v2 stage (depth 9 N + 2; N = 2 gives depth 20).
+    n_blocks: int = 2
+    # L2 factor on the ResNet convolution kernels.
+    weight_decay: float = 5e-4
+    # Batch normalisation inside the ResNet (the keras-idiomatic ResNet v2 the original used has it).
+    batch_norm: bool = True
+    # Width of the representation (encoder output).
+    representation_dim: int = 128
+    # Width of the projection-head output, the space of the contrastive loss and the queue.
+    projection_dim: int = 128
+    # Number of past projections kept in the support queue.
+    queue_size: int = 10_000
+    # Temperature of the softmax over similarities.
+    temperature: float = 0.1
+
+    def __post_init__(self):
+        for name in ("image_size", "n_bands", "crop_size", "n_blocks", "representation_dim", "projection_dim", "queue_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.jitter < 0:
+            raise ValueError(f"jitter must be >= 0, got {self.jitter}")
+        if self.image_size < self.crop_size + self.jitter:
+            raise ValueError(
+                f"image_size {self.image_size} is smaller than the crop: it must be at least "
+                f"crop_size + jitter = {self.crop_size + self.jitter}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        object.__setattr__(self, "noise_range", tuple(float(value) for value in self.noise_range))
+
+    @property
+    def input_shape(self):
+        """(H, W, bands) of the cutouts the NNCLR model and the classifier take."""
+        return (self.image_size, self.image_size, self.n_bands)
+
+    @property
+    def encoder_input_shape(self):
+        """(crop, crop, bands) of the views the encoder reads."""
+        return (self.crop_size, self.crop_size, self.n_bands)
+
+    @property
+    def min_image_size(self):
+        """Smallest image side the augmentation can crop from."""
+        return self.crop_size + self.jitter
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        """Config from :meth:`to_dict` output (unknown keys are an error)."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown NNCLR config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+
+#: A tiny configuration for tests and quick CPU runs: 24 px images, N = 1, a 64-entry queue.
+TESTING_CONFIG = NNCLRConfig(
+    image_size=24, crop_size=16, jitter=4, n_blocks=1, representation_dim=16, projection_dim=16, queue_size=64
+)
+
+
+# ----------------------------------------------------------------------------------------
+# Building blocks
+
+
+def build_encoder(config, name="nnclr_encoder"):
+    """Encoder: ResNet v2 (N = config.n_blocks) -> Dense-BN-ReLU-Dense-BN -> representation.
+
+    Parameters
+    ----------
+    config : NNCLRConfig
+
+    Returns
+    -------
+    keras.Model
+        (batch, crop, crop, bands) stretched views -> (batch, representation_dim).
+    """
+    backbone = build_resnet_v2(
+        config.encoder_input_shape,
+        n_blocks=config.n_blocks,
+        weight_decay=config.weight_decay,
+        batch_norm=config.batch_norm,
+        name="resnet",
+    )
+    x = backbone.output
+    x = layers.Dense(config.representation_dim, use_bias=False, name="representation_dense1")(x)
+    x = layers.BatchNormalization(name="representation_bn1")(x)
+    x = layers.ReLU(name="representation_relu")(x)
+    x = layers.Dense(config.representation_dim, use_bias=False, name="representation_dense2")(x)
+    outputs = layers.BatchNormalization(name="representation_bn2")(x)
+    return keras.Model(backbone.input, outputs, name=name)
+
+
+def build_projection_head(config, name="projection_head"):
+    """Projection head: Dense(projection_dim, ReLU) -> Dense(projection_dim)."""
+    inputs = keras.Input((config.representation_dim,), name="representation")
+    x = layers.Dense(config.projection_dim, activation="relu", name="projection_dense1")(inputs)
+    outputs = layers.Dense(config.projection_dim, name="projection_dense2")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_augmenter(config, seed=None):
+    """The NNCLR views for this config (random in training, centre crop otherwise)."""
+    return augmentations.nnclr_augmentation(
+        crop_size=config.crop_size,
+        jitter=config.jitter,
+        noise_range=config.noise_range,
+        softening=prep_data.TIDAL_STRETCH_SOFTENING,
+        seed=seed,
+    )
+
+
+def l2_normalise(vectors):
+    """Rows scaled to unit length."""
+    return tf.math.l2_normalize(vectors, axis=1)
+
+
+def nearest_neighbour(projections, queue):
+    """Nearest neighbour of each projection in the support queue, straight-through.
+
+    Parameters
+    ----------
+    projections : tensor, shape (B, D)
+        L2-normalised projections.
+    queue : tensor, shape (Q, D)
+        L2-normalised support set.
+
+    Returns
+    -------
+    tensor, shape (B, D)
+        The neighbour (largest cosine similarity) in the forward pass; in the backward pass the
+        gradient goes to ``projections`` unchanged (the neighbour lookup is not differentiable).
+    """
+    similarities = tf.matmul(projections, queue, transpose_b=True)
+    neighbours = tf.gather(queue, tf.argmax(similarities, axis=1))
+    return projections + tf.stop_gradient(neighbours - projections)
+
+
+def nnclr_loss(projections_1, projections_2, queue, temperature):
+    """The symmetric NNCLR loss of Dwibedi et al. 2021 (eq. 2), as in the original code.
+
+    With z1, z2 the L2-normalised projections of the two views and NN(.) the straight-through
+    nearest neighbour in the queue, the loss is the mean softmax cross-entropy, with the
+    matching galaxy (the diagonal) as the target, over the rows of the four logit matrices
+    NN(z1) z2^T, z2 NN(z1)^T, NN(z2) z1^T and z1 NN(z2)^T, each divided by the temperature.
+
+    Parameters
+    ----------
+    projections_1, projections_2 : tensor, shape (B, D)
+        Projections of the two views (normalised here).
+    queue : tensor, shape (Q, D)
+        L2-normalised support set.
+    temperature : float
+
+    Returns
+    -------
+    scalar tensor
+    """
+    z1 = l2_normalise(projections_1)
+    z2 = l2_normalise(projections_2)
+    neighbours_1 = nearest_neighbour(z1, queue)
+    neighbours_2 = nearest_neighbour(z2, queue)
+    logits = tf.concat(
+        [
+            tf.matmul(neighbours_1, z2, transpose_b=True),
+            tf.matmul(z2, neighbours_1, transpose_b=True),
+            tf.matmul(neighbours_2, z1, transpose_b=True),
+            tf.matmul(z1, neighbours_2, transpose_b=True),
+        ],
+        axis=0,
+    ) / temperature
+    batch = tf.shape(z1)[0]
+    targets = tf.tile(tf.range(batch), [4])
+    return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True))
+
+
+@keras.saving.register_keras_serializable(package="nnclr")
+class UnitRowsInitializer(keras.initializers.Initializer):
+    """Random Gaussian rows scaled to unit length: the starting support queue."""
+
+    def __init__(self, seed=None):
+        self.seed = seed
+
+    def __call__(self, shape, dtype=None):
+        rows = keras.random.normal(shape, dtype=dtype, seed=self.seed)
+        return rows / keras.ops.norm(rows, axis=-1, keepdims=True)
+
+    def get_config(self):
+        return {"seed": self.seed}
+
+
+# ----------------------------------------------------------------------------------------
+# The self-supervised model
+
+
+class NNCLR(keras.Model):
+    """NNCLR model: augmenter, encoder, projection head and the support queue.
+
+    ``fit`` takes unbatched-then-batched stretched images (a tensor or a dict with ``image``,
+    as from ``prep_data.tidal_unlabelled_dataset``); labels are ignored. Calling the model
+    returns the representations of the deterministic test-time view.
+
+    Parameters
+    ----------
+    config : NNCLRConfig
+    seed : int or None
+        Seeds the augmentations and the initial queue.
+    encoder : keras.Model, optional
+        A trained encoder to continue from; it must match ``config`` (see :func:`check_encoder`).
+
+    Notes
+    -----
+    The queue is a non-trainable variable, so it is saved with the weights and restored on
+    resume. After each step the L2-normalised projections of the first view enter at the
+    front and the oldest leave at the back (a FIFO of the last ``queue_size`` projections).
+    The loss includes the encoder's L2 weight decay.
+    """
+
+    def __init__(self, config=NNCLRConfig(), seed=None, encoder=None, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        self.augmenter = build_augmenter(config, seed)
+        if encoder is None:
+            encoder = build_encoder(config)
+        else:
+            check_encoder(encoder, config)
+        self.encoder = encoder
+        self.projection_head = build_projection_head(config)
+        self.queue = self.add_weight(
+            shape=(config.queue_size, config.projection_dim),
+            initializer=UnitRowsInitializer(seed),
+            trainable=False,
+            name="support_queue",
+        )
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.contrastive_loss_tracker = keras.metrics.Mean(name="c_loss")
+        self.contrastive_accuracy = keras.metrics.SparseCategoricalAccuracy(name="c_acc")
+        self.correlation_accuracy = keras.metrics.SparseCategoricalAccuracy(name="r_acc")
+        self.build((None,) + config.input_shape)
+
+    def build(self, input_shape):
+        self.augmenter.build(input_shape)
+        super().build(input_shape)
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.contrastive_loss_tracker, self.contrastive_accuracy, self.correlation_accuracy]
+
+    def check_images(self, images):
+        """Raise ValueError unless a batch of images has the shape the config gives."""
+        if len(images.shape) != 4 or any(
+            got is not None and got != want for got, want in zip(images.shape[1:], self.config.input_shape)
+        ):
+            raise ValueError(
+                f"images must be (batch, {', '.join(map(str, self.config.input_shape))}) as the NNCLR config "
+                f"gives (H, W, bands), got shape {tuple(images.shape)}"
+            )
+
+    def call(self, images, training=False):
+        self.check_images(images)
+        return self.encoder(self.augmenter(images, training=training), training=training)
+
+    def push_to_queue(self, projections):
+        """Put L2-normalised projections at the front of the queue; the oldest rows drop out."""
+        batch = tf.shape(projections)[0]
+        self.queue.assign(tf.concat([projections, self.queue[: self.config.queue_size - batch]], axis=0))
+
+    def update_contrastive_accuracy(self, features_1, features_2):
+        """Top-1 retrieval of the other view of the same galaxy among the batch (both ways)."""
+        similarities = tf.matmul(l2_normalise(features_1), l2_normalise(features_2), transpose_b=True)
+        targets = tf.range(tf.shape(features_1)[0])
+        self.contrastive_accuracy.update_state(
+            tf.concat([targets, targets], axis=0), tf.concat([similarities, tf.transpose(similarities)], axis=0)
+        )
+
+    def update_correlation_accuracy(self, features_1, features_2):
+        """Fraction of feature dimensions most correlated with themselves across the two views."""
+        features_1 = (features_1 - tf.reduce_mean(features_1, axis=0)) / (tf.math.reduce_std(features_1, axis=0) + 1e-6)
+        features_2 = (features_2 - tf.reduce_mean(features_2, axis=0)) / (tf.math.reduce_std(features_2, axis=0) + 1e-6)
+        batch = tf.cast(tf.shape(features_1)[0], features_1.dtype)
+        cross_correlation = tf.matmul(features_1, features_2, transpose_a=True) / batch
+        targets = tf.range(tf.shape(features_1)[1])
+        self.correlation_accuracy.update_state(
+            tf.concat([targets, targets], axis=0),
+            tf.concat([cross_correlation, tf.transpose(cross_correlation)], axis=0),
+        )
+
+    def train_step(self, data):
+        images = _images_of(data)
+        self.check_images(images)
+        view_1 = self.augmenter(images, training=True)
+        view_2 = self.augmenter(images, training=True)
+        with tf.GradientTape() as tape:
+            features_1 = self.encoder(view_1, training=True)
+            features_2 = self.encoder(view_2, training=True)
+            projections_1 = self.projection_head(features_1, training=True)
+            projections_2 = self.projection_head(features_2, training=True)
+            contrastive_loss = nnclr_loss(projections_1, projections_2, self.queue, self.config.temperature)
+            loss = contrastive_loss + (tf.add_n(self.encoder.losses) if self.encoder.losses else 0.0)
+        gradients = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        self.push_to_queue(l2_normalise(projections_1))
+        self.loss_tracker.update_state(loss)
+        self.contrastive_loss_tracker.update_state(contrastive_loss)
+        self.update_contrastive_accuracy(features_1, features_2)
+        self.update_correlation_accuracy(features_1, features_2)
+        return {metric.name: metric.result() for metric in self.metrics}
+
+    def test_step(self, data):
+        images = _images_of(data)
+        self.check_images(images)
+        features_1 = self.encoder(self.augmenter(images, training=True), training=False)
+        features_2 = self.encoder(self.augmenter(images, training=True), training=False)
+        contrastive_loss = nnclr_loss(
+            self.projection_head(features_1), self.projection_head(features_2), self.queue, self.config.temperature
+        )
+        self.loss_tracker.update_state(contrastive_loss)
+        self.contrastive_loss_tracker.update_state(contrastive_loss)
+        self.update_contrastive_accuracy(features_1, features_2)
+        self.update_correlation_accuracy(features_1, features_2)
+        return {metric.name: metric.result() for metric in self.metrics}
+
+
+def _images_of(data):
+    if isinstance(data, dict):
+        return data["image"]
+    if isinstance(data, (tuple, list)):
+        return data[0]
+    return data
+
+
+# ----------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def _temporary_keras_path(path):
+    # Keras insists on the .keras suffix, so the temporary name keeps it.
+    path = pathlib.Path(path)
+    return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+
+
+def save_model_file(model, path):
+    """Save a Keras model to a ``.keras`` file atomically (temporary file, then rename)."""
+    path = pathlib.Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(f"model path must end in .keras, got {path}")
+    temporary = _temporary_keras_path(path)
+    model.save(temporary)
+    os.replace(temporary, path)
+
+
+def architecture_signature(model):
+    """(layer class, weight shapes) of every layer with weights, in order, plus the input shape."""
+    signature = [("input", tuple(model.input_shape[1:]))]
+    for layer in model.layers:
+        if layer.weights:
+            signature.append((type(layer).__name__, tuple(tuple(weight.shape) for weight in layer.weights)))
+    return signature
+
+
+def check_encoder(encoder, config, source="encoder"):
+    """Raise ValueError when ``encoder`` does not have the architecture ``config`` describes.
+
+    The message names the first difference (input shape, a layer, or the number of layers).
+    """
+    expected = architecture_signature(build_encoder(config))
+    found = architecture_signature(encoder)
+    for position, (want, got) in enumerate(zip(expected, found)):
+        if want != got:
+            what = "input shape" if position == 0 else f"weighted layer {position}"
+            raise ValueError(
+                f"{source} has a different architecture from the NNCLR config: {what} should be "
+                f"{want[0]} {want[1]} but is {got[0]} {got[1]}"
+            )
+    if len(expected) != len(found):
+        raise ValueError(
+            f"{source} has a different architecture from the NNCLR config: it has {len(found) - 1} "
+            f"weighted layers, the config gives {len(expected) - 1}"
+        )
+
+
+def save_encoder(encoder, path):
+    """Save the encoder to a ``.keras`` file, atomically."""
+    save_model_file(encoder, path)
+
+
+def load_encoder(path, config):
+    """Load an encoder saved by :func:`save_encoder` and check it matches ``config``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no such file.
+    ValueError
+        If the file is not a Keras model, or its architecture differs from ``config``'s
+        (the message names the first difference).
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder file {path} does not exist")
+    try:
+        encoder = keras.saving.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types for unreadable files
+        raise ValueError(f"cannot read encoder file {path} as a Keras model ({type(error).__name__}: {error})") from None
+    check_encoder(encoder, config, source=f"encoder file {path}")
+    return encoder
+
+
+# ----------------------------------------------------------------------------------------
+# The classifier
+
+
+def build_classifier(encoder, config, fine_tune=False, seed=None, name="tidal_classifier"):
+    """Classifier: NNCLR views -> encoder -> Dense(1, sigmoid), the probability of tidal features.
+
+    Parameters
+    ----------
+    encoder : keras.Model
+        The (trained) encoder. It is shared, not copied: its ``trainable`` flag is set to
+        ``fine_tune``, which freezes it by structure for the linear probe.
+    config : NNCLRConfig
+    fine_tune : bool
+        Also train the encoder (False: linear probe, only the Dense layer learns).
+    seed : int or None
+        Seeds the training augmentation.
+
+    Returns
+    -------
+    keras.Model
+        (batch, H, W, bands) stretched cutouts -> (batch, 1). In training the input is
+        augmented as for NNCLR; at inference the deterministic centre view is used.
+    """
+    check_encoder(encoder, config)
+    encoder.trainable = bool(fine_tune)
+    inputs = keras.Input(config.input_shape, name="image")
+    views = build_augmenter(config, seed)(inputs)
+    representations = encoder(views)
+    outputs = layers.Dense(1, activation="sigmoid", name="tidal_probability")(representations)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def load_classifier(path, config):
+    """Load a classifier saved with :func:`save_model_file` and check its input and output shapes.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Missing file, unreadable file, or shapes that do not match ``config``.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier file {path} does not exist")
+    try:
+        classifier = keras.saving.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types for unreadable files
+        raise ValueError(f"cannot read classifier file {path} as a Keras model ({type(error).__name__}: {error})") from None
+    if tuple(classifier.input_shape[1:]) != config.input_shape:
+        raise ValueError(
+            f"classifier file {path} takes images of shape {tuple(classifier.input_shape[1:])}, "
+            f"the NNCLR config gives {config.input_shape}"
+        )
+    if tuple(classifier.output_shape[1:]) != (1,):
+        raise ValueError(f"classifier file {path} outputs shape {classifier.output_shape[1:]}, expected (1,)")
+    return classifier
+
+
+def representations(encoder, images, config, batch_size=64):
+    """Representations of stretched images through the deterministic test-time view.
+
+    Parameters
+    ----------
+    encoder : keras.Model
+    images : ndarray, shape (N, H, W, bands)
+        Stretched cutouts.
+    config : NNCLRConfig
+    batch_size : int
+
+    Returns
+    -------
+    ndarray of float32, shape (N, representation_dim)
+    """
+    prep_data.check_tidal_shape(np.shape(images), config.crop_size, config.n_bands)
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        views = augmentations.nnclr_test_view(images[start : start + batch_size], config.crop_size)
+        outputs.append(keras.ops.convert_to_numpy(encoder(views, training=False)))
+    return np.concatenate(outputs) if outputs else np.zeros((0, config.representation_dim), np.float32)
+
+
+def save_config(config, path, **extra):
+    """Write the config (and extra JSON-able entries such as the band scale) as JSON, atomically."""
+    path = pathlib.Path(path)
+    temporary = prep_data.atomic_path(path)
+    temporary.write_text(json.dumps({"nnclr": config.to_dict(), **extra}, indent=2))
+    os.replace(temporary, path)
+
+
+def load_config(path):
+    """Read a file written by :func:`save_config`: returns ``(config, extra)``."""
+    values = json.loads(pathlib.Path(path).read_text())
+    if "nnclr" not in values:
+        raise ValueError(f"{path}: not an NNCLR run configuration (no 'nnclr' entry)")
+    config = NNCLRConfig.from_dict(values.pop("nnclr"))
+    return config, values

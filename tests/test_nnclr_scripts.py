@@ -1,0 +1,310 @@
+"""Tidal data preparation and smoke tests of nnclr_train.py and nnclr_test.py on a tiny HDF5 file."""
+
+import dataclasses
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from astropy.stats import mad_std
+
+import nnclr_model
+import nnclr_test
+import nnclr_train
+import prep_data
+
+SMALL = ["--config", "testing", "--batch-size", "16", "--epochs", "2", "--shuffle-buffer", "16",
+         "--classifier-epochs", "2", "--classifier-batch-size", "8", "--split-sizes", "8", "2", "4"]
+
+
+def _tidal_images(count, size=24, bands=5, seed=0):
+    """A bright galaxy with sky noise; tidal galaxies get a faint band across the image."""
+    rng = np.random.default_rng(seed)
+    has_tidal = np.arange(count) % 2
+    rows, columns = np.mgrid[:size, :size]
+    galaxy = np.exp(-((rows - size / 2) ** 2 + (columns - size / 2) ** 2) / 8.0)
+    images = rng.normal(0, 0.02, (count, size, size, bands)) + galaxy[None, :, :, None]
+    images[has_tidal == 1, size // 6 : size // 3] += 0.1
+    return images.astype(np.float32), has_tidal
+
+
+def _write(path, count=40, size=24, bands=5, has_tidal=None):
+    images, truth = _tidal_images(count, size, bands)
+    has_tidal = truth if has_tidal is None else has_tidal
+    ids = [f"g{i}" for i in range(count)]
+    kinds = ["stream" if flag else "none" for flag in has_tidal]
+    if bands == 5:
+        prep_data.write_tidal_hdf5(path, images, ids, {"has_tidal": has_tidal, "feature_type": kinds})
+    else:
+        import h5py
+
+        with h5py.File(path, "w") as f:
+            f["image"] = images
+            f["has_tidal"] = has_tidal
+    return path
+
+
+@pytest.fixture(scope="module")
+def tidal_file(tmp_path_factory):
+    return _write(tmp_path_factory.mktemp("data") / "tidal.h5")
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def trained_run(tidal_file, tmp_path_factory):
+    """A run stopped after its first NNCLR epoch, then started again and finished."""
+    import keras
+
+    out = tmp_path_factory.mktemp("run")
+    argv = ["--data", str(tidal_file), "--out", str(out), *SMALL]
+
+    class StopAfterFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise _Interrupted()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nnclr_train, "progress_callback", lambda description: StopAfterFirstEpoch())
+        with pytest.raises(_Interrupted):
+            nnclr_train.main(argv)
+    assert (out / "backup_nnclr").is_dir() and not (out / "encoder.keras").exists()
+    assert nnclr_train.main(argv) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Data preparation
+
+
+def test_band_scale_is_mad_std_of_the_first_images_per_band():
+    rng = np.random.default_rng(0)
+    sigmas = np.array([0.01, 0.02, 0.03, 0.04, 0.05])
+    images = rng.normal(0, 1, (30, 16, 16, 5)) * sigmas
+    images[20:] *= 100  # beyond the first n_images: must not count
+    scale = prep_data.tidal_band_scale(images, n_images=20)
+    np.testing.assert_allclose(scale, mad_std(images[:20].reshape(-1, 5), axis=0), rtol=1e-6)
+    np.testing.assert_allclose(scale, sigmas, rtol=0.05)
+
+
+def test_band_scale_rejects_a_constant_band():
+    images = np.random.default_rng(0).normal(size=(4, 8, 8, 5))
+    images[..., 3] = 1.0
+    with pytest.raises(ValueError, match=r"band 3 has MAD-std 0.0 over the first 4 images; the scale must be finite and > 0"):
+        prep_data.tidal_band_scale(images)
+
+
+def test_stretch_is_arcsinh_of_counts_over_three_scales_and_keeps_its_input():
+    images = np.random.default_rng(1).normal(size=(2, 4, 4, 5)).astype(np.float32)
+    original = images.copy()
+    scale = np.array([0.5, 1, 2, 3, 4], np.float32)
+    np.testing.assert_allclose(prep_data.tidal_stretch(images, scale), np.arcsinh(images / scale / 3), rtol=1e-6)
+    np.testing.assert_array_equal(images, original)
+
+
+def test_splits_are_balanced_disjoint_and_reproducible():
+    labels = np.array([0] * 50 + [1] * 20)
+    splits = prep_data.tidal_classifier_splits(labels, (10, 3, 5), seed=3)
+    for name, size in zip(prep_data.TIDAL_SPLITS, (10, 3, 5)):
+        assert (labels[splits[name]] == 0).sum() == size and (labels[splits[name]] == 1).sum() == size
+    together = np.concatenate(list(splits.values()))
+    assert len(np.unique(together)) == len(together)
+    again = prep_data.tidal_classifier_splits(labels, (10, 3, 5), seed=3)
+    assert all(np.array_equal(splits[name], again[name]) for name in splits)
+    other = prep_data.tidal_classifier_splits(labels, (10, 3, 5), seed=4)
+    assert not np.array_equal(splits["train"], other["train"])
+
+
+def test_splits_need_both_classes():
+    with pytest.raises(ValueError, match=r"the labelled set has one class only \(label 1 for all 12 galaxies\)"):
+        prep_data.tidal_classifier_splits(np.ones(12, int), (2, 1, 1))
+
+
+def test_splits_need_enough_galaxies_per_class():
+    with pytest.raises(ValueError, match=r"class 1 has 5 galaxies, the splits need 6 per class \(train 3 \+ validation 1 \+ test 2\)"):
+        prep_data.tidal_classifier_splits(np.array([0] * 10 + [1] * 5), (3, 1, 2))
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((24, 24), r"images must be \(H, W, 5\) images, got shape \(24, 24\)"),
+        ((2, 24, 24, 3), r"images must have 5 bands \(grizy\) in the last axis, got shape \(2, 24, 24, 3\)"),
+        ((2, 18, 18, 5), r"images are 18x18 px, smaller than the crop: need at least 20x20"),
+    ],
+)
+def test_bad_image_shapes_are_named(shape, message):
+    with pytest.raises(ValueError, match=message):
+        prep_data.check_tidal_shape(shape, min_size=20)
+
+
+def test_hdf5_round_trip_keeps_order(tmp_path):
+    path = _write(tmp_path / "tidal.h5", count=10)
+    catalogue = prep_data.index_tidal_hdf5(path)
+    assert len(catalogue) == 10 and catalogue.image_shape == (24, 24, 5)
+    images, has_tidal = _tidal_images(10)
+    np.testing.assert_array_equal(catalogue.has_tidal, has_tidal)
+    np.testing.assert_array_equal(prep_data.read_tidal_images(catalogue, [7, 2, 5]), images[[7, 2, 5]])
+
+
+def test_hdf5_with_three_bands_is_rejected(tmp_path):
+    path = _write(tmp_path / "rgb.h5", count=4, bands=3)
+    with pytest.raises(prep_data.CutoutError, match=r"images must have 5 bands \(grizy\)"):
+        prep_data.index_tidal_hdf5(path)
+
+
+def test_unlabelled_stream_is_stretched_and_batched(tmp_path):
+    path = _write(tmp_path / "tidal.h5", count=10)
+    source = prep_data.tidal_source_from_hdf5(path)
+    scale = np.full(5, 0.02, np.float32)
+    batches = list(prep_data.tidal_unlabelled_dataset(source.unlabelled(), scale, 4, shuffle_buffer=1).as_numpy_iterator())
+    assert [batch.shape for batch in batches] == [(4, 24, 24, 5)] * 2
+    images, _ = _tidal_images(10)
+    np.testing.assert_allclose(batches[0], prep_data.tidal_stretch(images[:4], scale), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# Completeness at fixed contamination
+
+
+def test_completeness_under_both_contamination_definitions():
+    # Scores in decreasing order: T T F T F F T F (T = tidal).
+    labels = np.array([1, 1, 0, 1, 0, 0, 1, 0])
+    scores = np.linspace(1, 0.1, 8)
+    result = nnclr_test.completeness_at_contamination(labels, scores, 0.25)
+    # FPR <= 0.25 allows one false positive of four: the top 4 -> 3 of 4 tidal found.
+    assert result["fpr"] == pytest.approx(0.75)
+    # 1 - precision <= 0.25: the top 4 hold 3 tidal and 1 false (exactly 0.25).
+    assert result["one_minus_precision"] == pytest.approx(0.75)
+    strict = nnclr_test.completeness_at_contamination(labels, scores, 0.1)
+    assert strict["fpr"] == pytest.approx(0.5) and strict["one_minus_precision"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------------------
+# Scripts
+
+
+@pytest.mark.parametrize("script", [nnclr_train, nnclr_test])
+def test_help(script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--data" in capsys.readouterr().out
+
+
+def test_train_writes_every_promised_file(trained_run):
+    for name in ("encoder.keras", "classifier.keras", "classifier_loss.png", "train_loss.npy", "val_loss.npy",
+                 "nnclr_history.json", "splits.json", "config.json"):
+        assert (trained_run / name).stat().st_size > 0, name
+    for name in ("train_loss.npy", "val_loss.npy"):
+        loss = np.load(trained_run / name)
+        assert loss.shape == (2,) and np.isfinite(loss).all() and (loss > 0).all()
+    # The run resumed after its first epoch, so the second start trained the second epoch only.
+    history = json.loads((trained_run / "nnclr_history.json").read_text())
+    assert len(history["c_loss"]) == 1
+    config, extra = nnclr_model.load_config(trained_run / "config.json")
+    assert config.input_shape == (24, 24, 5)
+    assert len(extra["band_scale"]) == 5 and min(extra["band_scale"]) > 0
+    splits = json.loads((trained_run / "splits.json").read_text())
+    assert [len(splits[name]) for name in ("train", "validation", "test")] == [16, 4, 8]
+    assert not list(trained_run.glob("backup_*")) and not list(trained_run.glob(".*partial*"))
+
+
+def test_evaluation_writes_every_promised_file(trained_run, tidal_file, tmp_path):
+    out = tmp_path / "test"
+    argv = ["--run", str(trained_run), "--data", str(tidal_file), "--out", str(out), "--label-efficiency",
+            "--label-counts", "4", "--label-seeds", "1", "--probe-epochs", "2", "--baseline-epochs", "1",
+            "--similar-to", "g3", "--top-k", "5"]
+    assert nnclr_test.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["auc"] <= 1 and metrics["n_test"] == 8 and metrics["n_test_tidal"] == 4
+    for key in ("completeness_at_contamination_fpr", "completeness_at_contamination_one_minus_precision"):
+        assert 0 <= metrics[key] <= 1
+    fpr, tpr = np.load(out / "fpr.npy"), np.load(out / "tpr.npy")
+    assert fpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1 and (np.diff(fpr) >= 0).all()
+    assert len(np.load(out / "thresholds.npy")) == len(fpr)
+    for name in ("roc.png", "label_efficiency.png", "similar_to_g3.png"):
+        assert (out / name).stat().st_size > 0
+    rows = json.loads((out / "label_efficiency.json").read_text())
+    assert [(row["labels_per_class"], row["seed"]) for row in rows] == [(4, 0)]
+    assert all(0 <= row[key] <= 1 for row in rows for key in ("nnclr_probe_auc", "supervised_auc"))
+    similar = json.loads((out / "similar_to_g3.json").read_text())
+    assert len(similar["top"]) == 5 and "g3" not in [row["id"] for row in similar["top"]]
+    similarities = [row["similarity"] for row in similar["top"]]
+    assert similarities == sorted(similarities, reverse=True)
+    assert similar["tidal_fraction_top_k"] == pytest.approx(np.mean([row["has_tidal"] for row in similar["top"]]))
+
+
+def test_classifier_only_from_a_trained_encoder(trained_run, tidal_file, tmp_path):
+    out = tmp_path / "probe"
+    argv = ["--data", str(tidal_file), "--out", str(out), "--load-encoder", str(trained_run / "encoder.keras"),
+            *SMALL[:-4], "--classifier-epochs", "1", "--split-sizes", "8", "2", "4"]
+    assert nnclr_train.main(argv) == 0
+    assert (out / "classifier.keras").is_file() and np.load(out / "train_loss.npy").shape == (1,)
+    assert not (out / "nnclr_history.json").exists()
+    _, extra = nnclr_model.load_config(out / "config.json")
+    _, trained_extra = nnclr_model.load_config(trained_run / "config.json")
+    assert extra["band_scale"] == trained_extra["band_scale"]
+
+
+def test_encoder_of_another_architecture_is_refused(tidal_file, tmp_path, capsys):
+    encoder_path = tmp_path / "other" / "encoder.keras"
+    encoder_path.parent.mkdir()
+    deeper = dataclasses.replace(nnclr_model.TESTING_CONFIG, n_blocks=2)
+    nnclr_model.save_encoder(nnclr_model.build_encoder(deeper), encoder_path)
+    with pytest.raises(SystemExit) as exit_info:
+        nnclr_train.main(["--data", str(tidal_file), "--out", str(tmp_path / "out"), "--load-encoder", str(encoder_path), *SMALL])
+    assert exit_info.value.code == 2
+    assert "has a different architecture from the NNCLR config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "size, has_tidal, message",
+    [
+        (24, np.ones(40, int), "the labelled set has one class only"),
+        (16, None, "images are 16x16 px, smaller than the crop: need at least 20x20"),
+    ],
+)
+def test_train_refuses_bad_data(tmp_path, capsys, size, has_tidal, message):
+    path = _write(tmp_path / "bad.h5", size=size, has_tidal=has_tidal)
+    with pytest.raises(SystemExit) as exit_info:
+        nnclr_train.main(["--data", str(path), "--out", str(tmp_path / "out"), *SMALL])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_tfds_source_joins_the_tidal_galaxies_to_the_unlabelled_stream(monkeypatch):
+    import tensorflow as tf
+
+    images, has_tidal = _tidal_images(6)
+    labelled = {"image": images, "id": np.array([f"l{i}".encode() for i in range(6)]), "label": has_tidal}
+    parts = {"train": slice(0, 2), "validation": slice(2, 4), "test": slice(4, 6)}
+    stored = {("tidal_unlabelled", "all"): {"image": images[:4], "id": np.array([b"u0", b"u1", b"u2", b"u3"])}}
+    stored.update({("tidal_labelled", name): {k: v[part] for k, v in labelled.items()} for name, part in parts.items()})
+
+    def load(name, data_dir, split="all"):
+        return tf.data.Dataset.from_tensor_slices(stored[name, split])
+
+    monkeypatch.setattr(prep_data, "_load_tfds", load)
+    source = prep_data.tidal_source_from_tfds(data_dir="unused")
+    assert list(source.ids) == [f"l{i}" for i in range(6)] and list(source.labels) == list(has_tidal)
+    np.testing.assert_array_equal(source.read_labelled([4, 1]), images[[4, 1]])
+    # The builder's own splits are the classifier sets.
+    splits = prep_data.tidal_source_splits(source)
+    assert {name: list(indices) for name, indices in splits.items()} == {"train": [0, 1], "validation": [2, 3], "test": [4, 5]}
+    stream = np.stack(list(source.unlabelled().as_numpy_iterator()))
+    np.testing.assert_array_equal(stream, np.concatenate([images[:4], images[has_tidal == 1]]))
+
+
+def test_bench_smoke(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_nnclr", pathlib.Path(__file__).parent.parent / "bench" / "bench_nnclr.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--config", "testing", "--batch-size", "4", "--steps", "1", "--inference-batch-size", "4",
+                       "--inference-batches", "1", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["train_images_per_second"] > 0 and results["inference_images_per_second"] > 0
