@@ -25,6 +25,8 @@ test: install
 bench: install
 	$(PY) bench/bench_icl_inference.py
 	$(PY) bench/bench_generate.py
+	$(PY) bench/bench_sb_cut.py
+	$(PY) bench/bench_nnclr.py --batch-size 32 --steps 3
 
 clean:
 	rm -rf results .pytest_cache

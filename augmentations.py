@@ -104,7 +104,7 @@ class StretchedGaussianNoise(layers.Layer):
         Seed of the layer's random generator.
     """
 
-    def __init__(self, noise_range=NNCLR_NOISE_RANGE, softening=3.0, seed=None, **kwargs):
+    def __init__(self, noise_range=NNCLR_NOISE_RANGE, softening=hsc.TIDAL_STRETCH_SOFTENING, seed=None, **kwargs):
         super().__init__(**kwargs)
         low, high = (float(value) for value in noise_range)
         if not 0 <= low <= high:
@@ -201,7 +201,7 @@ class JitteredCrop(layers.Layer):
 
 
 def nnclr_augmentation(
-    crop_size=NNCLR_CROP_SIZE, jitter=NNCLR_JITTER, noise_range=NNCLR_NOISE_RANGE, softening=3.0, seed=None,
+    crop_size=NNCLR_CROP_SIZE, jitter=NNCLR_JITTER, noise_range=NNCLR_NOISE_RANGE, softening=hsc.TIDAL_STRETCH_SOFTENING, seed=None,
     name="nnclr_augmentation",
 ):
     """Views of stretched tidal images for NNCLR (Desmons et al. 2023, section 3.2).

@@ -37,6 +37,11 @@ ARCSINH_SCALE = 0.017359
 NORM_MEAN = 0.948
 NORM_STD = 1.108
 
+#: Bands of the tidal-feature cutouts, in order.
+TIDAL_BANDS = "grizy"
+#: Tidal images are stretched as arcsinh(x / (scale * TIDAL_STRETCH_SOFTENING)), scale = per-band MAD-std.
+TIDAL_STRETCH_SOFTENING = 3.0
+
 #: Redshift range of the clusters and training galaxies.
 Z_MIN, Z_MAX = 0.1, 0.5
 

@@ -575,9 +575,9 @@ def load_labelled_arrays(inputs, label_key):
 # ``tidal_unlabelled`` / ``tidal_labelled`` of ``data/tidal_datasets.py``.
 
 #: Bands of the tidal cutouts, in the order of the last image axis.
-TIDAL_BANDS = "grizy"
+TIDAL_BANDS = hsc.TIDAL_BANDS
 #: Softening of the tidal stretch arcsinh(x / scale / 3), in units of the per-band scale.
-TIDAL_STRETCH_SOFTENING = 3.0
+TIDAL_STRETCH_SOFTENING = hsc.TIDAL_STRETCH_SOFTENING
 #: Number of images (the first ones of the unlabelled stream) whose pixels set the band scale.
 TIDAL_SCALE_IMAGES = 1000
 #: Names of the classifier sets, and their default sizes per class (Desmons et al. 2023).
@@ -932,36 +932,16 @@ def tidal_hdf5_dataset(catalogue, chunk=64):
 
 
 def write_tidal_hdf5(path, images, ids, columns=None):
-    """Write tidal cutouts in the tidal stacked layout, atomically.
+    """Write tidal cutouts (N, H, W, 5) in the tidal stacked layout, atomically.
 
-    Parameters
-    ----------
-    path : str
-    images : ndarray, shape (N, H, W, 5)
-        Counts in bands g, r, i, z, y.
-    ids : sequence of str
-    columns : dict of str -> sequence, optional
-        Per-galaxy columns (``has_tidal``, ``feature_type``, ``feature_sb``, ``params``...).
+    ``columns`` holds the per-galaxy values (``has_tidal``, ``feature_type``, ``feature_sb``,
+    ``params``...); see :func:`write_stacked_hdf5`.
     """
     images = np.asarray(images, dtype=np.float32)
     check_tidal_shape(images.shape)
     if images.ndim != 4:
         raise ValueError(f"images must be (N, H, W, 5), got shape {images.shape}")
-    path = pathlib.Path(path)
-    temporary = atomic_path(path)
-    with h5py.File(temporary, "w") as f:
-        f.attrs["format"] = HDF5_FORMAT
-        f.attrs["layout"] = "stacked"
-        f.attrs["bands"] = TIDAL_BANDS
-        f.create_dataset("image", data=images, chunks=(1,) + images.shape[1:])
-        f.create_dataset("id", data=np.asarray([str(i) for i in ids], dtype=h5py.string_dtype()))
-        for name, values in (columns or {}).items():
-            values = list(values)
-            if values and isinstance(values[0], str):
-                f.create_dataset(name, data=np.asarray(values, dtype=h5py.string_dtype()))
-            else:
-                f.create_dataset(name, data=np.asarray(values))
-    os.replace(temporary, path)
+    write_stacked_hdf5(path, images, ids=ids, columns=columns, pixel_scale=hsc.PIXEL_SCALE, attributes={"bands": TIDAL_BANDS})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1085,13 +1065,14 @@ def atomic_path(path):
     return path.with_name(f".{path.name}.partial-{os.getpid()}")
 
 
-def write_stacked_hdf5(path, images, masks=None, ids=None, columns=None, mask_bits=None, pixel_scale=None):
+def write_stacked_hdf5(path, images, masks=None, ids=None, columns=None, mask_bits=None, pixel_scale=None,
+                       attributes=None):
     """Write cutouts in the *stacked* layout, atomically (temporary file, then rename).
 
     Parameters
     ----------
     path : str
-    images : ndarray, shape (N, H, W)
+    images : ndarray, shape (N, H, W) or (N, H, W, bands)
         Counts; stored as given (float16 halves the size and stays far below the noise).
     masks : ndarray of int, shape (N, H, W), optional
     ids : sequence of str, optional
@@ -1099,10 +1080,12 @@ def write_stacked_hdf5(path, images, masks=None, ids=None, columns=None, mask_bi
         Per-cutout values (numbers, or strings such as JSON parameters).
     mask_bits : dict, optional
     pixel_scale : float, optional
+    attributes : dict, optional
+        Further file attributes (e.g. ``bands = "grizy"`` for tidal cutouts).
     """
     images = np.asarray(images)
-    if images.ndim != 3:
-        raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
+    if images.ndim not in (3, 4):
+        raise ValueError(f"images must be (N, H, W) or (N, H, W, bands), got shape {images.shape}")
     path = pathlib.Path(path)
     temporary = atomic_path(path)
     with h5py.File(temporary, "w") as f:
@@ -1111,6 +1094,8 @@ def write_stacked_hdf5(path, images, masks=None, ids=None, columns=None, mask_bi
         f.attrs["mask_bits"] = json.dumps(mask_bits or hsc.DEFAULT_MASK_BITS)
         if pixel_scale is not None:
             f.attrs["pixel_scale"] = float(pixel_scale)
+        for key, value in (attributes or {}).items():
+            f.attrs[key] = value
         f.create_dataset("image", data=images, chunks=(1,) + images.shape[1:])
         if masks is not None:
             f.create_dataset("mask", data=np.asarray(masks), chunks=(1,) + images.shape[1:], compression="gzip")

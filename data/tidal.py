@@ -980,8 +980,6 @@ def write_tidal_hdf5(path, images, truths, ids):
         As returned by :func:`render_tidal_galaxy`.
     ids : sequence of str
     """
-    import h5py
-
     import prep_data
 
     images = np.asarray(images, dtype=np.float32)
@@ -991,18 +989,10 @@ def write_tidal_hdf5(path, images, truths, ids):
         raise ValueError(
             f"images, truths and ids must have the same length, got {len(images)}, {len(truths)} and {len(ids)}"
         )
-    path = pathlib.Path(path)
-    temporary = prep_data.atomic_path(path)
-    strings = h5py.string_dtype()
-    with h5py.File(temporary, "w") as f:
-        f.attrs["format"] = prep_data.HDF5_FORMAT
-        f.attrs["layout"] = "stacked"
-        f.attrs["bands"] = BANDS
-        f.attrs["pixel_scale"] = hsc.PIXEL_SCALE
-        f.create_dataset("image", data=images, chunks=(1,) + images.shape[1:])
-        f.create_dataset("id", data=np.asarray([str(i) for i in ids], dtype=strings))
-        f.create_dataset("has_tidal", data=np.asarray([int(t["has_tidal"]) for t in truths], dtype=np.int64))
-        f.create_dataset("feature_type", data=np.asarray([t["feature_type"] for t in truths], dtype=strings))
-        f.create_dataset("feature_sb", data=np.asarray([t["feature_sb"] for t in truths], dtype=np.float64))
-        f.create_dataset("params", data=np.asarray([json.dumps(t["params"]) for t in truths], dtype=strings))
-    os.replace(temporary, path)
+    columns = {
+        "has_tidal": np.asarray([int(t["has_tidal"]) for t in truths], dtype=np.int64),
+        "feature_type": [t["feature_type"] for t in truths],
+        "feature_sb": np.asarray([t["feature_sb"] for t in truths], dtype=np.float64),
+        "params": [json.dumps(t["params"]) for t in truths],
+    }
+    prep_data.write_tidal_hdf5(path, images, ids, columns)
