@@ -284,7 +284,10 @@ def build_parser():
     parser.add_argument("--init", metavar="CHECKPOINT", help="start from these weights")
     parser.add_argument("--strategy", choices=("default", "mirrored", "multiworker"), default=STRATEGY,
                         help="tf.distribute strategy: one device, all local GPUs, or several machines (TF_CONFIG)")
-    parser.add_argument("--tiny", action="store_true", help="the tiny testing architecture (32x32, N = 1), for smoke runs")
+    parser.add_argument("--architecture", choices=sorted(model.ARCHITECTURES), default="paper",
+                        help="paper (224 px, N = 6, the default), compact (112 px, N = 2, trainable on a CPU) "
+                        "or tiny (32 px, N = 1, for smoke runs)")
+    parser.add_argument("--tiny", action="store_true", help="same as --architecture tiny")
     return parser
 
 
@@ -301,7 +304,7 @@ def main(argv=None):
             early_stopping_patience=args.early_stopping_patience,
             seed=args.seed,
         )
-        model_config = model.TESTING if args.tiny else model.PAPER
+        model_config = model.TESTING if args.tiny else model.ARCHITECTURES[args.architecture]
         if args.hdf5:
             train_data, validation_data = cutout_datasets(
                 args.hdf5, args.label_key, train_config, args.validation_fraction, model_config.image_size

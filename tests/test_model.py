@@ -130,3 +130,10 @@ def test_freeze_encoder_leaves_head_trainable():
     icl_model = model.freeze_encoder(model.build_icl_model(model.TESTING))
     trainable = {v.path.split("/")[0] for v in icl_model.trainable_variables}
     assert trainable == {"hidden", "mixture_params"}
+
+
+def test_compact_architecture_reads_112_pixel_images():
+    compact = model.build_icl_model(model.ARCHITECTURES["compact"])
+    assert compact.input_shape == (None, 112, 112, 1)
+    # Encoder with N = 2 (562,064) plus the paper's dense head (624,688).
+    assert compact.count_params() == 1_186_752
