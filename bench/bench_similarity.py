@@ -1,0 +1,199 @@
+"""Benchmark cosine-similarity search: exact NumPy scan against the approximate HNSW graph.
+
+Draws N random unit vectors in D dimensions (seeded), builds both index kinds of
+``similarity.py``, and reports for each: build time, resident memory added, query latency
+(one query at a time and in one batch) and, for HNSW, recall@k against the exact answer
+for a sweep of ``ef_search`` values. Uniform random directions are the hardest case for a
+graph index (no clusters, neighbours barely closer than strangers); real representations
+are easier. The exact search of the same run is the baseline, so the ratios survive a busy
+machine.
+
+Example (the issue's workload)::
+
+    python bench/bench_similarity.py --n 1000000 --queries 1000
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+# Benchmarks run as scripts from anywhere; the project's modules live one folder up.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import similarity  # noqa: E402
+from prep_data import atomic_path  # noqa: E402
+
+# Defaults; every one can be set from the command line.
+N_VECTORS = 1_000_000
+DIMENSION = 128
+N_QUERIES = 1000
+# Single-query latency is timed on the first this many queries (exact single queries are slow).
+N_SINGLE_QUERIES = 50
+K = 10
+TARGET_RECALL = 0.95
+HNSW_M = similarity.HNSW_M
+HNSW_EF_CONSTRUCTION = similarity.HNSW_EF_CONSTRUCTION
+# Swept in order until the target recall is met.
+EF_SEARCH_VALUES = (64, 128, 256, 512, 1024, 2048, 4096)
+SEED = 0
+
+
+def machine_description():
+    """CPU model, core count, load average and library versions, in one line."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import faiss
+
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores (load average {load}); faiss {faiss.__version__} "
+            f"({faiss.omp_get_max_threads()} threads), NumPy {np.__version__}, Python {platform.python_version()}")
+
+
+def resident_bytes():
+    """Current resident set size of this process, in bytes (Linux)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def random_unit_vectors(count, dimension, rng):
+    vectors = rng.standard_normal((count, dimension), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors
+
+
+def recall_at_k(found, truth):
+    """Mean over queries of |found ∩ truth| / k, for (Q, k) arrays of positions."""
+    hits = [np.intersect1d(row_found, row_truth).size for row_found, row_truth in zip(found, truth)]
+    return float(np.mean(hits)) / truth.shape[1]
+
+
+def single_query_latency(index, queries, k, **search_options):
+    """Median and mean seconds per query, one query per call."""
+    times = []
+    for query in tqdm(queries, desc=f"single queries ({index.kind})", leave=False, disable=None):
+        start = time.perf_counter()
+        index.query(query, k, **search_options)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), float(np.mean(times))
+
+
+def run(n_vectors, dimension, n_queries, n_single_queries, k, target_recall, m, ef_construction,
+        ef_search_values, seed):
+    """Run the benchmark and return its figures as a dictionary (also printed)."""
+    rng = np.random.default_rng(seed)
+    catalogue = random_unit_vectors(n_vectors, dimension, rng)
+    queries = random_unit_vectors(n_queries, dimension, rng)
+    single = queries[:n_single_queries]
+    results = {"machine": machine_description(), "n_vectors": n_vectors, "dimension": dimension,
+               "n_queries": n_queries, "k": k, "seed": seed}
+    print(results["machine"], flush=True)
+
+    before = resident_bytes()
+    start = time.perf_counter()
+    exact = similarity.build_index(catalogue, kind="exact")
+    results["exact_build_s"] = time.perf_counter() - start
+    results["exact_memory_mb"] = (resident_bytes() - before) / 2**20
+    start = time.perf_counter()
+    truth, _ = exact.query(queries, k)
+    results["exact_batch_s_per_query"] = (time.perf_counter() - start) / n_queries
+    results["exact_single_s_per_query_median"], results["exact_single_s_per_query_mean"] = (
+        single_query_latency(exact, single, k))
+    print(f"exact: build {results['exact_build_s']:.1f} s, +{results['exact_memory_mb']:.0f} MB, "
+          f"batched {1e3 * results['exact_batch_s_per_query']:.2f} ms/query, "
+          f"single {1e3 * results['exact_single_s_per_query_median']:.2f} ms/query (median)", flush=True)
+    del exact
+
+    before = resident_bytes()
+    start = time.perf_counter()
+    hnsw = similarity.build_index(catalogue, kind="hnsw", seed=seed, m=m, ef_construction=ef_construction)
+    results["hnsw_build_s"] = time.perf_counter() - start
+    results["hnsw_memory_mb"] = (resident_bytes() - before) / 2**20
+    results["hnsw_m"], results["hnsw_ef_construction"] = m, ef_construction
+    print(f"hnsw (m={m}, ef_construction={ef_construction}): build {results['hnsw_build_s']:.1f} s, "
+          f"+{results['hnsw_memory_mb']:.0f} MB", flush=True)
+
+    sweep = []
+    chosen = None
+    for ef_search in ef_search_values:
+        start = time.perf_counter()
+        found, _ = hnsw.query(queries, k, ef_search=ef_search)
+        seconds_per_query = (time.perf_counter() - start) / n_queries
+        recall = recall_at_k(found, truth)
+        sweep.append({"ef_search": ef_search, "recall": recall, "batch_s_per_query": seconds_per_query})
+        print(f"hnsw ef_search={ef_search}: recall@{k} {recall:.4f}, batched {1e3 * seconds_per_query:.2f} ms/query",
+              flush=True)
+        if recall >= target_recall:
+            chosen = ef_search
+            break
+    results["hnsw_sweep"] = sweep
+    results["hnsw_chosen_ef_search"] = chosen if chosen is not None else ef_search_values[-1]
+    results["target_recall_met"] = chosen is not None
+    results["hnsw_single_s_per_query_median"], results["hnsw_single_s_per_query_mean"] = single_query_latency(
+        hnsw, single, k, ef_search=results["hnsw_chosen_ef_search"])
+    results["hnsw_batch_s_per_query"] = sweep[-1]["batch_s_per_query"]
+    results["hnsw_recall"] = sweep[-1]["recall"]
+    results["speedup_single"] = (results["exact_single_s_per_query_median"]
+                                 / results["hnsw_single_s_per_query_median"])
+    results["speedup_batch"] = results["exact_batch_s_per_query"] / results["hnsw_batch_s_per_query"]
+    results["load_average_end"] = os.getloadavg()
+    print(f"hnsw ef_search={results['hnsw_chosen_ef_search']}: recall@{k} {results['hnsw_recall']:.4f} "
+          f"(target {target_recall}: {'met' if results['target_recall_met'] else 'NOT met'}), "
+          f"single {1e3 * results['hnsw_single_s_per_query_median']:.2f} ms/query (median); "
+          f"speed-up over exact: single x{results['speedup_single']:.1f}, batched x{results['speedup_batch']:.1f}",
+          flush=True)
+    return results
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=N_VECTORS, help=f"catalogue size (default: {N_VECTORS})")
+    parser.add_argument("--dimension", type=int, default=DIMENSION, help=f"vector length (default: {DIMENSION})")
+    parser.add_argument("--queries", type=int, default=N_QUERIES, help=f"queries for recall (default: {N_QUERIES})")
+    parser.add_argument("--single-queries", type=int, default=N_SINGLE_QUERIES,
+                        help=f"queries timed one at a time (default: {N_SINGLE_QUERIES})")
+    parser.add_argument("--k", type=int, default=K, help=f"neighbours per query (default: {K})")
+    parser.add_argument("--target-recall", type=float, default=TARGET_RECALL,
+                        help=f"stop the ef_search sweep at this recall@k (default: {TARGET_RECALL})")
+    parser.add_argument("--m", type=int, default=HNSW_M, help=f"HNSW graph degree (default: {HNSW_M})")
+    parser.add_argument("--ef-construction", type=int, default=HNSW_EF_CONSTRUCTION,
+                        help=f"HNSW build breadth (default: {HNSW_EF_CONSTRUCTION})")
+    parser.add_argument("--ef-search", type=lambda text: tuple(int(value) for value in text.split(",")),
+                        default=EF_SEARCH_VALUES,
+                        help=f"comma-separated ef_search values to sweep (default: {','.join(map(str, EF_SEARCH_VALUES))})")
+    parser.add_argument("--seed", type=int, default=SEED, help=f"random seed (default: {SEED})")
+    parser.add_argument("--out", dest="out_path", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.n < args.k or args.queries < 1 or args.single_queries < 1:
+        parser.error("need --n >= --k, --queries >= 1 and --single-queries >= 1")
+    args.single_queries = min(args.single_queries, args.queries)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    command = "python bench/bench_similarity.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    results = run(args.n, args.dimension, args.queries, args.single_queries, args.k, args.target_recall,
+                  args.m, args.ef_construction, args.ef_search, args.seed)
+    results["command"] = command
+    if args.out_path:
+        path = pathlib.Path(args.out_path)
+        temporary = atomic_path(path)
+        temporary.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(temporary, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
