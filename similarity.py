@@ -255,7 +255,8 @@ class Index:
         k : int
             Neighbours per query, 1 <= k <= N.
         **search_options
-            Kind-specific options (HNSW: ``ef_search``).
+            ``ef_search``: HNSW candidate-list breadth for this query (default: the index's);
+            accepted and ignored by the exact index.
 
         Returns
         -------
@@ -356,7 +357,10 @@ class ExactIndex(Index):
         self.chunk_rows = int(chunk_rows)
         self.query_batch = int(query_batch)
 
-    def _search(self, queries, k):
+    def _search(self, queries, k, ef_search=None):
+        # ef_search is accepted so that callers need not know the kind; the scan is exact anyway.
+        if ef_search is not None:
+            _positive_int(ef_search, "ef_search")
         if queries.shape[0] >= SINGLE_THREAD_MAX_QUERIES:
             return exact_search(self.vectors, queries, k, self.chunk_rows, self.query_batch)
         # A matrix-vector product is memory-bound: extra BLAS threads do not speed it up, and
@@ -600,8 +604,6 @@ def main(argv=None):
 
     index = load_index(args.index_path)
     search_options = {} if args.ef_search is None else {"ef_search": args.ef_search}
-    if index.kind != "hnsw":
-        search_options = {}
     if args.vector_of is not None:
         positions, similarities = index.similar_to(args.vector_of, args.k, include_self=args.include_self,
                                                    **search_options)
