@@ -104,14 +104,20 @@ def normalise_vectors(vectors, name="vectors"):
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise ValueError(f"{name} must hold real numbers, got dtype {array.dtype}")
     array = array.astype(np.float32, copy=True)
-    bad_rows = np.flatnonzero(~np.isfinite(array).all(axis=1))
+    # Row blocks keep the temporaries (a float64 copy, a mask) small for catalogues of millions.
+    norms = np.empty(array.shape[0], dtype=np.float64)
+    finite = np.empty(array.shape[0], dtype=bool)
+    for start in range(0, array.shape[0], EXACT_CHUNK_ROWS):
+        block = array[start:start + EXACT_CHUNK_ROWS]
+        finite[start:start + block.shape[0]] = np.isfinite(block).all(axis=1)
+        # float64: squares of large float32 components would overflow.
+        norms[start:start + block.shape[0]] = np.linalg.norm(block.astype(np.float64), axis=1)
+    bad_rows = np.flatnonzero(~finite)
     if bad_rows.size:
         raise ValueError(
             f"{name} must be finite; {bad_rows.size} row(s) hold NaN or infinite values "
             f"(first: {bad_rows[:5].tolist()})"
         )
-    # Norms in float64: squares of large float32 components would overflow.
-    norms = np.linalg.norm(array.astype(np.float64), axis=1)
     zero_rows = np.flatnonzero(norms == 0)
     if zero_rows.size:
         raise ValueError(
