@@ -528,7 +528,9 @@ def load_index(path):
             raise ValueError(f"index file {str(path)!r} is not a saved similarity index (no format {FILE_FORMAT!r})")
         version = int(archive["version"])
         if version != FILE_VERSION:
-            raise ValueError(f"index file {str(path)!r} has version {version}; this code reads version {FILE_VERSION}")
+            raise ValueError(
+                f"index file {str(path)!r} has version {version}; this code reads version {FILE_VERSION}"
+            )
         kind = str(archive["kind"])
         parameters = json.loads(str(archive["parameters"]))
         ids = archive["ids"]

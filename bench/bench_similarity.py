@@ -171,7 +171,8 @@ def parse_args(argv=None):
                         help=f"HNSW build breadth (default: {HNSW_EF_CONSTRUCTION})")
     parser.add_argument("--ef-search", type=lambda text: tuple(int(value) for value in text.split(",")),
                         default=EF_SEARCH_VALUES,
-                        help=f"comma-separated ef_search values to sweep (default: {','.join(map(str, EF_SEARCH_VALUES))})")
+                        help="comma-separated ef_search values to sweep "
+                             f"(default: {','.join(map(str, EF_SEARCH_VALUES))})")
     parser.add_argument("--seed", type=int, default=SEED, help=f"random seed (default: {SEED})")
     parser.add_argument("--out", dest="out_path", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)

@@ -181,7 +181,8 @@ def test_bad_queries_are_refused(catalogue, kind):
         index.query(np.full(16, np.nan), k=3)
     with pytest.raises(ValueError, match=r"id 'missing' is not in the catalogue \(600 ids\)"):
         index.similar_to("missing", k=3)
-    with pytest.raises(ValueError, match=r"k must be an integer in \[1, 599\] \(the catalogue size less the example\), got 600"):
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, 599\] "
+                                         r"\(the catalogue size less the example\), got 600"):
         index.similar_to("0", k=600)
 
 
