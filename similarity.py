@@ -178,7 +178,8 @@ def exact_search(catalogue, queries, k, chunk_rows=EXACT_CHUNK_ROWS, query_batch
     Returns
     -------
     positions : ndarray of int64, shape (Q, k)
-        Catalogue rows, most similar first (ties by increasing row).
+        Catalogue rows, most similar first; equal similarities are listed by increasing row
+        (which of several vectors tied at the k-th place is kept is unspecified).
     similarities : ndarray of float32, shape (Q, k)
         Cosine similarities, decreasing along each row.
     """
