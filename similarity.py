@@ -10,14 +10,20 @@ Two kinds of index:
 * ``"exact"``: brute force in NumPy. The catalogue is scanned in chunks of rows and only the
   running best ``k`` per query are kept, so memory stays at the catalogue itself plus one
   (query batch x chunk) block; no N x N matrix is ever formed.
+* ``"rabitq"``: an approximate two-stage scan (faiss ``IndexRaBitQ`` behind a seeded random
+  rotation, wrapped in ``IndexRefineFlat``). Every vector is also stored as a 1-bit-per-component
+  RaBitQ code (Gao & Long 2024, SIGMOD); a query scans the codes (16 bytes per 128-d vector
+  instead of 512), keeps the ``k * refine_factor`` best estimates and re-ranks them with the
+  exact float32 vectors, so the similarities returned are exact. Builds in seconds; recall
+  depends little on how the catalogue is structured.
 * ``"hnsw"``: an approximate hierarchical navigable small-world graph (faiss
   ``IndexHNSWFlat`` with the inner-product metric). Queries cost roughly logarithmically in N
-  instead of linearly; ``ef_search`` (the breadth of the graph search at query time) trades
-  speed for recall.
+  on structured (clustered) catalogues; ``ef_search`` (the breadth of the graph search at
+  query time) trades speed for recall. The graph is slow to build (measured 990 s for 10^6
+  vectors on 2 shared cores) and needs a very broad search on unstructured data.
 
-``kind="auto"`` uses the exact index up to :data:`AUTO_EXACT_MAX_VECTORS` vectors and HNSW
-above. On this project's 2-core benchmark machine, below about 10^5 vectors a graph does not
-repay its build time (see ``bench/bench_similarity.py``).
+``kind="auto"`` uses the exact index up to :data:`AUTO_EXACT_MAX_VECTORS` vectors and
+``"rabitq"`` above; ``bench/bench_similarity.py`` measures all three.
 
 Library use::
 
@@ -52,7 +58,7 @@ logger = logging.getLogger(__name__)
 # Defaults; every one can be set from the command line.
 #: Number of neighbours returned by the command line's ``query``.
 DEFAULT_K = 10
-#: ``kind="auto"`` builds an exact index up to this many vectors and an HNSW graph above.
+#: ``kind="auto"`` builds an exact index up to this many vectors and a RaBitQ index above.
 AUTO_EXACT_MAX_VECTORS = 100_000
 #: HNSW graph degree (faiss ``M``): links per node on the upper layers, twice that on layer 0.
 HNSW_M = 32
@@ -60,6 +66,8 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
 #: Breadth of the candidate list at query time (raised to ``k`` when smaller).
 HNSW_EF_SEARCH = 256
+#: RaBitQ: candidates re-ranked exactly per query = k * REFINE_FACTOR (capped at N).
+RABITQ_REFINE_FACTOR = 1000
 #: Catalogue rows scored at once by the exact search.
 EXACT_CHUNK_ROWS = 16_384
 #: Queries scored at once by the exact search; one block is QUERY_BATCH x CHUNK_ROWS floats.
@@ -67,7 +75,7 @@ EXACT_QUERY_BATCH = 256
 #: Exact searches of fewer queries than this run BLAS on one thread (see ExactIndex._search).
 SINGLE_THREAD_MAX_QUERIES = 32
 
-KINDS = ("auto", "exact", "hnsw")
+KINDS = ("auto", "exact", "rabitq", "hnsw")
 #: Value of the ``format`` field of a saved index.
 FILE_FORMAT = "similarity-index"
 FILE_VERSION = 1
@@ -218,7 +226,7 @@ class Index:
     Attributes
     ----------
     kind : str
-        ``"exact"`` or ``"hnsw"``.
+        ``"exact"``, ``"rabitq"`` or ``"hnsw"``.
     ids : ndarray of str, shape (N,)
         One id per catalogue row.
     dimension : int
@@ -262,8 +270,9 @@ class Index:
         k : int
             Neighbours per query, 1 <= k <= N.
         **search_options
-            ``ef_search``: HNSW candidate-list breadth for this query (default: the index's);
-            accepted and ignored by the exact index.
+            ``ef_search``: HNSW candidate-list breadth; ``refine_factor``: RaBitQ candidates
+            re-ranked per neighbour (defaults: the index's). Options of other kinds are
+            accepted and ignored, so callers need not know the kind.
 
         Returns
         -------
@@ -364,10 +373,8 @@ class ExactIndex(Index):
         self.chunk_rows = int(chunk_rows)
         self.query_batch = int(query_batch)
 
-    def _search(self, queries, k, ef_search=None):
-        # ef_search is accepted so that callers need not know the kind; the scan is exact anyway.
-        if ef_search is not None:
-            _positive_int(ef_search, "ef_search")
+    def _search(self, queries, k, ef_search=None, refine_factor=None):
+        _check_search_options(ef_search, refine_factor)
         if queries.shape[0] >= SINGLE_THREAD_MAX_QUERIES:
             return exact_search(self.vectors, queries, k, self.chunk_rows, self.query_batch)
         # A matrix-vector product is memory-bound: extra BLAS threads do not speed it up, and
@@ -402,10 +409,11 @@ class HNSWIndex(Index):
         self.faiss_index = faiss_index
         self.ef_search = _positive_int(ef_search, "ef_search")
 
-    def _search(self, queries, k, ef_search=None):
+    def _search(self, queries, k, ef_search=None, refine_factor=None):
         import faiss
 
-        ef_search = self.ef_search if ef_search is None else _positive_int(ef_search, "ef_search")
+        _check_search_options(ef_search, refine_factor)
+        ef_search = self.ef_search if ef_search is None else ef_search
         # The graph search cannot return more than ef_search candidates.
         parameters = faiss.SearchParametersHNSW(efSearch=max(ef_search, k))
         similarities, positions = self.faiss_index.search(queries, k, params=parameters)
@@ -442,6 +450,55 @@ def _blas_controller():
     return threadpoolctl.ThreadpoolController()
 
 
+class RaBitQIndex(Index):
+    """Approximate cosine search: a RaBitQ code scan, then exact re-ranking (see the module notes).
+
+    Parameters
+    ----------
+    faiss_index : faiss.IndexRefineFlat
+        RaBitQ codes (behind a random rotation) as the first stage, float32 vectors as the second.
+    ids : ndarray of str
+    refine_factor : int
+        Default number of candidates re-ranked per requested neighbour.
+    """
+
+    kind = "rabitq"
+
+    def __init__(self, faiss_index, ids, refine_factor=RABITQ_REFINE_FACTOR):
+        super().__init__(ids, faiss_index.d)
+        self.faiss_index = faiss_index
+        self.refine_factor = _positive_int(refine_factor, "refine_factor")
+
+    def _search(self, queries, k, ef_search=None, refine_factor=None):
+        import faiss
+
+        _check_search_options(ef_search, refine_factor)
+        refine_factor = self.refine_factor if refine_factor is None else refine_factor
+        # Asking the first stage for more candidates than vectors would return empty slots.
+        refine_factor = max(1, min(refine_factor, len(self) // k))
+        parameters = faiss.IndexRefineSearchParameters(k_factor=refine_factor)
+        similarities, positions = self.faiss_index.search(queries, k, params=parameters)
+        return positions.astype(np.int64), similarities.astype(np.float32)
+
+    def _vector_at(self, position):
+        return self.faiss_index.reconstruct(int(position))
+
+    def _parameters(self):
+        return {"refine_factor": self.refine_factor}
+
+    def _arrays(self):
+        import faiss
+
+        return {"faiss_index": faiss.serialize_index(self.faiss_index)}
+
+
+def _check_search_options(ef_search, refine_factor):
+    if ef_search is not None:
+        _positive_int(ef_search, "ef_search")
+    if refine_factor is not None:
+        _positive_int(refine_factor, "refine_factor")
+
+
 def _positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -449,7 +506,8 @@ def _positive_int(value, name):
 
 
 def build_index(vectors, ids=None, kind="auto", seed=None, m=HNSW_M, ef_construction=HNSW_EF_CONSTRUCTION,
-                ef_search=HNSW_EF_SEARCH, chunk_rows=EXACT_CHUNK_ROWS, query_batch=EXACT_QUERY_BATCH):
+                ef_search=HNSW_EF_SEARCH, refine_factor=RABITQ_REFINE_FACTOR, chunk_rows=EXACT_CHUNK_ROWS,
+                query_batch=EXACT_QUERY_BATCH):
     """Build a cosine-similarity index over a catalogue of vectors.
 
     Parameters
@@ -459,24 +517,27 @@ def build_index(vectors, ids=None, kind="auto", seed=None, m=HNSW_M, ef_construc
         inside (a copy); they must be finite and non-zero.
     ids : sequence of str, shape (N,), optional
         Unique id of each row; row numbers ("0", "1", ...) when omitted.
-    kind : {"auto", "exact", "hnsw"}
-        ``"auto"``: exact up to :data:`AUTO_EXACT_MAX_VECTORS` vectors, HNSW above.
+    kind : {"auto", "exact", "rabitq", "hnsw"}
+        ``"auto"``: exact up to :data:`AUTO_EXACT_MAX_VECTORS` vectors, RaBitQ above.
     seed : int or None
-        Seeds the HNSW level assignment (which layers each vector joins). faiss inserts in
-        parallel, so graphs built with several threads may still differ slightly between runs.
+        Seeds the RaBitQ random rotation, or the HNSW level assignment (which layers each
+        vector joins; faiss inserts in parallel, so graphs built with several threads may
+        still differ slightly between runs).
     m : int
         HNSW graph degree.
     ef_construction : int
         HNSW candidate-list breadth while building.
     ef_search : int
         Default HNSW candidate-list breadth at query time (overridable per query).
+    refine_factor : int
+        Default RaBitQ candidates re-ranked per requested neighbour (overridable per query).
     chunk_rows, query_batch : int
         Block size of the exact search.
 
     Returns
     -------
     Index
-        An :class:`ExactIndex` or :class:`HNSWIndex`.
+        An :class:`ExactIndex`, :class:`RaBitQIndex` or :class:`HNSWIndex`.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
@@ -485,18 +546,34 @@ def build_index(vectors, ids=None, kind="auto", seed=None, m=HNSW_M, ef_construc
     chunk_rows = _positive_int(chunk_rows, "chunk_rows")
     query_batch = _positive_int(query_batch, "query_batch")
     if kind == "auto":
-        kind = "exact" if unit_vectors.shape[0] <= AUTO_EXACT_MAX_VECTORS else "hnsw"
+        kind = "exact" if unit_vectors.shape[0] <= AUTO_EXACT_MAX_VECTORS else "rabitq"
     if kind == "exact":
         return ExactIndex(unit_vectors, ids, chunk_rows=chunk_rows, query_batch=query_batch)
 
     import faiss
+
+    rng = np.random.default_rng(seed)
+    if kind == "rabitq":
+        refine_factor = _positive_int(refine_factor, "refine_factor")
+        # 1-bit codes estimate inner products best when the components are spread evenly;
+        # a random rotation ensures that whatever axes the representations favour.
+        rotation = faiss.RandomRotationMatrix(unit_vectors.shape[1], unit_vectors.shape[1])
+        rotation.init(int(rng.integers(2**31 - 1)))
+        codes = faiss.IndexRaBitQ(unit_vectors.shape[1], faiss.METRIC_INNER_PRODUCT)
+        faiss_index = faiss.IndexRefineFlat(faiss.IndexPreTransform(rotation, codes))
+        start = time.perf_counter()
+        faiss_index.train(unit_vectors)
+        faiss_index.add(unit_vectors)
+        logger.info("built a RaBitQ index over %d vectors in %.1f s", unit_vectors.shape[0],
+                    time.perf_counter() - start)
+        return RaBitQIndex(faiss_index, ids, refine_factor=refine_factor)
 
     m = _positive_int(m, "m")
     ef_construction = _positive_int(ef_construction, "ef_construction")
     ef_search = _positive_int(ef_search, "ef_search")
     faiss_index = faiss.IndexHNSWFlat(unit_vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT)
     faiss_index.hnsw.efConstruction = ef_construction
-    faiss_index.hnsw.rng = faiss.RandomGenerator(int(np.random.default_rng(seed).integers(2**31 - 1)))
+    faiss_index.hnsw.rng = faiss.RandomGenerator(int(rng.integers(2**31 - 1)))
     start = time.perf_counter()
     faiss_index.add(unit_vectors)
     logger.info(
@@ -543,6 +620,11 @@ def load_index(path):
 
             faiss_index = faiss.deserialize_index(archive["faiss_index"])
             return HNSWIndex(faiss_index, ids, ef_search=parameters["ef_search"])
+        if kind == "rabitq":
+            import faiss
+
+            faiss_index = faiss.deserialize_index(archive["faiss_index"])
+            return RaBitQIndex(faiss_index, ids, refine_factor=parameters["refine_factor"])
     raise ValueError(f"index file {str(path)!r} holds an unknown kind {kind!r}")
 
 
@@ -584,7 +666,9 @@ def parse_args(argv=None):
                        help=f"HNSW build breadth (default: {HNSW_EF_CONSTRUCTION})")
     build.add_argument("--ef-search", type=int, default=HNSW_EF_SEARCH,
                        help=f"HNSW default query breadth stored with the index (default: {HNSW_EF_SEARCH})")
-    build.add_argument("--seed", type=int, default=None, help="seed of the HNSW level assignment")
+    build.add_argument("--refine-factor", type=int, default=RABITQ_REFINE_FACTOR,
+                       help=f"RaBitQ default candidates re-ranked per neighbour (default: {RABITQ_REFINE_FACTOR})")
+    build.add_argument("--seed", type=int, default=None, help="seed of the RaBitQ rotation or HNSW levels")
 
     query = commands.add_parser("query", help="print the catalogue entries most similar to one example")
     query.add_argument("index_path", metavar="INDEX", help="index file written by 'build'")
@@ -593,6 +677,8 @@ def parse_args(argv=None):
     target.add_argument("--vector", dest="vector_path", metavar="NPY", help="query with a (D,) vector saved as .npy")
     query.add_argument("--k", type=int, default=DEFAULT_K, help=f"number of matches (default: {DEFAULT_K})")
     query.add_argument("--ef-search", type=int, default=None, help="HNSW query breadth (default: the index's)")
+    query.add_argument("--refine-factor", type=int, default=None,
+                       help="RaBitQ candidates re-ranked per neighbour (default: the index's)")
     query.add_argument("--include-self", action="store_true",
                        help="with --vector-of, keep the example itself among the matches")
     query.add_argument("--out", dest="out_path", help="also write the matches to this CSV (rank,id,similarity)")
@@ -606,13 +692,14 @@ def main(argv=None):
         vectors = np.load(args.vectors_path, mmap_mode="r", allow_pickle=False)
         ids = read_ids(args.ids_path) if args.ids_path else None
         index = build_index(vectors, ids=ids, kind=args.kind, seed=args.seed, m=args.m,
-                            ef_construction=args.ef_construction, ef_search=args.ef_search)
+                            ef_construction=args.ef_construction, ef_search=args.ef_search,
+                            refine_factor=args.refine_factor)
         index.save(args.out_path)
         print(f"wrote {index} to {args.out_path}")
         return 0
 
     index = load_index(args.index_path)
-    search_options = {} if args.ef_search is None else {"ef_search": args.ef_search}
+    search_options = {"ef_search": args.ef_search, "refine_factor": args.refine_factor}
     if args.vector_of is not None:
         positions, similarities = index.similar_to(args.vector_of, args.k, include_self=args.include_self,
                                                    **search_options)

@@ -80,11 +80,12 @@ def test_inputs_are_not_modified(catalogue):
     np.testing.assert_array_equal(queries, queries_original)
 
 
-def test_hnsw_recall_on_clustered_set_is_high():
+@pytest.mark.parametrize("kind, options", [("hnsw", {"ef_search": 64}), ("rabitq", {"refine_factor": 10})])
+def test_approximate_recall_on_clustered_set_is_high(kind, options):
     vectors, labels = clustered_vectors(n_clusters=30, per_cluster=60, dimension=32, seed=5)
     queries = vectors[::9]
-    index = similarity.build_index(vectors, kind="hnsw", seed=0, m=16, ef_construction=64)
-    found, _ = index.query(queries, k=10, ef_search=64)
+    index = similarity.build_index(vectors, kind=kind, seed=0, m=16, ef_construction=64)
+    found, _ = index.query(queries, k=10, **options)
     truth, _ = brute_force(vectors, queries, 10)
     recall = np.mean([np.intersect1d(a, b).size for a, b in zip(found, truth)]) / 10
     assert recall >= 0.95
@@ -92,8 +93,9 @@ def test_hnsw_recall_on_clustered_set_is_high():
     assert np.all(labels[found] == labels[::9][:, None])
 
 
-def test_hnsw_similarities_are_cosines(catalogue):
-    index = similarity.build_index(catalogue, kind="hnsw", seed=0)
+@pytest.mark.parametrize("kind", ["rabitq", "hnsw"])
+def test_approximate_similarities_are_cosines(catalogue, kind):
+    index = similarity.build_index(catalogue, kind=kind, seed=0)
     positions, similarities = index.query(catalogue[:5], k=4)
     unit = catalogue / np.linalg.norm(catalogue, axis=1, keepdims=True)
     expected = np.einsum("qd,qkd->qk", unit[:5], unit[positions])
@@ -101,13 +103,34 @@ def test_hnsw_similarities_are_cosines(catalogue):
     np.testing.assert_array_equal(positions[:, 0], np.arange(5))
 
 
-def test_auto_kind_switches_to_hnsw_above_the_threshold(catalogue, monkeypatch):
+def test_auto_kind_switches_to_rabitq_above_the_threshold(catalogue, monkeypatch):
     assert similarity.build_index(catalogue).kind == "exact"
     monkeypatch.setattr(similarity, "AUTO_EXACT_MAX_VECTORS", 100)
-    assert similarity.build_index(catalogue).kind == "hnsw"
+    assert similarity.build_index(catalogue).kind == "rabitq"
 
 
-@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_rabitq_recall_on_unstructured_set_is_high_and_similarities_exact():
+    catalogue = random_vectors(5000, 32, seed=8)
+    queries = random_vectors(50, 32, seed=9)
+    index = similarity.build_index(catalogue, kind="rabitq", seed=0)
+    found, similarities = index.query(queries, k=10, refine_factor=50)
+    truth, _ = brute_force(catalogue, queries, 10)
+    recall = np.mean([np.intersect1d(a, b).size for a, b in zip(found, truth)]) / 10
+    assert recall >= 0.95
+    unit = catalogue / np.linalg.norm(catalogue, axis=1, keepdims=True)
+    unit_queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    np.testing.assert_allclose(similarities, np.einsum("qd,qkd->qk", unit_queries, unit[found]), atol=1e-5)
+
+
+def test_rabitq_with_more_candidates_than_vectors_is_exact():
+    catalogue = random_vectors(50, 8, seed=10)
+    index = similarity.build_index(catalogue, kind="rabitq", seed=0, refine_factor=1000)
+    positions, _ = index.query(catalogue[:5], k=7)
+    expected, _ = brute_force(catalogue, catalogue[:5], 7)
+    np.testing.assert_array_equal(positions, expected)
+
+
+@pytest.mark.parametrize("kind", ["exact", "rabitq", "hnsw"])
 def test_similar_to_leaves_the_example_out_unless_asked(catalogue, kind):
     ids = [f"galaxy_{row}" for row in range(len(catalogue))]
     index = similarity.build_index(catalogue, ids=ids, kind=kind, seed=0)
@@ -120,10 +143,10 @@ def test_similar_to_leaves_the_example_out_unless_asked(catalogue, kind):
     np.testing.assert_allclose(index.vector("galaxy_7"), catalogue[7] / np.linalg.norm(catalogue[7]), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+@pytest.mark.parametrize("kind", ["exact", "rabitq", "hnsw"])
 def test_save_and_load_round_trip(tmp_path, catalogue, kind):
     ids = [f"g{row:04d}" for row in range(len(catalogue))]
-    index = similarity.build_index(catalogue, ids=ids, kind=kind, seed=0, ef_search=77)
+    index = similarity.build_index(catalogue, ids=ids, kind=kind, seed=0, ef_search=77, refine_factor=33)
     path = tmp_path / "catalogue.index"
     index.save(path)
     assert sorted(item.name for item in tmp_path.iterdir()) == ["catalogue.index"]
@@ -135,6 +158,8 @@ def test_save_and_load_round_trip(tmp_path, catalogue, kind):
         np.testing.assert_array_equal(expected, got)
     if kind == "hnsw":
         assert loaded.ef_search == 77
+    if kind == "rabitq":
+        assert loaded.refine_factor == 33
 
 
 @pytest.mark.parametrize(
@@ -156,7 +181,7 @@ def test_bad_catalogues_are_refused(vectors, message):
 
 
 def test_bad_build_arguments_are_refused(catalogue):
-    with pytest.raises(ValueError, match=r"kind must be one of 'auto', 'exact', 'hnsw', got 'ivf'"):
+    with pytest.raises(ValueError, match=r"kind must be one of 'auto', 'exact', 'rabitq', 'hnsw', got 'ivf'"):
         similarity.build_index(catalogue, kind="ivf")
     with pytest.raises(ValueError, match=r"ids must have one entry per vector \(600\), got 2"):
         similarity.build_index(catalogue, ids=["a", "b"])
@@ -166,7 +191,7 @@ def test_bad_build_arguments_are_refused(catalogue):
         similarity.build_index(catalogue, kind="hnsw", m=0)
 
 
-@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+@pytest.mark.parametrize("kind", ["exact", "rabitq", "hnsw"])
 def test_bad_queries_are_refused(catalogue, kind):
     index = similarity.build_index(catalogue, kind=kind, seed=0)
     with pytest.raises(ValueError, match=r"query vectors must have 16 components like the catalogue, got 8"):
@@ -179,6 +204,8 @@ def test_bad_queries_are_refused(catalogue, kind):
         index.query(catalogue[0], k=2.5)
     with pytest.raises(ValueError, match=r"query vectors must be finite; 1 row\(s\) hold NaN"):
         index.query(np.full(16, np.nan), k=3)
+    with pytest.raises(ValueError, match=r"refine_factor must be a positive integer, got 0"):
+        index.query(catalogue[0], k=3, refine_factor=0)
     with pytest.raises(ValueError, match=r"id 'missing' is not in the catalogue \(600 ids\)"):
         index.similar_to("missing", k=3)
     with pytest.raises(ValueError, match=r"k must be an integer in \[1, 599\] "
