@@ -1,9 +1,10 @@
-"""Benchmark cosine-similarity search: exact NumPy scan against the approximate HNSW graph.
+"""Benchmark cosine-similarity search: exact NumPy scan against the approximate indexes.
 
-Draws N random unit vectors in D dimensions (seeded), builds both index kinds of
+Draws N random unit vectors in D dimensions (seeded), builds the index kinds of
 ``similarity.py``, and reports for each: build time, resident memory added, query latency
-(one query at a time and in one batch) and, for HNSW, recall@k against the exact answer
-for a sweep of ``ef_search`` values. Uniform random directions are the hardest case for a
+(one query at a time and in one batch) and, for the approximate kinds, recall@k against the
+exact answer along a sweep of their speed/recall knob (RaBitQ ``refine_factor``, HNSW
+``ef_search``), stopped at the first value that reaches the target recall. Uniform random directions are the hardest case for a
 graph index (no clusters, neighbours barely closer than strangers); real representations
 are easier. The exact search of the same run is the baseline, so the ratios survive a busy
 machine.
@@ -40,8 +41,11 @@ K = 10
 TARGET_RECALL = 0.95
 HNSW_M = similarity.HNSW_M
 HNSW_EF_CONSTRUCTION = similarity.HNSW_EF_CONSTRUCTION
+# Approximate kinds measured against the exact scan.
+KINDS = ("rabitq", "hnsw")
 # Swept in order until the target recall is met.
 EF_SEARCH_VALUES = (64, 128, 256, 512, 1024, 2048, 4096)
+REFINE_FACTORS = (10, 30, 100, 300, 1000, 3000)
 SEED = 0
 
 
@@ -89,8 +93,45 @@ def single_query_latency(index, queries, k, **search_options):
     return float(np.median(times)), float(np.mean(times))
 
 
-def run(n_vectors, dimension, n_queries, n_single_queries, k, target_recall, m, ef_construction,
-        ef_search_values, seed):
+def benchmark_approximate(kind, catalogue, queries, single, truth, k, target_recall, seed, m, ef_construction,
+                          sweep_values):
+    """Build one approximate index, sweep its speed/recall knob until the target, time single queries."""
+    knob = "ef_search" if kind == "hnsw" else "refine_factor"
+    before = resident_bytes()
+    start = time.perf_counter()
+    index = similarity.build_index(catalogue, kind=kind, seed=seed, m=m, ef_construction=ef_construction)
+    figures = {"build_s": time.perf_counter() - start, "memory_mb": (resident_bytes() - before) / 2**20,
+               "knob": knob}
+    if kind == "hnsw":
+        figures["m"], figures["ef_construction"] = m, ef_construction
+    settings = f" (m={m}, ef_construction={ef_construction})" if kind == "hnsw" else ""
+    print(f"{kind}{settings}: build {figures['build_s']:.1f} s, +{figures['memory_mb']:.0f} MB", flush=True)
+    sweep = []
+    for value in sweep_values:
+        start = time.perf_counter()
+        found, _ = index.query(queries, k, **{knob: value})
+        seconds_per_query = (time.perf_counter() - start) / len(queries)
+        recall = recall_at_k(found, truth)
+        sweep.append({knob: value, "recall": recall, "batch_s_per_query": seconds_per_query})
+        print(f"{kind} {knob}={value}: recall@{k} {recall:.4f}, batched {1e3 * seconds_per_query:.2f} ms/query",
+              flush=True)
+        if recall >= target_recall:
+            break
+    figures["sweep"] = sweep
+    figures["chosen"] = sweep[-1][knob]
+    figures["recall"] = sweep[-1]["recall"]
+    figures["target_recall_met"] = sweep[-1]["recall"] >= target_recall
+    figures["batch_s_per_query"] = sweep[-1]["batch_s_per_query"]
+    figures["single_s_per_query_median"], figures["single_s_per_query_mean"] = single_query_latency(
+        index, single, k, **{knob: figures["chosen"]})
+    print(f"{kind} {knob}={figures['chosen']}: recall@{k} {figures['recall']:.4f} "
+          f"(target {target_recall}: {'met' if figures['target_recall_met'] else 'NOT met'}), "
+          f"single {1e3 * figures['single_s_per_query_median']:.2f} ms/query (median)", flush=True)
+    return figures
+
+
+def run(n_vectors, dimension, n_queries, n_single_queries, k, target_recall, kinds, m, ef_construction,
+        ef_search_values, refine_factors, seed):
     """Run the benchmark and return its figures as a dictionary (also printed)."""
     rng = np.random.default_rng(seed)
     catalogue = random_unit_vectors(n_vectors, dimension, rng)
@@ -115,44 +156,17 @@ def run(n_vectors, dimension, n_queries, n_single_queries, k, target_recall, m, 
           f"single {1e3 * results['exact_single_s_per_query_median']:.2f} ms/query (median)", flush=True)
     del exact
 
-    before = resident_bytes()
-    start = time.perf_counter()
-    hnsw = similarity.build_index(catalogue, kind="hnsw", seed=seed, m=m, ef_construction=ef_construction)
-    results["hnsw_build_s"] = time.perf_counter() - start
-    results["hnsw_memory_mb"] = (resident_bytes() - before) / 2**20
-    results["hnsw_m"], results["hnsw_ef_construction"] = m, ef_construction
-    print(f"hnsw (m={m}, ef_construction={ef_construction}): build {results['hnsw_build_s']:.1f} s, "
-          f"+{results['hnsw_memory_mb']:.0f} MB", flush=True)
-
-    sweep = []
-    chosen = None
-    for ef_search in ef_search_values:
-        start = time.perf_counter()
-        found, _ = hnsw.query(queries, k, ef_search=ef_search)
-        seconds_per_query = (time.perf_counter() - start) / n_queries
-        recall = recall_at_k(found, truth)
-        sweep.append({"ef_search": ef_search, "recall": recall, "batch_s_per_query": seconds_per_query})
-        print(f"hnsw ef_search={ef_search}: recall@{k} {recall:.4f}, batched {1e3 * seconds_per_query:.2f} ms/query",
+    for kind in kinds:
+        results[kind] = benchmark_approximate(kind, catalogue, queries, single, truth, k, target_recall, seed,
+                                              m=m, ef_construction=ef_construction,
+                                              sweep_values=ef_search_values if kind == "hnsw" else refine_factors)
+        results[kind]["speedup_single"] = (results["exact_single_s_per_query_median"]
+                                           / results[kind]["single_s_per_query_median"])
+        results[kind]["speedup_batch"] = results["exact_batch_s_per_query"] / results[kind]["batch_s_per_query"]
+        print(f"{kind}: speed-up over exact at {results[kind]['knob']}={results[kind]['chosen']}: "
+              f"single x{results[kind]['speedup_single']:.1f}, batched x{results[kind]['speedup_batch']:.1f}",
               flush=True)
-        if recall >= target_recall:
-            chosen = ef_search
-            break
-    results["hnsw_sweep"] = sweep
-    results["hnsw_chosen_ef_search"] = chosen if chosen is not None else ef_search_values[-1]
-    results["target_recall_met"] = chosen is not None
-    results["hnsw_single_s_per_query_median"], results["hnsw_single_s_per_query_mean"] = single_query_latency(
-        hnsw, single, k, ef_search=results["hnsw_chosen_ef_search"])
-    results["hnsw_batch_s_per_query"] = sweep[-1]["batch_s_per_query"]
-    results["hnsw_recall"] = sweep[-1]["recall"]
-    results["speedup_single"] = (results["exact_single_s_per_query_median"]
-                                 / results["hnsw_single_s_per_query_median"])
-    results["speedup_batch"] = results["exact_batch_s_per_query"] / results["hnsw_batch_s_per_query"]
     results["load_average_end"] = os.getloadavg()
-    print(f"hnsw ef_search={results['hnsw_chosen_ef_search']}: recall@{k} {results['hnsw_recall']:.4f} "
-          f"(target {target_recall}: {'met' if results['target_recall_met'] else 'NOT met'}), "
-          f"single {1e3 * results['hnsw_single_s_per_query_median']:.2f} ms/query (median); "
-          f"speed-up over exact: single x{results['speedup_single']:.1f}, batched x{results['speedup_batch']:.1f}",
-          flush=True)
     return results
 
 
@@ -173,11 +187,20 @@ def parse_args(argv=None):
                         default=EF_SEARCH_VALUES,
                         help="comma-separated ef_search values to sweep "
                              f"(default: {','.join(map(str, EF_SEARCH_VALUES))})")
+    parser.add_argument("--kinds", type=lambda text: tuple(text.split(",")), default=KINDS,
+                        help=f"comma-separated approximate kinds to measure (default: {','.join(KINDS)})")
+    parser.add_argument("--refine-factor", type=lambda text: tuple(int(value) for value in text.split(",")),
+                        default=REFINE_FACTORS,
+                        help="comma-separated RaBitQ refine factors to sweep "
+                             f"(default: {','.join(map(str, REFINE_FACTORS))})")
     parser.add_argument("--seed", type=int, default=SEED, help=f"random seed (default: {SEED})")
     parser.add_argument("--out", dest="out_path", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.n < args.k or args.queries < 1 or args.single_queries < 1:
         parser.error("need --n >= --k, --queries >= 1 and --single-queries >= 1")
+    unknown = sorted(set(args.kinds) - {"rabitq", "hnsw"})
+    if unknown:
+        parser.error(f"--kinds must name rabitq and/or hnsw, got {','.join(unknown)}")
     args.single_queries = min(args.single_queries, args.queries)
     return args
 
@@ -186,7 +209,7 @@ def main(argv=None):
     args = parse_args(argv)
     command = "python bench/bench_similarity.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results = run(args.n, args.dimension, args.queries, args.single_queries, args.k, args.target_recall,
-                  args.m, args.ef_construction, args.ef_search, args.seed)
+                  args.kinds, args.m, args.ef_construction, args.ef_search, args.refine_factor, args.seed)
     results["command"] = command
     if args.out_path:
         path = pathlib.Path(args.out_path)
