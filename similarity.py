@@ -12,8 +12,8 @@ Two kinds of index:
   (query batch x chunk) block; no N x N matrix is ever formed.
 * ``"rabitq"``: an approximate two-stage scan (faiss ``IndexRaBitQ`` behind a seeded random
   rotation, wrapped in ``IndexRefineFlat``). Every vector is also stored as a 1-bit-per-component
-  RaBitQ code (Gao & Long 2024, SIGMOD); a query scans the codes (16 bytes per 128-d vector
-  instead of 512), keeps the ``k * refine_factor`` best estimates and re-ranks them with the
+  RaBitQ code (Gao & Long 2024, SIGMOD; 24 bytes for a 128-d vector, against 512 in float32);
+  a query scans the codes, keeps the ``k * refine_factor`` best estimates and re-ranks them with the
   exact float32 vectors, so the similarities returned are exact. Builds in seconds; recall
   depends little on how the catalogue is structured.
 * ``"hnsw"``: an approximate hierarchical navigable small-world graph (faiss
