@@ -49,6 +49,7 @@ import os
 import pathlib
 import sys
 import time
+import zipfile
 
 import numpy as np
 
@@ -619,7 +620,7 @@ def load_index(path):
         raise ValueError(f"index file {str(path)!r} does not exist")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"index file {str(path)!r} is not a saved similarity index: {error}") from None
     with archive:
         if "format" not in archive.files or str(archive["format"]) != FILE_FORMAT:

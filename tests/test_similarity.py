@@ -216,6 +216,10 @@ def test_bad_queries_are_refused(catalogue, kind):
 def test_loading_a_file_that_is_not_an_index_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"index file '.*absent.npz' does not exist"):
         similarity.load_index(tmp_path / "absent.npz")
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"index file '.*empty.npz' is not a saved similarity index: "):
+        similarity.load_index(empty)
     other = tmp_path / "other.npz"
     np.savez(other, values=np.arange(3))
     with pytest.raises(ValueError, match=r"is not a saved similarity index \(no format 'similarity-index'\)"):
