@@ -708,7 +708,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # This module's progress at INFO; other libraries (faiss reports which build it loads) at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)
     if args.command == "build":
         vectors = np.load(args.vectors_path, mmap_mode="r", allow_pickle=False)
         ids = read_ids(args.ids_path) if args.ids_path else None
