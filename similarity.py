@@ -19,11 +19,15 @@ Two kinds of index:
 * ``"hnsw"``: an approximate hierarchical navigable small-world graph (faiss
   ``IndexHNSWFlat`` with the inner-product metric). Queries cost roughly logarithmically in N
   on structured (clustered) catalogues; ``ef_search`` (the breadth of the graph search at
-  query time) trades speed for recall. The graph is slow to build (measured 990 s for 10^6
-  vectors on 2 shared cores) and needs a very broad search on unstructured data.
+  query time) trades speed for recall. The graph is slow to build (561 s for 10^6 vectors on
+  2 shared cores) and needs a very broad search on unstructured data.
 
 ``kind="auto"`` uses the exact index up to :data:`AUTO_EXACT_MAX_VECTORS` vectors and
-``"rabitq"`` above; ``bench/bench_similarity.py`` measures all three.
+``"rabitq"`` above. On 10^6 uniform random 128-d unit vectors (the hardest case,
+``bench/bench_similarity.py``), RaBitQ with the default ``refine_factor`` reached recall@10
+0.978 at a third of the exact scan's single-query time, built in 7.5 s; HNSW reached 0.93 at
+the broadest search tried. Below 10^5 vectors an exact scan takes a few milliseconds per
+query and needs no build.
 
 Library use::
 
@@ -66,9 +70,12 @@ AUTO_EXACT_MAX_VECTORS = 100_000
 HNSW_M = 32
 #: Breadth of the candidate list while inserting a vector into the graph.
 HNSW_EF_CONSTRUCTION = 64
-#: Breadth of the candidate list at query time (raised to ``k`` when smaller).
+#: Breadth of the candidate list at query time (raised to ``k`` when smaller). Enough for
+#: recall@10 >= 0.95 on 2 * 10^4 uniform random 128-d vectors; 10^6 need over 4096.
 HNSW_EF_SEARCH = 256
-#: RaBitQ: candidates re-ranked exactly per query = k * REFINE_FACTOR (capped at N).
+#: RaBitQ: candidates re-ranked exactly per query = k * REFINE_FACTOR (capped at N). The
+#: smallest swept value (10, 30, 100, 300, 1000) giving recall@10 >= 0.95 on 10^6 uniform
+#: random 128-d vectors; clustered catalogues reach it with far fewer (see the benchmark).
 RABITQ_REFINE_FACTOR = 1000
 #: Catalogue rows scored at once by the exact search.
 EXACT_CHUNK_ROWS = 16_384
