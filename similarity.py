@@ -289,6 +289,12 @@ class Index:
             Catalogue rows, most similar first; ``index.ids[positions]`` gives the ids.
         similarities : ndarray of float32, same shape
             Cosine similarities, decreasing.
+
+        Notes
+        -----
+        Fewer than :data:`SINGLE_THREAD_MAX_QUERIES` queries run on one thread, set through
+        process-wide BLAS and faiss settings that are restored afterwards; batch queries rather
+        than calling this from several Python threads at once.
         """
         vectors = np.asarray(vectors)
         single = vectors.ndim == 1
