@@ -208,20 +208,23 @@ def similarity_search(encoder, config, images, ids, labels, query_id, top_k):
         and ``tidal_fraction_top_k``.
     """
     import nnclr_model
+    import similarity
 
     matches = np.flatnonzero(ids == query_id)
     if matches.size == 0:
         raise ValueError(f"--similar-to: no galaxy with id {query_id!r} in the data")
     query = matches[0]
     features = nnclr_model.representations(encoder, images, config)
-    features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    similarity = features @ features[query]
-    order = [index for index in np.argsort(-similarity, kind="stable") if index != query][:top_k]
+    # Exact search for catalogues up to 100,000 galaxies, an approximate index above (similarity.py).
+    index = similarity.build_index(features)
+    positions, similarities = index.query(features[query], k=min(top_k + 1, len(features)))
+    ranked = [(int(i), float(s)) for i, s in zip(positions, similarities) if i != query][:top_k]
+    order = [i for i, _ in ranked]
     return {
         "query": {"id": str(ids[query]), "has_tidal": int(labels[query])},
         "top": [
-            {"id": str(ids[i]), "similarity": float(similarity[i]), "has_tidal": int(labels[i]), "index": int(i)}
-            for i in order
+            {"id": str(ids[i]), "similarity": value, "has_tidal": int(labels[i]), "index": i}
+            for i, value in ranked
         ],
         "tidal_fraction_top_k": float(np.mean([labels[i] for i in order])) if order else float("nan"),
         "query_index": int(query),
