@@ -32,7 +32,9 @@ from tqdm import tqdm
 
 # Benchmarks run as scripts from anywhere; the project's modules live one folder up.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import similarity  # noqa: E402
 from prep_data import atomic_path  # noqa: E402
 
@@ -60,13 +62,7 @@ CLUSTER_SPREAD = 0.7
 
 def machine_description():
     """CPU model, core count, load average and library versions, in one line."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    cpu = common.cpu_name()
     import faiss
 
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())

@@ -10,10 +10,8 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 
-def machine_description():
-    """One line naming the CPU, its cores, the accelerators and the TensorFlow version."""
-    import tensorflow as tf
-
+def cpu_name():
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as handle:
@@ -21,6 +19,14 @@ def machine_description():
         cpu = names[0] if names else cpu
     except OSError:
         pass
+    return cpu
+
+
+def machine_description():
+    """One line naming the CPU, its cores, the accelerators and the TensorFlow version."""
+    import tensorflow as tf
+
+    cpu = cpu_name()
     gpus = tf.config.list_physical_devices("GPU")
     gpu_names = []
     for gpu in gpus:
