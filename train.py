@@ -97,7 +97,10 @@ def split_indices(n, validation_fraction, seed):
 
 
 def cutout_datasets(inputs, label_key, train_config, validation_fraction, image_size):
-    """Training and validation datasets of ``(image, label)`` streamed from cutout files."""
+    """Training and validation datasets of ``(image, label)`` streamed from cutout files.
+
+    Returns ``(train_data, validation_data, train_labels)``.
+    """
     refs, errors = prep_data.index_cutouts(inputs)
     if errors:
         raise prep_data.CutoutError(errors[0][1])
@@ -113,11 +116,15 @@ def cutout_datasets(inputs, label_key, train_config, validation_fraction, image_
     return (
         stream(train_idx, train_config.batch_size, train_config.seed),
         stream(val_idx, train_config.validation_batch_size, None),
+        labels[train_idx],
     )
 
 
 def tfds_datasets(name, data_dir, train_config, validation_fraction):
-    """Training and validation datasets from a TFDS dataset with ``image`` and ``label`` features."""
+    """Training and validation datasets from a TFDS dataset with ``image`` and ``label`` features.
+
+    Returns ``(train_data, validation_data, train_labels)``.
+    """
     import tensorflow_datasets as tfds
 
     import data.icl_datasets  # noqa: F401  (registers the project's builders)
@@ -136,7 +143,15 @@ def tfds_datasets(name, data_dir, train_config, validation_fraction):
             dataset = dataset.shuffle(5000, seed=train_config.seed)
         return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
-    return pairs(train_split, train_config.batch_size, True), pairs(val_split, train_config.validation_batch_size, False)
+    labels_only = tfds.load(
+        name, split=f"train[:{percent}%]", data_dir=data_dir, decoders={"image": tfds.decode.SkipDecoding()}
+    ).map(lambda e: e["label"])
+    train_labels = np.fromiter(labels_only.as_numpy_iterator(), dtype=np.float32)
+    return (
+        pairs(train_split, train_config.batch_size, True),
+        pairs(val_split, train_config.validation_batch_size, False),
+        train_labels,
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -197,7 +212,7 @@ def _best_so_far(history_path):
 
 
 def train(model_config, train_config, train_data, validation_data, out_dir, real_data=None, initial_weights=None,
-          strategy=None):
+          strategy=None, prior_labels=None):
     """Train, checkpoint and evaluate the ICL regressor.
 
     Parameters
@@ -214,6 +229,9 @@ def train(model_config, train_config, train_data, validation_data, out_dir, real
         Checkpoint to start from instead of random weights.
     strategy : tf.distribute.Strategy, optional
         Distribution strategy (see :func:`make_strategy`); one device by default.
+    prior_labels : array, optional
+        Training labels; when given (and no ``initial_weights``), the untrained head starts at
+        their distribution (:func:`model.set_label_prior`).
 
     Returns
     -------
@@ -224,6 +242,8 @@ def train(model_config, train_config, train_data, validation_data, out_dir, real
     out_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(train_config.seed)
     icl_model = compiled_model(model_config, train_config, strategy, initial_weights)
+    if prior_labels is not None and not initial_weights:
+        model.set_label_prior(icl_model, prior_labels)
     callbacks = [
         keras.callbacks.BackupAndRestore(str(out_dir / "backup"), delete_checkpoint=False),
         AtomicBestCheckpoint(out_dir / "best.weights.h5", model_config, _best_so_far(out_dir / "history.csv")),
@@ -282,6 +302,8 @@ def build_parser():
     parser.add_argument("--early-stopping-patience", type=int, default=EARLY_STOPPING_PATIENCE)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--init", metavar="CHECKPOINT", help="start from these weights")
+    parser.add_argument("--no-label-prior", action="store_true",
+                        help="start the mixture head from zero bias (the original) instead of the training labels' distribution")
     parser.add_argument("--strategy", choices=("default", "mirrored", "multiworker"), default=STRATEGY,
                         help="tf.distribute strategy: one device, all local GPUs, or several machines (TF_CONFIG)")
     parser.add_argument("--architecture", choices=sorted(model.ARCHITECTURES), default="paper",
@@ -306,11 +328,11 @@ def main(argv=None):
         )
         model_config = model.TESTING if args.tiny else model.ARCHITECTURES[args.architecture]
         if args.hdf5:
-            train_data, validation_data = cutout_datasets(
+            train_data, validation_data, train_labels = cutout_datasets(
                 args.hdf5, args.label_key, train_config, args.validation_fraction, model_config.image_size
             )
         else:
-            train_data, validation_data = tfds_datasets(args.tfds, args.data_dir, train_config, args.validation_fraction)
+            train_data, validation_data, train_labels = tfds_datasets(args.tfds, args.data_dir, train_config, args.validation_fraction)
         real_data = None
         if args.real:
             real_refs, errors = prep_data.index_cutouts(args.real)
@@ -323,7 +345,10 @@ def main(argv=None):
                 ).map(lambda e: (e["image"], e["label"]))
             )
         strategy = make_strategy(args.strategy)
-        metrics = train(model_config, train_config, train_data, validation_data, args.out, real_data, args.init, strategy)
+        prior_labels = None if args.no_label_prior else train_labels
+        metrics = train(
+            model_config, train_config, train_data, validation_data, args.out, real_data, args.init, strategy, prior_labels
+        )
     except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -137,3 +137,21 @@ def test_compact_architecture_reads_112_pixel_images():
     assert compact.input_shape == (None, 112, 112, 1)
     # Encoder with N = 2 (562,064) plus the paper's dense head (624,688).
     assert compact.count_params() == 1_186_752
+
+
+def test_label_prior_head_predicts_the_label_distribution():
+    labels = np.random.default_rng(3).normal(0.07, 0.028, 500).clip(0.01, 0.3)
+    icl_model = model.build_icl_model(model.TESTING)
+    images = np.random.default_rng(4).normal(1.0, 0.1, (8, 32, 32, 1)).astype(np.float32)
+    before = model.negative_log_likelihood(labels[:8], icl_model(images)).numpy().mean()
+    model.set_label_prior(icl_model, labels)
+    params = icl_model(images).numpy()
+    mean = model.beta_mixture(params).mean().numpy()
+    assert np.all(np.abs(mean - labels.mean()) < 0.02)
+    after = model.negative_log_likelihood(labels[:8], params).numpy().mean()
+    assert after < before - 1.0
+
+
+def test_label_prior_needs_labels():
+    with pytest.raises(ValueError, match="at least 2 finite labels"):
+        model.label_prior_bias([0.1], 16)
