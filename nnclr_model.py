@@ -45,6 +45,9 @@ class NNCLRConfig:
     noise_range: tuple = augmentations.NNCLR_NOISE_RANGE
     # Blocks per ResNet v2 stage (depth 9 N + 2; N = 2 gives depth 20).
     n_blocks: int = 2
+    # The encoder first averages binning x binning pixels (1: the paper's full resolution; 2 costs
+    # a quarter of the arithmetic, for CPU training). crop_size must be a multiple of it.
+    binning: int = 1
     # L2 factor on the ResNet convolution kernels.
     weight_decay: float = 5e-4
     # Batch normalisation inside the ResNet (the keras-idiomatic ResNet v2 the original used has it).
@@ -59,7 +62,8 @@ class NNCLRConfig:
     temperature: float = 0.1
 
     def __post_init__(self):
-        for name in ("image_size", "n_bands", "crop_size", "n_blocks", "representation_dim", "projection_dim", "queue_size"):
+        for name in ("image_size", "n_bands", "crop_size", "n_blocks", "binning", "representation_dim", "projection_dim",
+                     "queue_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.jitter < 0:
@@ -69,6 +73,8 @@ class NNCLRConfig:
                 f"image_size {self.image_size} is smaller than the crop: it must be at least "
                 f"crop_size + jitter = {self.crop_size + self.jitter}"
             )
+        if self.crop_size % self.binning:
+            raise ValueError(f"crop_size {self.crop_size} must be a multiple of binning {self.binning}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.weight_decay < 0:
@@ -125,20 +131,25 @@ def build_encoder(config, name="nnclr_encoder"):
     keras.Model
         (batch, crop, crop, bands) stretched views -> (batch, representation_dim).
     """
+    binned = config.crop_size // config.binning
     backbone = build_resnet_v2(
-        config.encoder_input_shape,
+        (binned, binned, config.n_bands),
         n_blocks=config.n_blocks,
         weight_decay=config.weight_decay,
         batch_norm=config.batch_norm,
         name="resnet",
     )
-    x = backbone.output
+    if config.binning == 1:
+        inputs, x = backbone.input, backbone.output
+    else:
+        inputs = keras.Input(config.encoder_input_shape, name="view")
+        x = backbone(layers.AveragePooling2D(config.binning, name="binning")(inputs))
     x = layers.Dense(config.representation_dim, use_bias=False, name="representation_dense1")(x)
     x = layers.BatchNormalization(name="representation_bn1")(x)
     x = layers.ReLU(name="representation_relu")(x)
     x = layers.Dense(config.representation_dim, use_bias=False, name="representation_dense2")(x)
     outputs = layers.BatchNormalization(name="representation_bn2")(x)
-    return keras.Model(backbone.input, outputs, name=name)
+    return keras.Model(inputs, outputs, name=name)
 
 
 def build_projection_head(config, name="projection_head"):

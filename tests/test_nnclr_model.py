@@ -211,6 +211,23 @@ def test_paper_configuration_shapes():
     assert config.min_image_size == 109 and config.input_shape == (128, 128, 5)
 
 
+def test_binned_encoder_reads_full_resolution_views_and_averages_pixels(tmp_path):
+    binned = dataclasses.replace(TESTING_CONFIG, binning=2)
+    encoder = nnclr_model.build_encoder(binned)
+    assert encoder.input_shape == (None, 16, 16, 5) and encoder.output_shape == (None, 16)
+    backbone = encoder.get_layer("resnet")
+    assert backbone.input_shape == (None, 8, 8, 5)
+    views = np.random.default_rng(0).normal(size=(2, 16, 16, 5)).astype(np.float32)
+    averaged = views.reshape(2, 8, 2, 8, 2, 5).mean(axis=(2, 4))
+    np.testing.assert_allclose(encoder.get_layer("binning")(views).numpy(), averaged, rtol=1e-5, atol=1e-6)
+    path = tmp_path / "encoder.keras"
+    nnclr_model.save_encoder(encoder, path)
+    with pytest.raises(ValueError, match="different architecture from the NNCLR config"):
+        nnclr_model.load_encoder(path, TESTING_CONFIG)
+    with pytest.raises(ValueError, match="crop_size 16 must be a multiple of binning 3"):
+        dataclasses.replace(TESTING_CONFIG, binning=3)
+
+
 def test_config_rejects_images_smaller_than_the_crop():
     with pytest.raises(ValueError, match=r"image_size 100 is smaller than the crop: .* crop_size \+ jitter = 109"):
         nnclr_model.NNCLRConfig(image_size=100)
