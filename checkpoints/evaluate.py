@@ -1,0 +1,130 @@
+"""Measure a shipped ICL checkpoint on held-out mock clusters: the numbers of the model card.
+
+The held-out clusters come from our generator with a seed the training never used, e.g.
+
+    python -m data.generate clusters --n 256 --seed 2000 --out heldout.h5
+    python checkpoints/evaluate.py checkpoints/icl_trained.weights.h5 heldout.h5 --out eval_trained
+
+For every truth column the file holds (``f_icl_sb_ideal``, ``f_icl_sb_ideal_scene``,
+``f_icl_true`` and, when measured, ``f_icl_sb``) it reports the mean absolute error, bias,
+scatter and Pearson r of the predicted mode, and the fraction of clusters whose label lies
+inside the predicted 15-85% interval. It writes ``metrics.json`` and one binned plot per column.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+#: Truth columns of our mock files, in the order the card lists them.
+LABEL_KEYS = ("f_icl_sb_ideal", "f_icl_sb_ideal_scene", "f_icl_true", "f_icl_sb")
+BATCH_SIZE = 32
+
+
+def available_labels(refs, keys=LABEL_KEYS):
+    """The truth columns present (and finite) for every cutout, as {key: (N,) array}."""
+    import prep_data
+
+    labels = {}
+    for key in keys:
+        try:
+            labels[key] = prep_data.read_labels(refs, key)
+        except (ValueError, KeyError):
+            continue
+    return labels
+
+
+def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE):
+    """Predict the held-out clusters and compare with each truth column.
+
+    Parameters
+    ----------
+    checkpoint : path
+        ICL checkpoint (``.weights.h5`` with its config, or ``.keras``).
+    inputs : list of paths
+        Cutout files or directories (any format ``prep_data`` reads) with truth columns.
+    out_dir : path, optional
+        Where ``metrics.json`` and the plots go.
+
+    Returns
+    -------
+    dict
+        ``{"checkpoint", "n", "columns": {key: metrics}}``.
+    """
+    import model
+    import plots
+    import prep_data
+
+    refs, errors = prep_data.index_cutouts(inputs)
+    if errors:
+        raise prep_data.CutoutError(errors[0][1])
+    labels = available_labels(refs)
+    if not labels:
+        raise ValueError(f"none of the truth columns {', '.join(LABEL_KEYS)} is in {', '.join(map(str, inputs))}")
+    predictor = model.Predictor(model.load_icl_model(checkpoint))
+    image_size = predictor.model.input_shape[1]
+    dataset = prep_data.cutout_dataset(refs, batch_size, image_size, strict=True)
+    parts = [predictor(batch["image"]) for batch in dataset]
+    summary = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    columns = {}
+    for key, truth in labels.items():
+        metrics = model.regression_metrics(truth, summary["mode"])
+        metrics["coverage_15_85"] = float(np.mean((truth >= summary["p15"]) & (truth <= summary["p85"])))
+        metrics["mae_of_constant_median"] = float(np.abs(truth - np.median(truth)).mean())
+        columns[key] = metrics
+    result = {"checkpoint": str(checkpoint), "n": len(refs), "columns": columns}
+    if out_dir is not None:
+        out_dir = pathlib.Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for key, truth in labels.items():
+            plots.plot_binned(truth, summary["mode"], out_dir / f"binned_{key}.png", n_bins=10,
+                              title=f"{pathlib.Path(checkpoint).name}: held-out mocks", label_name=key)
+        path = out_dir / "metrics.json"
+        temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
+        temporary.write_text(json.dumps(result, indent=2))
+        os.replace(temporary, path)
+    return result
+
+
+def markdown_table(result):
+    """The card's table: one row per truth column."""
+    lines = [
+        "| label | n | MAE | MAE of a constant | bias | scatter | Pearson r | label in 15-85% |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, m in result["columns"].items():
+        lines.append(
+            f"| `{key}` | {m['n']} | {m['mae']:.4f} | {m['mae_of_constant_median']:.4f} | {m['bias']:+.4f} | "
+            f"{m['scatter']:.4f} | {m['pearson_r']:.3f} | {m['coverage_15_85']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="ICL checkpoint (.weights.h5 with its .config.json, or .keras)")
+    parser.add_argument("inputs", nargs="+", help="held-out cutout files or directories with truth columns")
+    parser.add_argument("--out", help="folder for metrics.json and the binned plots")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    args = parser.parse_args(argv)
+
+    import model
+    import prep_data
+
+    try:
+        result = evaluate(args.checkpoint, args.inputs, args.out, args.batch_size)
+    except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
