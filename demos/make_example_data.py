@@ -186,9 +186,10 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2, help="processes rendering the fine-tuning clusters (default 2)")
     parser.add_argument("--out", default=str(OUT_DIR), help="output folder (default demos/data)")
     args = parser.parse_args(argv)
-    if min(args.n, args.galaxies_per_class, args.finetune_clusters) < 0:
-        parser.error("--n, --galaxies-per-class and --finetune-clusters must be >= 0, got "
-                     f"{args.n}, {args.galaxies_per_class} and {args.finetune_clusters}")
+    for option, value in (("--n", args.n), ("--galaxies-per-class", args.galaxies_per_class),
+                          ("--finetune-clusters", args.finetune_clusters)):
+        if value < 0:
+            parser.error(f"{option} must be >= 0, got {value}")
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
     if args.n:
