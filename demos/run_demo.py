@@ -161,7 +161,14 @@ def run_tidal(out_dir, log, python=sys.executable, run_dir=NNCLR_RUN, galaxies=E
     """The tidal step: ``nnclr_test.py`` on the example galaxies, outputs in ``out_dir/tidal``.
 
     Skipped (logged with status "skipped" and the missing files) when the run folder is
-    incomplete. Returns the metrics (``nnclr_test.py``'s ``metrics.json``) or None.
+    incomplete.
+
+    Returns
+    -------
+    dict or None
+        ``nnclr_test.py``'s ``metrics.json`` plus ``top_k`` and ``example_tidal_fraction`` (the
+        share of tidal galaxies among all examples, the similarity search's baseline); None
+        when skipped or failed.
     """
     missing = missing_nnclr_files(run_dir)
     if missing:
@@ -178,7 +185,10 @@ def run_tidal(out_dir, log, python=sys.executable, run_dir=NNCLR_RUN, galaxies=E
     metrics_path = tidal_dir / "metrics.json"
     if status != 0 or not metrics_path.is_file():
         return None
-    return json.loads(metrics_path.read_text())
+    import prep_data
+
+    labels = prep_data.index_tidal_hdf5([galaxies]).has_tidal
+    return {**json.loads(metrics_path.read_text()), "top_k": int(top_k), "example_tidal_fraction": float(labels.mean())}
 
 
 def tidal_summary_html(metrics):
@@ -192,8 +202,9 @@ def tidal_summary_html(metrics):
         "(as 1 - precision)",
     ]
     if "similarity_tidal_fraction_top_k" in metrics:
-        parts.append(f"similarity search: {metrics['similarity_tidal_fraction_top_k']:.0%} of the most similar galaxies "
-                     "have tidal features (the example set holds half)")
+        parts.append(f"similarity search: {metrics['similarity_tidal_fraction_top_k']:.0%} of the {metrics['top_k']} "
+                     f"galaxies most similar to the query have tidal features "
+                     f"({metrics['example_tidal_fraction']:.0%} of all example galaxies do)")
     return "<p>" + "; ".join(html.escape(part) for part in parts) + ".</p>"
 
 

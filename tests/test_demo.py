@@ -145,7 +145,9 @@ def test_tidal_step_writes_roc_metrics_and_gallery(tmp_path):
     page = run_demo.write_index(out_dir, log, None, metrics).read_text()
     assert 'src="tidal/roc.png"' in page and 'src="tidal/similar_to_galaxy00.png"' in page
     assert f"AUC {metrics['auc']:.3f} on 28 example galaxies (14 with tidal features)" in page
-    assert f"{metrics['similarity_tidal_fraction_top_k']:.0%} of the most similar galaxies" in page
+    assert metrics["example_tidal_fraction"] == 0.5 and metrics["top_k"] == run_demo.TOP_K
+    assert (f"{metrics['similarity_tidal_fraction_top_k']:.0%} of the {run_demo.TOP_K} galaxies most similar to the query "
+            "have tidal features (50% of all example galaxies do)") in page
 
 
 def test_demo_writes_results_page(tmp_path):
