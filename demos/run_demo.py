@@ -9,12 +9,22 @@
 5. ``results/index.html``, one page that shows it all.
 
 Each step runs the same command a user would type, so what the demo shows is what the tools do.
+A step whose shipped checkpoint is missing is skipped with a message saying which file is
+missing; the other steps still run.
+
+The tidal step evaluates the shipped classifier on the example galaxies rather than on the
+test set of its training data. ``nnclr_test.py`` draws its test set with the run's own split
+sizes (hundreds of galaxies per class), so the step gives it a run folder,
+``results/tidal/run/``, that links to the shipped encoder and classifier and whose
+``config.json`` differs from the shipped one only in the split sizes: one galaxy per class
+for the (unused) training and validation sets, and every other example galaxy for the test set.
 
     python demos/run_demo.py --out results
 """
 
 import argparse
 import html
+import json
 import os
 import pathlib
 import subprocess
@@ -26,6 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 EXAMPLE_CLUSTERS = ROOT / "demos" / "data" / "clusters"
 EXAMPLE_TRUTH = ROOT / "demos" / "data" / "clusters_truth.csv"
+EXAMPLE_GALAXIES = ROOT / "demos" / "data" / "galaxies.h5"
+NNCLR_RUN = ROOT / "checkpoints" / "nnclr"
+NNCLR_RUN_FILES = ("config.json", "encoder.keras", "classifier.keras")  # what nnclr_test.py loads from a run
+SIMILAR_TO = "galaxy00"  # the query of the similarity search: the first example galaxy, which has a tidal shell
+TOP_K = 11  # galaxies returned by the similarity search: with the query they fill two rows of the gallery
 OUT_DIR = "results"
 
 
@@ -79,11 +94,125 @@ def compare_icl(out_dir):
     return table
 
 
+def missing_nnclr_files(run_dir):
+    """Files of an ``nnclr_train.py`` run folder that ``nnclr_test.py`` needs and that are missing."""
+    run_dir = pathlib.Path(run_dir)
+    return [str(run_dir / name) for name in NNCLR_RUN_FILES if not (run_dir / name).is_file()]
+
+
+def example_run_dir(run_dir, galaxies, out_dir):
+    """A run folder for ``nnclr_test.py`` whose test set is (nearly) every example galaxy.
+
+    ``out_dir`` receives links to the encoder and classifier of ``run_dir`` (copies where the
+    file system has no links) and a copy of its ``config.json`` with ``settings.split_sizes``
+    set to one galaxy per class for training and validation and the rest of the smaller class
+    for the test set. ``splits.json`` is left out: it lists the training data's galaxies.
+
+    Parameters
+    ----------
+    run_dir : path
+        Output folder of ``nnclr_train.py`` (the shipped ``checkpoints/nnclr``).
+    galaxies : path
+        Tidal HDF5 file of labelled galaxies (``has_tidal``).
+    out_dir : path
+        Folder to write; created if needed.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_dir``.
+
+    Raises
+    ------
+    ValueError
+        If a class has fewer than 3 galaxies (one each for training, validation and test).
+    """
+    import shutil
+
+    import numpy as np
+
+    import prep_data
+
+    run_dir, out_dir = pathlib.Path(run_dir), pathlib.Path(out_dir)
+    labels = prep_data.index_tidal_hdf5([galaxies]).has_tidal
+    per_class = int(min((labels == 0).sum(), (labels == 1).sum()))
+    if per_class < 3:
+        raise ValueError(f"{galaxies}: needs at least 3 galaxies with and 3 without tidal features, got {per_class} in a class")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("encoder.keras", "classifier.keras"):
+        link = out_dir / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        try:
+            link.symlink_to((run_dir / name).resolve())
+        except OSError:
+            shutil.copy2(run_dir / name, link)
+    values = json.loads((run_dir / "config.json").read_text())
+    values.setdefault("settings", {})["split_sizes"] = [1, 1, per_class - 2]
+    path = out_dir / "config.json"
+    temporary = prep_data.atomic_path(path)
+    temporary.write_text(json.dumps(values, indent=2))
+    os.replace(temporary, path)
+    return out_dir
+
+
+def run_tidal(out_dir, log, python=sys.executable, run_dir=NNCLR_RUN, galaxies=EXAMPLE_GALAXIES, similar_to=SIMILAR_TO,
+              top_k=TOP_K):
+    """The tidal step: ``nnclr_test.py`` on the example galaxies, outputs in ``out_dir/tidal``.
+
+    Skipped (logged with status "skipped" and the missing files) when the run folder is
+    incomplete.
+
+    Returns
+    -------
+    dict or None
+        ``nnclr_test.py``'s ``metrics.json`` plus ``top_k`` and ``example_tidal_fraction`` (the
+        share of tidal galaxies among all examples, the similarity search's baseline); None
+        when skipped or failed.
+    """
+    missing = missing_nnclr_files(run_dir)
+    if missing:
+        message = (f"no shipped NNCLR run in {run_dir} (missing {', '.join(missing)}); "
+                   "train one with nnclr_train.py --out checkpoints/nnclr")
+        print(f"\n[tidal features] skipped: {message}")
+        log.append({"step": "tidal features", "command": "nnclr_test.py (skipped)", "status": "skipped",
+                    "seconds": 0.0, "output": message})
+        return None
+    tidal_dir = pathlib.Path(out_dir) / "tidal"
+    demo_run = example_run_dir(run_dir, galaxies, tidal_dir / "run")
+    status = run("tidal features", [python, "nnclr_test.py", "--run", demo_run, "--data", galaxies, "--out", tidal_dir,
+                                    "--similar-to", similar_to, "--top-k", top_k], log)
+    metrics_path = tidal_dir / "metrics.json"
+    if status != 0 or not metrics_path.is_file():
+        return None
+    import prep_data
+
+    labels = prep_data.index_tidal_hdf5([galaxies]).has_tidal
+    return {**json.loads(metrics_path.read_text()), "top_k": int(top_k), "example_tidal_fraction": float(labels.mean())}
+
+
+def tidal_summary_html(metrics):
+    """The tidal metrics as one paragraph of HTML ('' without metrics)."""
+    if not metrics:
+        return ""
+    parts = [
+        f"AUC {metrics['auc']:.3f} on {metrics['n_test']} example galaxies ({metrics['n_test_tidal']} with tidal features)",
+        f"completeness at {metrics['contamination']:.0%} contamination: {metrics['completeness_at_contamination_fpr']:.2f} "
+        f"(contamination as false-positive rate), {metrics['completeness_at_contamination_one_minus_precision']:.2f} "
+        "(as 1 - precision)",
+    ]
+    if "similarity_tidal_fraction_top_k" in metrics:
+        parts.append(f"similarity search: {metrics['similarity_tidal_fraction_top_k']:.0%} of the {metrics['top_k']} "
+                     f"galaxies most similar to the query have tidal features "
+                     f"({metrics['example_tidal_fraction']:.0%} of all example galaxies do)")
+    return "<p>" + "; ".join(html.escape(part) for part in parts) + ".</p>"
+
+
 def _status_text(status):
     return {0: "ok", "skipped": "skipped"}.get(status, f"exit {status}")
 
 
-def write_index(out_dir, log, table):
+def write_index(out_dir, log, table, tidal_metrics=None):
     """One HTML page with every figure and table of the demo."""
     def images(pattern, width=320, limit=12):
         paths = sorted(out_dir.glob(pattern))[:limit]
@@ -111,6 +240,7 @@ def write_index(out_dir, log, table):
         "<h3>Surface-brightness threshold measurement</h3>",
         images("sb_plots/*.png", 420, limit=4),
         "<h2>Tidal features</h2>",
+        tidal_summary_html(tidal_metrics),
         images("tidal/*roc*.png", 420),
         images("tidal/*similar*.png", 640),
         "<h2>Steps</h2>",
@@ -129,7 +259,12 @@ def write_index(out_dir, log, table):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=OUT_DIR, help=f"results folder (default {OUT_DIR})")
+    parser.add_argument("--nnclr-run", default=str(NNCLR_RUN), help="nnclr_train.py output folder (default: the shipped one)")
+    parser.add_argument("--similar-to", default=SIMILAR_TO, help=f"query galaxy of the similarity search (default {SIMILAR_TO})")
+    parser.add_argument("--top-k", type=int, default=TOP_K, help=f"galaxies returned by the similarity search (default {TOP_K})")
     args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error(f"--top-k must be >= 1, got {args.top_k}")
     out_dir = pathlib.Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     python = sys.executable
@@ -152,8 +287,9 @@ def main(argv=None):
                            "--plot", out_dir / "sb_plots"], log)
     table = compare_icl(out_dir)
     print("\n" + table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    tidal_metrics = run_tidal(out_dir, log, python, args.nnclr_run, similar_to=args.similar_to, top_k=args.top_k)
 
-    index = write_index(out_dir, log, table)
+    index = write_index(out_dir, log, table, tidal_metrics)
     failed = [entry["step"] for entry in log if entry["status"] not in (0, "skipped")]
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; open {index}")
     if failed:
