@@ -264,6 +264,8 @@ def build_parser():
     parser.add_argument("--label-seeds", type=int, default=LABEL_SEEDS, help="random draws of the labels per count")
     parser.add_argument("--probe-epochs", type=int, default=PROBE_EPOCHS, help="epochs of each linear probe")
     parser.add_argument("--baseline-epochs", type=int, default=BASELINE_EPOCHS, help="epochs of each supervised baseline")
+    parser.add_argument("--test-all", action="store_true",
+                        help="every labelled galaxy in the data is a test galaxy (independent data, e.g. a fresh mock set)")
     parser.add_argument("--similar-to", metavar="ID", help="similarity search around this galaxy id")
     parser.add_argument("--top-k", type=int, default=TOP_K, help="matches shown and counted")
     parser.add_argument("--similarity-pool", type=int, default=SIMILARITY_POOL, help="galaxies ranked (random subset)")
@@ -273,6 +275,8 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.test_all and args.label_efficiency:
+        parser.error("--label-efficiency needs the run's training split; it cannot be combined with --test-all")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import nnclr_model
     import prep_data
@@ -290,11 +294,17 @@ def main(argv=None):
         prep_data.check_tidal_shape(source.image_shape, config.min_image_size, config.n_bands)
         if tuple(source.image_shape) != config.input_shape:
             raise ValueError(f"the data's images are {tuple(source.image_shape)}, the run was trained on {config.input_shape}")
-        splits = prep_data.tidal_source_splits(source, settings.get("split_sizes", prep_data.TIDAL_SPLIT_SIZES), seed=seed)
+        if args.test_all:
+            prep_data.check_tidal_labels(source.labels)
+            splits = {"test": np.arange(len(source.labels))}
+        else:
+            splits = prep_data.tidal_source_splits(
+                source, settings.get("split_sizes", prep_data.TIDAL_SPLIT_SIZES), seed=seed
+            )
     except (ValueError, OSError) as error:
         parser.exit(2, f"error: {error}\n")
     saved_splits = run / "splits.json"
-    if saved_splits.is_file():
+    if saved_splits.is_file() and not args.test_all:
         import json
 
         expected = json.loads(saved_splits.read_text()).get("test")

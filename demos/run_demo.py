@@ -12,12 +12,8 @@ Each step runs the same command a user would type, so what the demo shows is wha
 A step whose shipped checkpoint is missing is skipped with a message saying which file is
 missing; the other steps still run.
 
-The tidal step evaluates the shipped classifier on the example galaxies rather than on the
-test set of its training data. ``nnclr_test.py`` draws its test set with the run's own split
-sizes (hundreds of galaxies per class), so the step gives it a run folder,
-``results/tidal/run/``, that links to the shipped encoder and classifier and whose
-``config.json`` differs from the shipped one only in the split sizes: one galaxy per class
-for the (unused) training and validation sets, and every other example galaxy for the test set.
+The tidal step evaluates the shipped classifier on the example galaxies, which it never saw in
+training: ``nnclr_test.py --test-all`` makes every example galaxy a test galaxy.
 
     python demos/run_demo.py --out results
 """
@@ -100,62 +96,6 @@ def missing_nnclr_files(run_dir):
     return [str(run_dir / name) for name in NNCLR_RUN_FILES if not (run_dir / name).is_file()]
 
 
-def example_run_dir(run_dir, galaxies, out_dir):
-    """A run folder for ``nnclr_test.py`` whose test set is (nearly) every example galaxy.
-
-    ``out_dir`` receives links to the encoder and classifier of ``run_dir`` (copies where the
-    file system has no links) and a copy of its ``config.json`` with ``settings.split_sizes``
-    set to one galaxy per class for training and validation and the rest of the smaller class
-    for the test set. ``splits.json`` is left out: it lists the training data's galaxies.
-
-    Parameters
-    ----------
-    run_dir : path
-        Output folder of ``nnclr_train.py`` (the shipped ``checkpoints/nnclr``).
-    galaxies : path
-        Tidal HDF5 file of labelled galaxies (``has_tidal``).
-    out_dir : path
-        Folder to write; created if needed.
-
-    Returns
-    -------
-    pathlib.Path
-        ``out_dir``.
-
-    Raises
-    ------
-    ValueError
-        If a class has fewer than 3 galaxies (one each for training, validation and test).
-    """
-    import shutil
-
-    import numpy as np
-
-    import prep_data
-
-    run_dir, out_dir = pathlib.Path(run_dir), pathlib.Path(out_dir)
-    labels = prep_data.index_tidal_hdf5([galaxies]).has_tidal
-    per_class = int(min((labels == 0).sum(), (labels == 1).sum()))
-    if per_class < 3:
-        raise ValueError(f"{galaxies}: needs at least 3 galaxies with and 3 without tidal features, got {per_class} in a class")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("encoder.keras", "classifier.keras"):
-        link = out_dir / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        try:
-            link.symlink_to((run_dir / name).resolve())
-        except OSError:
-            shutil.copy2(run_dir / name, link)
-    values = json.loads((run_dir / "config.json").read_text())
-    values.setdefault("settings", {})["split_sizes"] = [1, 1, per_class - 2]
-    path = out_dir / "config.json"
-    temporary = prep_data.atomic_path(path)
-    temporary.write_text(json.dumps(values, indent=2))
-    os.replace(temporary, path)
-    return out_dir
-
-
 def run_tidal(out_dir, log, python=sys.executable, run_dir=NNCLR_RUN, galaxies=EXAMPLE_GALAXIES, similar_to=SIMILAR_TO,
               top_k=TOP_K):
     """The tidal step: ``nnclr_test.py`` on the example galaxies, outputs in ``out_dir/tidal``.
@@ -179,9 +119,8 @@ def run_tidal(out_dir, log, python=sys.executable, run_dir=NNCLR_RUN, galaxies=E
                     "seconds": 0.0, "output": message})
         return None
     tidal_dir = pathlib.Path(out_dir) / "tidal"
-    demo_run = example_run_dir(run_dir, galaxies, tidal_dir / "run")
-    status = run("tidal features", [python, "nnclr_test.py", "--run", demo_run, "--data", galaxies, "--out", tidal_dir,
-                                    "--similar-to", similar_to, "--top-k", top_k], log)
+    status = run("tidal features", [python, "nnclr_test.py", "--run", run_dir, "--data", galaxies, "--test-all",
+                                    "--out", tidal_dir, "--similar-to", similar_to, "--top-k", top_k], log)
     metrics_path = tidal_dir / "metrics.json"
     if status != 0 or not metrics_path.is_file():
         return None

@@ -115,20 +115,17 @@ def test_tidal_step_is_skipped_without_a_run(tmp_path):
     assert "tidal features skipped" in page
 
 
-def test_example_run_dir_tests_on_the_example_galaxies(tmp_path):
-    run_demo = load_script("run_demo")
+def test_nnclr_test_all_scores_every_example_galaxy(tmp_path):
     run_dir = tiny_nnclr_run(tmp_path / "run")
-    demo_run = run_demo.example_run_dir(run_dir, GALAXIES, tmp_path / "demo_run")
-    shipped, demo = (json.loads((folder / "config.json").read_text()) for folder in (run_dir, demo_run))
-    assert demo["settings"]["split_sizes"] == [1, 1, 14]
-    assert {key: value for key, value in demo.items() if key != "settings"} == {
-        key: value for key, value in shipped.items() if key != "settings"}
-    for name in ("encoder.keras", "classifier.keras"):
-        assert (demo_run / name).read_bytes() == (run_dir / name).read_bytes()
-    small = tmp_path / "small.h5"
-    prep_data.write_tidal_hdf5(small, np.ones((4, 128, 128, 5)), ["a", "b", "c", "d"], {"has_tidal": [1, 0, 1, 0]})
-    with pytest.raises(ValueError, match="needs at least 3 galaxies with and 3 without tidal features, got 2"):
-        run_demo.example_run_dir(run_dir, small, tmp_path / "small_run")
+    out = tmp_path / "test"
+    command = [sys.executable, str(ROOT / "nnclr_test.py"), "--run", str(run_dir), "--data", str(GALAXIES), "--test-all",
+               "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_test"] == 32 and metrics["n_test_tidal"] == 16
+    result = subprocess.run(command + ["--label-efficiency"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and "cannot be combined with --test-all" in result.stderr
 
 
 def test_tidal_step_writes_roc_metrics_and_gallery(tmp_path):
@@ -138,13 +135,13 @@ def test_tidal_step_writes_roc_metrics_and_gallery(tmp_path):
     log = []
     metrics = run_demo.run_tidal(out_dir, log, run_dir=run_dir)
     assert log[0]["status"] == 0, log[0]["output"]
-    assert metrics["n_test"] == 28 and metrics["n_test_tidal"] == 14 and 0 <= metrics["auc"] <= 1
+    assert metrics["n_test"] == 32 and metrics["n_test_tidal"] == 16 and 0 <= metrics["auc"] <= 1
     search = json.loads((out_dir / "tidal" / "similar_to_galaxy00.json").read_text())
     assert len(search["top"]) == run_demo.TOP_K and search["pool_size"] == 32
     assert metrics["similarity_tidal_fraction_top_k"] == pytest.approx(np.mean([row["has_tidal"] for row in search["top"]]))
     page = run_demo.write_index(out_dir, log, None, metrics).read_text()
     assert 'src="tidal/roc.png"' in page and 'src="tidal/similar_to_galaxy00.png"' in page
-    assert f"AUC {metrics['auc']:.3f} on 28 example galaxies (14 with tidal features)" in page
+    assert f"AUC {metrics['auc']:.3f} on 32 example galaxies (16 with tidal features)" in page
     assert metrics["example_tidal_fraction"] == 0.5 and metrics["top_k"] == run_demo.TOP_K
     assert (f"{metrics['similarity_tidal_fraction_top_k']:.0%} of the {run_demo.TOP_K} galaxies most similar to the query "
             "have tidal features (50% of all example galaxies do)") in page
