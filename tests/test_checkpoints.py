@@ -5,7 +5,6 @@ import pathlib
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 
@@ -17,14 +16,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "checkpoints"
 sys.path.insert(0, str(CHECKPOINTS))
 import evaluate  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.weights.h5"
-    keras.utils.set_random_seed(0)
-    model.save_weights(model.build_icl_model(model.TESTING), path, model.TESTING)
-    return path
 
 
 def test_evaluate_reports_every_truth_column(tiny_checkpoint, tmp_path):

@@ -32,14 +32,6 @@ def tiny_gradcam(tiny_model):
     return gradcam.GradCAM(tiny_model)
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("checkpoint") / "tiny.weights.h5"
-    keras.utils.set_random_seed(0)
-    model.save_weights(model.build_icl_model(model.TESTING), path, model.TESTING)
-    return path
-
-
 def _images(n, seed=0):
     return np.random.default_rng(seed).uniform(0.0, 4.0, (n, SIZE, SIZE, 1)).astype(np.float32)
 

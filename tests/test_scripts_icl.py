@@ -27,14 +27,6 @@ def test_help_works(script):
     assert result.returncode == 0 and "usage" in result.stdout
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.weights.h5"
-    keras.utils.set_random_seed(0)
-    model.save_weights(model.build_icl_model(model.TESTING), path, model.TESTING)
-    return path
-
-
 def _arrays_dataset(images, labels, batch_size):
     prepared = np.stack([prep_data.prepare_image(image, size=32) for image in images])
     return tf.data.Dataset.from_tensor_slices((prepared, labels)).batch(batch_size)
