@@ -259,10 +259,7 @@ def replica_nnclr_loss(projections_1, projections_2, queue, temperature):
     neighbours_2 = nearest_neighbour(z2, queue)
     all_z1, all_z2, all_neighbours_1, all_neighbours_2 = replica.all_gather([z1, z2, neighbours_1, neighbours_2], axis=0)
     local = tf.shape(z1)[0]
-    # Replicas may hold unequal slices (the last batch of an epoch), so the offset of this
-    # replica's rows in the gathered batch is the sum of the slices before it.
-    sizes = replica.all_gather(tf.reshape(local, [1]), axis=0)
-    offset = tf.reduce_sum(sizes[: replica.replica_id_in_sync_group])
+    offset = _replica_offset(replica, local)
     logits = tf.concat(
         [
             tf.matmul(neighbours_1, all_z2, transpose_b=True),
@@ -276,6 +273,16 @@ def replica_nnclr_loss(projections_1, projections_2, queue, temperature):
     cross_entropy = keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
     global_rows = tf.cast(4 * tf.shape(all_z1)[0], cross_entropy.dtype)
     return tf.reduce_sum(cross_entropy) / global_rows, all_z1
+
+
+def _replica_offset(replica, local):
+    """Position of this replica's first row in the gathered batch.
+
+    Replicas may hold unequal slices (the last batch of an epoch), so it is the sum of the
+    slices of the replicas before this one.
+    """
+    sizes = replica.all_gather(tf.reshape(local, [1]), axis=0)
+    return tf.reduce_sum(sizes[: replica.replica_id_in_sync_group])
 
 
 def synchronise_batch_norm(model, synchronised=True):
@@ -344,7 +351,10 @@ class NNCLR(keras.Model):
     Under a ``tf.distribute`` strategy (build and compile the model inside its scope) the
     loss is that of the global batch (:func:`replica_nnclr_loss`), and the projections are
     gathered from every replica before they enter the queue, so every replica's queue holds
-    the same rows in the same order as one device's would. The queue variable is written with
+    the same rows in the same order as one device's would. The random views are drawn for the
+    gathered batch, the same on every replica, and each replica keeps its slice: the views are
+    those one device draws from the same seed (each replica drawing for its own slice would
+    give every slice the same flips, noise and crops). The queue variable is written with
     ``only_first_replica`` aggregation: all replicas compute the same new queue and the
     first one's is kept. The batch-normalisation statistics stay per replica unless the
     encoder's layers are synchronised (:func:`synchronise_batch_norm`).
@@ -426,8 +436,7 @@ class NNCLR(keras.Model):
         images = _images_of(data)
         self.check_images(images)
         replica = tf.distribute.get_replica_context()
-        view_1 = self.augmenter(images, training=True)
-        view_2 = self.augmenter(images, training=True)
+        view_1, view_2 = self.replica_views(replica, images)
         with tf.GradientTape() as tape:
             features_1 = self.encoder(view_1, training=True)
             features_2 = self.encoder(view_2, training=True)
@@ -445,6 +454,15 @@ class NNCLR(keras.Model):
         self.update_step_metrics(replica, contrastive_share, decay, features_1, features_2)
         return {metric.name: metric.result() for metric in self.metrics}
 
+    def replica_views(self, replica, images):
+        """This replica's slice of two random views of the global batch (see the class notes)."""
+        if replica.num_replicas_in_sync == 1:
+            return self.augmenter(images, training=True), self.augmenter(images, training=True)
+        local = tf.shape(images)[0]
+        offset = _replica_offset(replica, local)
+        gathered = replica.all_gather(images, axis=0)
+        return tuple(self.augmenter(gathered, training=True)[offset : offset + local] for _ in range(2))
+
     def update_step_metrics(self, replica, contrastive_share, decay, features_1, features_2):
         """Update the metrics with global-batch values (the same on every replica)."""
         contrastive_loss = replica.all_reduce("sum", tf.stop_gradient(contrastive_share))
@@ -458,8 +476,9 @@ class NNCLR(keras.Model):
         images = _images_of(data)
         self.check_images(images)
         replica = tf.distribute.get_replica_context()
-        features_1 = self.encoder(self.augmenter(images, training=True), training=False)
-        features_2 = self.encoder(self.augmenter(images, training=True), training=False)
+        view_1, view_2 = self.replica_views(replica, images)
+        features_1 = self.encoder(view_1, training=False)
+        features_2 = self.encoder(view_2, training=False)
         contrastive_share, _ = replica_nnclr_loss(
             self.projection_head(features_1), self.projection_head(features_2), self.queue, self.config.temperature
         )

@@ -253,10 +253,9 @@ def test_synchronise_batch_norm_switches_every_layer_and_keeps_the_weights():
         np.testing.assert_array_equal(before, after)
 
 
-# Two NNCLR steps on one device and under MirroredStrategy on two logical CPU devices. The views
-# are fixed (a centre crop: each replica's random generator would draw other flips and noise
-# than one device does), the batch normalisation is synchronised across replicas as
-# nnclr_train.py does it, and the arithmetic is float64: in float32 the weights differ by
+# Two NNCLR steps on one device and under MirroredStrategy on two logical CPU devices, with the
+# same seed (so the same random views), the batch normalisation synchronised across replicas
+# as nnclr_train.py does it, and float64 arithmetic: in float32 the weights differ by
 # ~2e-3 after two steps (Adam or SGD), from rounding alone: the synchronised batch variance
 # E[x^2] - E[x]^2 of the tiny batch is summed in another order, and its gradient amplifies the
 # difference. In float64 the same steps agree to ~1e-13.
@@ -270,7 +269,6 @@ import keras
 import nnclr_model, train
 keras.config.set_floatx("float64")
 config = nnclr_model.TESTING_CONFIG
-nnclr_model.build_augmenter = lambda config, seed=None: keras.layers.CenterCrop(config.crop_size, config.crop_size)
 images = np.random.default_rng(0).normal(0, 1, (16, 24, 24, 5))
 runs = {}
 for name, strategy_name in (("one", "default"), ("mirrored", "mirrored")):
