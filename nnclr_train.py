@@ -256,7 +256,7 @@ def train_encoder(source, config, band_scale, args, out, strategy):
         model = nnclr_model.NNCLR(config, seed=args.seed)
         model.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
     with global_batch_norm(model.encoder, strategy):
-            history = model.fit(
+        history = model.fit(
             stream,
             epochs=args.epochs,
             steps_per_epoch=args.steps_per_epoch,
