@@ -235,6 +235,89 @@ def nnclr_loss(projections_1, projections_2, queue, temperature):
     return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True))
 
 
+def replica_nnclr_loss(projections_1, projections_2, queue, temperature):
+    """This replica's share of the global-batch NNCLR loss, under any ``tf.distribute`` strategy.
+
+    Under a multi-device strategy each replica holds a slice of the batch, but the NNCLR loss
+    contrasts every galaxy with the whole batch. The projections and their neighbours are
+    gathered from all replicas (``ReplicaContext.all_gather``, whose gradient returns each
+    replica its own slice), each replica computes the cross-entropy of its own rows of the
+    four logit matrices of :func:`nnclr_loss` against the gathered batch, and divides their
+    sum by the global number of rows. The shares summed over replicas (as the optimizer sums
+    the replicas' gradients) are the loss :func:`nnclr_loss` gives on the whole batch on one
+    device. With one replica the share is that loss.
+
+    Parameters
+    ----------
+    projections_1, projections_2 : tensor, shape (B_replica, D)
+        This replica's projections of the two views (normalised here).
+    queue : tensor, shape (Q, D)
+        L2-normalised support set, the same on every replica.
+    temperature : float
+
+    Returns
+    -------
+    share : scalar tensor
+        This replica's share of the global-batch loss.
+    gathered_1 : tensor, shape (B, D)
+        The L2-normalised projections of the first view of the whole batch, in batch order
+        (replica 0's slice first), as the queue takes them.
+    """
+    replica = tf.distribute.get_replica_context()
+    z1 = l2_normalise(projections_1)
+    z2 = l2_normalise(projections_2)
+    neighbours_1 = nearest_neighbour(z1, queue)
+    neighbours_2 = nearest_neighbour(z2, queue)
+    all_z1, all_z2, all_neighbours_1, all_neighbours_2 = replica.all_gather([z1, z2, neighbours_1, neighbours_2], axis=0)
+    local = tf.shape(z1)[0]
+    offset = _replica_offset(replica, local)
+    logits = tf.concat(
+        [
+            tf.matmul(neighbours_1, all_z2, transpose_b=True),
+            tf.matmul(z2, all_neighbours_1, transpose_b=True),
+            tf.matmul(neighbours_2, all_z1, transpose_b=True),
+            tf.matmul(z1, all_neighbours_2, transpose_b=True),
+        ],
+        axis=0,
+    ) / temperature
+    targets = tf.tile(offset + tf.range(local), [4])
+    cross_entropy = keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
+    global_rows = tf.cast(4 * tf.shape(all_z1)[0], cross_entropy.dtype)
+    return tf.reduce_sum(cross_entropy) / global_rows, all_z1
+
+
+def _replica_offset(replica, local):
+    """Position of this replica's first row in the gathered batch.
+
+    Replicas may hold unequal slices (the last batch of an epoch), so it is the sum of the
+    slices of the replicas before this one.
+    """
+    sizes = replica.all_gather(tf.reshape(local, [1]), axis=0)
+    return tf.reduce_sum(sizes[: replica.replica_id_in_sync_group])
+
+
+def synchronise_batch_norm(model, synchronised=True):
+    """Switch every BatchNormalization layer of ``model`` to (or from) cross-replica batch statistics.
+
+    Under MirroredStrategy each replica sees only its slice of the batch; synchronised layers
+    normalise with the mean and variance of the global batch (Keras's ``synchronized=True``),
+    as one device would. The weights and architecture are unchanged. Nested models are included.
+
+    Returns
+    -------
+    int
+        The number of BatchNormalization layers switched.
+    """
+    switched = 0
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.synchronized = bool(synchronised)
+            switched += 1
+        elif isinstance(layer, keras.Model):
+            switched += synchronise_batch_norm(layer, synchronised)
+    return switched
+
+
 @keras.saving.register_keras_serializable(package="nnclr")
 class UnitRowsInitializer(keras.initializers.Initializer):
     """Random Gaussian rows scaled to unit length: the starting support queue."""
@@ -275,6 +358,17 @@ class NNCLR(keras.Model):
     resume. After each step the L2-normalised projections of the first view enter at the
     front and the oldest leave at the back (a FIFO of the last ``queue_size`` projections).
     The loss includes the encoder's L2 weight decay.
+
+    Under a ``tf.distribute`` strategy (build and compile the model inside its scope) the
+    loss is that of the global batch (:func:`replica_nnclr_loss`), and the projections are
+    gathered from every replica before they enter the queue, so every replica's queue holds
+    the same rows in the same order as one device's would. The random views are drawn for the
+    gathered batch, the same on every replica, and each replica keeps its slice: the views are
+    those one device draws from the same seed (each replica drawing for its own slice would
+    give every slice the same flips, noise and crops). The queue variable is written with
+    ``only_first_replica`` aggregation: all replicas compute the same new queue and the
+    first one's is kept. The batch-normalisation statistics stay per replica unless the
+    encoder's layers are synchronised (:func:`synchronise_batch_norm`).
     """
 
     def __init__(self, config=NNCLRConfig(), seed=None, encoder=None, **kwargs):
@@ -291,6 +385,9 @@ class NNCLR(keras.Model):
             shape=(config.queue_size, config.projection_dim),
             initializer=UnitRowsInitializer(seed),
             trainable=False,
+            # Every replica assigns the same gathered queue; keeping the first one's makes the
+            # assignment legal in a replica context and costs no reduction.
+            aggregation="only_first_replica",
             name="support_queue",
         )
         self.loss_tracker = keras.metrics.Mean(name="loss")
@@ -349,36 +446,54 @@ class NNCLR(keras.Model):
     def train_step(self, data):
         images = _images_of(data)
         self.check_images(images)
-        view_1 = self.augmenter(images, training=True)
-        view_2 = self.augmenter(images, training=True)
+        replica = tf.distribute.get_replica_context()
+        view_1, view_2 = self.replica_views(replica, images)
         with tf.GradientTape() as tape:
             features_1 = self.encoder(view_1, training=True)
             features_2 = self.encoder(view_2, training=True)
             projections_1 = self.projection_head(features_1, training=True)
             projections_2 = self.projection_head(features_2, training=True)
-            contrastive_loss = nnclr_loss(projections_1, projections_2, self.queue, self.config.temperature)
-            loss = contrastive_loss + (tf.add_n(self.encoder.losses) if self.encoder.losses else 0.0)
-        gradients = tape.gradient(loss, self.trainable_variables)
+            contrastive_share, gathered_1 = replica_nnclr_loss(
+                projections_1, projections_2, self.queue, self.config.temperature
+            )
+            # Every replica holds the whole weight decay; the optimizer sums the replicas' gradients.
+            decay = tf.add_n(self.encoder.losses) if self.encoder.losses else tf.zeros((), contrastive_share.dtype)
+            share = contrastive_share + decay / replica.num_replicas_in_sync
+        gradients = tape.gradient(share, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
-        self.push_to_queue(l2_normalise(projections_1))
-        self.loss_tracker.update_state(loss)
+        self.push_to_queue(tf.stop_gradient(gathered_1))
+        self.update_step_metrics(replica, contrastive_share, decay, features_1, features_2)
+        return {metric.name: metric.result() for metric in self.metrics}
+
+    def replica_views(self, replica, images):
+        """This replica's slice of two random views of the global batch (see the class notes)."""
+        if replica.num_replicas_in_sync == 1:
+            return self.augmenter(images, training=True), self.augmenter(images, training=True)
+        local = tf.shape(images)[0]
+        offset = _replica_offset(replica, local)
+        gathered = replica.all_gather(images, axis=0)
+        return tuple(self.augmenter(gathered, training=True)[offset : offset + local] for _ in range(2))
+
+    def update_step_metrics(self, replica, contrastive_share, decay, features_1, features_2):
+        """Update the metrics with global-batch values (the same on every replica)."""
+        contrastive_loss = replica.all_reduce("sum", tf.stop_gradient(contrastive_share))
+        features_1, features_2 = replica.all_gather([tf.stop_gradient(features_1), tf.stop_gradient(features_2)], axis=0)
+        self.loss_tracker.update_state(contrastive_loss + decay)
         self.contrastive_loss_tracker.update_state(contrastive_loss)
         self.update_contrastive_accuracy(features_1, features_2)
         self.update_correlation_accuracy(features_1, features_2)
-        return {metric.name: metric.result() for metric in self.metrics}
 
     def test_step(self, data):
         images = _images_of(data)
         self.check_images(images)
-        features_1 = self.encoder(self.augmenter(images, training=True), training=False)
-        features_2 = self.encoder(self.augmenter(images, training=True), training=False)
-        contrastive_loss = nnclr_loss(
+        replica = tf.distribute.get_replica_context()
+        view_1, view_2 = self.replica_views(replica, images)
+        features_1 = self.encoder(view_1, training=False)
+        features_2 = self.encoder(view_2, training=False)
+        contrastive_share, _ = replica_nnclr_loss(
             self.projection_head(features_1), self.projection_head(features_2), self.queue, self.config.temperature
         )
-        self.loss_tracker.update_state(contrastive_loss)
-        self.contrastive_loss_tracker.update_state(contrastive_loss)
-        self.update_contrastive_accuracy(features_1, features_2)
-        self.update_correlation_accuracy(features_1, features_2)
+        self.update_step_metrics(replica, contrastive_share, tf.zeros((), contrastive_share.dtype), features_1, features_2)
         return {metric.name: metric.result() for metric in self.metrics}
 
 

@@ -15,13 +15,21 @@ classifier sets) and ``config.json`` (the NNCLR config, the band scale and the s
 ``nnclr_test.py`` needs). A run stopped part-way resumes from its last finished epoch when
 started again with the same ``--out``.
 
+``--strategy mirrored`` trains on every local GPU (``multiworker``: on several machines, see
+the README): the models are built and compiled inside the ``tf.distribute`` strategy's scope,
+``--batch-size`` is the global batch, the NNCLR loss and the support queue are those of the
+global batch, and the batch normalisation uses the global batch's statistics
+(``nnclr_model.synchronise_batch_norm``), so a step matches the one-device step.
+
 Example::
 
     python nnclr_train.py --data mocks/tidal.h5 --out runs/nnclr
     python nnclr_train.py --data mocks/tidal.h5 --out runs/probe --load-encoder runs/nnclr/encoder.keras
+    python nnclr_train.py --data mocks/tidal.h5 --out runs/nnclr --strategy mirrored
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -43,6 +51,7 @@ SPLIT_SIZES = (300, 30, 50)  # classifier train / validation / test galaxies per
 SEED = 0  # seeds the splits, the shuffling, the augmentations and the initial weights
 TFDS_UNLABELLED = "tidal_unlabelled"  # TFDS builder of the unlabelled set (config as name/config)
 TFDS_LABELLED = "tidal_labelled"  # TFDS builder of the labelled set
+STRATEGY = "default"  # tf.distribute strategy: default (one device), mirrored or multiworker
 
 logger = logging.getLogger("nnclr_train")
 
@@ -133,6 +142,10 @@ def build_parser():
         help="classifier galaxies per class (HDF5 data; the TFDS labelled builder has its own splits)",
     )
     training.add_argument("--seed", type=int, default=SEED, help="seeds splits, shuffling, augmentation and weights")
+    training.add_argument(
+        "--strategy", choices=("default", "mirrored", "multiworker"), default=STRATEGY,
+        help="tf.distribute strategy: one device, all local GPUs, or several machines (TF_CONFIG)",
+    )
     return parser
 
 
@@ -204,8 +217,31 @@ def progress_callback(description):
     return EpochBar()
 
 
-def train_encoder(source, config, band_scale, args, out):
-    """Train NNCLR on the unlabelled stream; returns the trained encoder (saved to out/encoder.keras)."""
+@contextlib.contextmanager
+def global_batch_norm(model, strategy):
+    """Within the block, ``model``'s batch normalisation uses the global batch's statistics.
+
+    Only with more than one replica; the saved files keep the plain layers, so they load and
+    behave the same whatever strategy trained them.
+    """
+    import nnclr_model
+
+    if strategy.num_replicas_in_sync < 2:
+        yield
+        return
+    nnclr_model.synchronise_batch_norm(model, True)
+    try:
+        yield
+    finally:
+        nnclr_model.synchronise_batch_norm(model, False)
+
+
+def train_encoder(source, config, band_scale, args, out, strategy):
+    """Train NNCLR on the unlabelled stream; returns the trained encoder (saved to out/encoder.keras).
+
+    The model is built and compiled inside ``strategy``'s scope; ``args.batch_size`` is the
+    global batch, split across the replicas.
+    """
     import keras
 
     import nnclr_model
@@ -216,19 +252,21 @@ def train_encoder(source, config, band_scale, args, out):
     )
     if args.steps_per_epoch:
         stream = stream.repeat()
-    model = nnclr_model.NNCLR(config, seed=args.seed)
-    model.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
-    history = model.fit(
-        stream,
-        epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch,
-        shuffle=False,
-        verbose=0,
-        callbacks=[
-            keras.callbacks.BackupAndRestore(str(out / "backup_nnclr")),
-            progress_callback("NNCLR"),
-        ],
-    )
+    with strategy.scope():
+        model = nnclr_model.NNCLR(config, seed=args.seed)
+        model.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
+    with global_batch_norm(model.encoder, strategy):
+        history = model.fit(
+            stream,
+            epochs=args.epochs,
+            steps_per_epoch=args.steps_per_epoch,
+            shuffle=False,
+            verbose=0,
+            callbacks=[
+                keras.callbacks.BackupAndRestore(str(out / "backup_nnclr")),
+                progress_callback("NNCLR"),
+            ],
+        )
     if not history.history:
         raise ValueError(
             f"the unlabelled stream gave no batch of {args.batch_size} images; lower --batch-size"
@@ -238,8 +276,12 @@ def train_encoder(source, config, band_scale, args, out):
     return model.encoder
 
 
-def train_classifier(encoder, source, splits, config, band_scale, args, out):
-    """Train the classifier on the train set, validating on the validation set; saves its outputs."""
+def train_classifier(encoder, source, splits, config, band_scale, args, out, strategy):
+    """Train the classifier on the train set, validating on the validation set; saves its outputs.
+
+    The classifier is built and compiled inside ``strategy``'s scope (where ``encoder`` must
+    have been built or loaded too).
+    """
     import keras
 
     import nnclr_model
@@ -252,23 +294,25 @@ def train_classifier(encoder, source, splits, config, band_scale, args, out):
             shuffle=shuffle, seed=args.seed, min_size=config.min_image_size,
         )
 
-    classifier = nnclr_model.build_classifier(encoder, config, fine_tune=args.fine_tune, seed=args.seed)
-    classifier.compile(
-        optimizer=keras.optimizers.Adam(args.classifier_learning_rate),
-        loss=keras.losses.BinaryCrossentropy(),
-        metrics=[keras.metrics.BinaryAccuracy(name="acc"), keras.metrics.AUC(name="auc")],
-    )
-    history = classifier.fit(
-        dataset("train", shuffle=True),
-        validation_data=dataset("validation", shuffle=False),
-        epochs=args.classifier_epochs,
-        shuffle=False,
-        verbose=0,
-        callbacks=[
-            keras.callbacks.BackupAndRestore(str(out / "backup_classifier")),
-            progress_callback("classifier"),
-        ],
-    )
+    with strategy.scope():
+        classifier = nnclr_model.build_classifier(encoder, config, fine_tune=args.fine_tune, seed=args.seed)
+        classifier.compile(
+            optimizer=keras.optimizers.Adam(args.classifier_learning_rate),
+            loss=keras.losses.BinaryCrossentropy(),
+            metrics=[keras.metrics.BinaryAccuracy(name="acc"), keras.metrics.AUC(name="auc")],
+        )
+    with global_batch_norm(encoder, strategy):
+        history = classifier.fit(
+            dataset("train", shuffle=True),
+            validation_data=dataset("validation", shuffle=False),
+            epochs=args.classifier_epochs,
+            shuffle=False,
+            verbose=0,
+            callbacks=[
+                keras.callbacks.BackupAndRestore(str(out / "backup_classifier")),
+                progress_callback("classifier"),
+            ],
+        )
     nnclr_model.save_model_file(classifier, out / "classifier.keras")
     save_array(out / "train_loss.npy", np.asarray(history.history["loss"], dtype=np.float32))
     save_array(out / "val_loss.npy", np.asarray(history.history["val_loss"], dtype=np.float32))
@@ -284,9 +328,13 @@ def main(argv=None):
 
     import nnclr_model
     import prep_data
+    import train
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # MultiWorkerMirroredStrategy must exist before any other TensorFlow work.
+    strategy = train.make_strategy(args.strategy)
+    logger.info("strategy %s: %d replicas in sync", args.strategy, strategy.num_replicas_in_sync)
     keras.utils.set_random_seed(args.seed)
     try:
         source = open_source(args)
@@ -303,7 +351,8 @@ def main(argv=None):
                 raise ValueError(
                     f"the data's images are {tuple(source.image_shape)}, the encoder's run used {config.input_shape}"
                 )
-            encoder = nnclr_model.load_encoder(args.load_encoder, config)
+            with strategy.scope():
+                encoder = nnclr_model.load_encoder(args.load_encoder, config)
         splits = prep_data.tidal_source_splits(source, args.split_sizes, seed=args.seed)
         if band_scale is None:
             first = list(source.unlabelled().take(prep_data.TIDAL_SCALE_IMAGES).as_numpy_iterator())
@@ -322,12 +371,13 @@ def main(argv=None):
         encoder_path = out / "encoder.keras"
         if encoder_path.is_file() and not (out / "backup_nnclr").exists():
             logger.info("%s exists: the encoder stage of this run finished, loading it", encoder_path)
-            encoder = nnclr_model.load_encoder(encoder_path, config)
+            with strategy.scope():
+                encoder = nnclr_model.load_encoder(encoder_path, config)
         else:
-            encoder = train_encoder(source, config, band_scale, args, out)
+            encoder = train_encoder(source, config, band_scale, args, out, strategy)
     elif not (out / "encoder.keras").exists():
         nnclr_model.save_encoder(encoder, out / "encoder.keras")
-    _, history = train_classifier(encoder, source, splits, config, band_scale, args, out)
+    _, history = train_classifier(encoder, source, splits, config, band_scale, args, out, strategy)
     for backup in ("backup_nnclr", "backup_classifier"):
         shutil.rmtree(out / backup, ignore_errors=True)
     print(

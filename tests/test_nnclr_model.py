@@ -2,6 +2,9 @@
 save/load, the classifier and the errors users see."""
 
 import dataclasses
+import pathlib
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -244,3 +247,73 @@ def test_model_names_the_expected_image_shape():
     model.compile(optimizer=keras.optimizers.Adam())
     with pytest.raises(ValueError, match=r"images must be \(batch, 24, 24, 5\) as the NNCLR config gives \(H, W, bands\), got shape \(2, 24, 24, 3\)"):
         model.train_step(tf.zeros((2, 24, 24, 3)))
+
+
+def test_replica_share_on_one_device_is_the_whole_loss():
+    rng = np.random.default_rng(3)
+    projections_1, projections_2 = rng.normal(size=(2, 6, 8)).astype(np.float32)
+    queue = _unit_rows(rng, (10, 8))
+    share, gathered = nnclr_model.replica_nnclr_loss(projections_1, projections_2, queue, 0.1)
+    np.testing.assert_allclose(share.numpy(), nnclr_model.nnclr_loss(projections_1, projections_2, queue, 0.1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(gathered.numpy(), projections_1 / np.linalg.norm(projections_1, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_synchronise_batch_norm_switches_every_layer_and_keeps_the_weights():
+    encoder = nnclr_model.build_encoder(TESTING_CONFIG)
+    weights = encoder.get_weights()
+    norms = [layer for layer in encoder.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert nnclr_model.synchronise_batch_norm(encoder) == len(norms) > 0
+    assert all(layer.synchronized for layer in norms)
+    assert nnclr_model.synchronise_batch_norm(encoder, False) == len(norms)
+    assert not any(layer.synchronized for layer in norms)
+    for before, after in zip(weights, encoder.get_weights()):
+        np.testing.assert_array_equal(before, after)
+
+
+# Two NNCLR steps on one device and under MirroredStrategy on two logical CPU devices, with the
+# same seed (so the same random views), the batch normalisation synchronised across replicas
+# as nnclr_train.py does it, and float64 arithmetic: in float32 the weights differ by
+# ~2e-3 after two steps (Adam or SGD), from rounding alone: the synchronised batch variance
+# E[x^2] - E[x]^2 of the tiny batch is summed in another order, and its gradient amplifies the
+# difference. In float64 the same steps agree to ~1e-13.
+MIRRORED_NNCLR_STEPS = """
+import sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import nnclr_model, train
+keras.config.set_floatx("float64")
+config = nnclr_model.TESTING_CONFIG
+images = np.random.default_rng(0).normal(0, 1, (16, 24, 24, 5))
+runs = {}
+for name, strategy_name in (("one", "default"), ("mirrored", "mirrored")):
+    strategy = train.make_strategy(strategy_name)
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = nnclr_model.NNCLR(config, seed=0)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    nnclr_model.synchronise_batch_norm(model.encoder, strategy.num_replicas_in_sync > 1)
+    initial = [variable.numpy().copy() for variable in model.trainable_weights]
+    history = model.fit(tf.data.Dataset.from_tensor_slices(images).batch(8), epochs=1, verbose=0)
+    runs[name] = {variable.path: variable.numpy() for variable in model.weights if "seed_generator" not in variable.path}
+    print(name, "replicas", strategy.num_replicas_in_sync)
+    print(name, "moved", max(float(np.abs(a - b.numpy()).max()) for a, b in zip(initial, model.trainable_weights)))
+queues = [next(value for path, value in runs[run].items() if path.endswith("support_queue")) for run in runs]
+print("mirrored queue", float(np.abs(queues[0] - queues[1]).max()))
+print("mirrored weights", max(float(np.abs(a - b).max()) for a, b in zip(*(run.values() for run in runs.values()))))
+"""
+
+
+def test_mirrored_nnclr_steps_match_one_device(tmp_path):
+    result = subprocess.run([sys.executable, "-c", MIRRORED_NNCLR_STEPS], capture_output=True, text=True, timeout=600,
+                            cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = {tuple(line.split()[:2]): line.split()[2] for line in result.stdout.splitlines() if len(line.split()) == 3}
+    assert figures["one", "replicas"] == "1" and figures["mirrored", "replicas"] == "2"
+    assert float(figures["one", "moved"]) > 1e-4  # the steps did train
+    # The queue holds both steps' gathered projections in batch order, and the weights (with
+    # the batch-normalisation moving statistics) are the one-device ones.
+    assert float(figures["mirrored", "queue"]) < 1e-5
+    assert float(figures["mirrored", "weights"]) < 1e-5

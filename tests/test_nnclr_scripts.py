@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -308,3 +310,38 @@ def test_bench_smoke(tmp_path):
                        "--inference-batches", "1", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["train_images_per_second"] > 0 and results["inference_images_per_second"] > 0
+
+
+MIRRORED_TRAINING = """
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import nnclr_train
+sys.exit(nnclr_train.main(sys.argv[1:]))
+"""
+
+
+def test_train_with_mirrored_strategy_on_two_devices(tidal_file, tmp_path):
+    import keras
+
+    out = tmp_path / "mirrored"
+    argv = ["--data", str(tidal_file), "--out", str(out), *SMALL, "--epochs", "1", "--classifier-epochs", "1",
+            "--strategy", "mirrored"]
+    result = subprocess.run([sys.executable, "-c", MIRRORED_TRAINING, *argv], capture_output=True, text=True, timeout=600,
+                            cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "strategy mirrored: 2 replicas in sync" in result.stderr
+    history = json.loads((out / "nnclr_history.json").read_text())
+    assert len(history["loss"]) == 1 and np.isfinite(history["loss"]).all()
+    assert np.load(out / "val_loss.npy").shape == (1,)
+    # The batch normalisation was synchronised for training only: the saved encoder has plain layers.
+    encoder = nnclr_model.load_encoder(out / "encoder.keras", nnclr_model.load_config(out / "config.json")[0])
+    norms = [layer for layer in encoder.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and not any(layer.synchronized for layer in norms)
+
+
+def test_unknown_strategy_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        nnclr_train.main(["--data", "x.h5", "--out", "o", "--strategy", "tpu"])
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
