@@ -175,7 +175,7 @@ def finetune_cached(checkpoint, encoded, indices, labels, config):
         .batch(config.batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )
-    head.fit(dataset, epochs=config.epochs, verbose=0)
+    head.fit(dataset, epochs=config.epochs, verbose=0, shuffle=False)  # the dataset shuffles itself
     return icl_model
 
 
