@@ -1,9 +1,11 @@
 """Measure a shipped ICL checkpoint on held-out mock clusters: the numbers of the model card.
 
-The held-out clusters come from our generator with a seed the training never used, e.g.
+The held-out clusters come from our generator with a seed the training never used; the script
+can make them itself (``--generate N SEED``, the same as ``python -m data.generate clusters --n N
+--seed SEED``) or read any cutout files with truth columns:
 
-    python -m data.generate clusters --n 256 --seed 2000 --out heldout.h5
-    python checkpoints/evaluate.py checkpoints/icl_trained.weights.h5 heldout.h5 --out eval_trained
+    python checkpoints/evaluate.py checkpoints/icl_trained.weights.h5 --generate 256 2000 --out eval_trained
+    python checkpoints/evaluate.py checkpoints/icl_trained.weights.h5 heldout.h5
 
 For every truth column the file holds (``f_icl_sb_ideal``, ``f_icl_sb_ideal_scene``,
 ``f_icl_true`` and, when measured, ``f_icl_sb``) it reports the mean absolute error, bias,
@@ -16,6 +18,7 @@ import json
 import os
 import pathlib
 import sys
+import tempfile
 
 import numpy as np
 
@@ -40,7 +43,7 @@ def available_labels(refs, keys=LABEL_KEYS):
     return labels
 
 
-def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE):
+def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE, heldout_seed=None):
     """Predict the held-out clusters and compare with each truth column.
 
     Parameters
@@ -51,11 +54,13 @@ def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE):
         Cutout files or directories (any format ``prep_data`` reads) with truth columns.
     out_dir : path, optional
         Where ``metrics.json`` and the plots go.
+    heldout_seed : int, optional
+        Generator seed of the held-out mocks, recorded in the result.
 
     Returns
     -------
     dict
-        ``{"checkpoint", "n", "columns": {key: metrics}}``.
+        ``{"checkpoint", "n", "heldout_seed", "columns": {key: metrics}}``.
     """
     import model
     import plots
@@ -78,7 +83,7 @@ def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE):
         metrics["coverage_15_85"] = float(np.mean((truth >= summary["p15"]) & (truth <= summary["p85"])))
         metrics["mae_of_constant_median"] = float(np.abs(truth - np.median(truth)).mean())
         columns[key] = metrics
-    result = {"checkpoint": str(checkpoint), "n": len(refs), "columns": columns}
+    result = {"checkpoint": str(checkpoint), "n": len(refs), "heldout_seed": heldout_seed, "columns": columns}
     if out_dir is not None:
         out_dir = pathlib.Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,16 +114,29 @@ def markdown_table(result):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="ICL checkpoint (.weights.h5 with its .config.json, or .keras)")
-    parser.add_argument("inputs", nargs="+", help="held-out cutout files or directories with truth columns")
+    parser.add_argument("inputs", nargs="*", help="held-out cutout files or directories with truth columns")
+    parser.add_argument("--generate", nargs=2, type=int, metavar=("N", "SEED"),
+                        help="generate N held-out mock clusters with this seed instead of reading inputs")
     parser.add_argument("--out", help="folder for metrics.json and the binned plots")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     args = parser.parse_args(argv)
+    if bool(args.inputs) == bool(args.generate):
+        parser.error("give either held-out cutout files or --generate N SEED")
 
     import model
     import prep_data
 
     try:
-        result = evaluate(args.checkpoint, args.inputs, args.out, args.batch_size)
+        if args.generate:
+            from data import generate
+
+            n, seed = args.generate
+            with tempfile.TemporaryDirectory() as folder:
+                heldout = pathlib.Path(folder) / "heldout.h5"
+                generate.generate("clusters", n, seed, heldout)
+                result = evaluate(args.checkpoint, [heldout], args.out, args.batch_size, heldout_seed=seed)
+        else:
+            result = evaluate(args.checkpoint, args.inputs, args.out, args.batch_size)
     except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

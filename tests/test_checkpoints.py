@@ -42,6 +42,18 @@ def test_evaluate_without_truth_columns_says_so(tiny_checkpoint, tmp_path):
     assert "none of the truth columns f_icl_sb_ideal, f_icl_sb_ideal_scene, f_icl_true, f_icl_sb is in" in result.stderr
 
 
+def test_evaluate_generates_its_heldout_mocks(tiny_checkpoint, tmp_path):
+    command = [sys.executable, str(CHECKPOINTS / "evaluate.py"), str(tiny_checkpoint), "--generate", "3", "7",
+               "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n"] == 3 and metrics["heldout_seed"] == 7
+    assert set(metrics["columns"]) == {"f_icl_sb_ideal", "f_icl_sb_ideal_scene", "f_icl_true"}
+    result = subprocess.run(command[:3], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and "give either held-out cutout files or --generate N SEED" in result.stderr
+
+
 @pytest.mark.parametrize("name", ["icl_trained", "icl_finetuned"])
 def test_shipped_icl_checkpoint_loads_and_predicts(name):
     path = CHECKPOINTS / f"{name}.weights.h5"
@@ -60,3 +72,16 @@ def test_shipped_nnclr_run_loads():
     classifier = nnclr_model.load_classifier(run / "classifier.keras", config)
     assert encoder.output_shape == (None, config.representation_dim)
     assert classifier.output_shape == (None, 1)
+
+
+def test_model_card_numbers_are_reproduced(tmp_path):
+    """Regenerate the card's held-out mocks, evaluate the shipped model, compare with the card's file."""
+    card = json.loads((CHECKPOINTS / "icl_trained.metrics.json").read_text())
+    command = [sys.executable, str(CHECKPOINTS / "evaluate.py"), str(CHECKPOINTS / "icl_trained.weights.h5"),
+               "--generate", str(card["n"]), str(card["heldout_seed"]), "--out", str(tmp_path)]
+    subprocess.run(command, check=True, cwd=ROOT, timeout=900, capture_output=True)
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(result["columns"]) == set(card["columns"])
+    for key, metrics in card["columns"].items():
+        for name in ("mae", "bias", "scatter", "pearson_r", "coverage_15_85"):
+            assert result["columns"][key][name] == pytest.approx(metrics[name], abs=2e-3), (key, name)
