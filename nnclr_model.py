@@ -221,18 +221,29 @@ def nnclr_loss(projections_1, projections_2, queue, temperature):
     z2 = l2_normalise(projections_2)
     neighbours_1 = nearest_neighbour(z1, queue)
     neighbours_2 = nearest_neighbour(z2, queue)
-    logits = tf.concat(
-        [
-            tf.matmul(neighbours_1, z2, transpose_b=True),
-            tf.matmul(z2, neighbours_1, transpose_b=True),
-            tf.matmul(neighbours_2, z1, transpose_b=True),
-            tf.matmul(z1, neighbours_2, transpose_b=True),
-        ],
-        axis=0,
-    ) / temperature
+    logits = _four_logits((z1, z2, neighbours_1, neighbours_2), (z1, z2, neighbours_1, neighbours_2), temperature)
     batch = tf.shape(z1)[0]
     targets = tf.tile(tf.range(batch), [4])
     return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True))
+
+
+def _four_logits(rows, columns, temperature):
+    """Rows of the four logit matrices NN(z1) z2^T, z2 NN(z1)^T, NN(z2) z1^T and z1 NN(z2)^T.
+
+    ``rows`` and ``columns`` are each ``(z1, z2, NN(z1), NN(z2))``: the rows this device
+    scores, and the batch it scores them against (the same tensors on one device).
+    """
+    z1, z2, neighbours_1, neighbours_2 = rows
+    all_z1, all_z2, all_neighbours_1, all_neighbours_2 = columns
+    return tf.concat(
+        [
+            tf.matmul(neighbours_1, all_z2, transpose_b=True),
+            tf.matmul(z2, all_neighbours_1, transpose_b=True),
+            tf.matmul(neighbours_2, all_z1, transpose_b=True),
+            tf.matmul(z1, all_neighbours_2, transpose_b=True),
+        ],
+        axis=0,
+    ) / temperature
 
 
 def replica_nnclr_loss(projections_1, projections_2, queue, temperature):
@@ -271,15 +282,9 @@ def replica_nnclr_loss(projections_1, projections_2, queue, temperature):
     all_z1, all_z2, all_neighbours_1, all_neighbours_2 = replica.all_gather([z1, z2, neighbours_1, neighbours_2], axis=0)
     local = tf.shape(z1)[0]
     offset = _replica_offset(replica, local)
-    logits = tf.concat(
-        [
-            tf.matmul(neighbours_1, all_z2, transpose_b=True),
-            tf.matmul(z2, all_neighbours_1, transpose_b=True),
-            tf.matmul(neighbours_2, all_z1, transpose_b=True),
-            tf.matmul(z1, all_neighbours_2, transpose_b=True),
-        ],
-        axis=0,
-    ) / temperature
+    logits = _four_logits(
+        (z1, z2, neighbours_1, neighbours_2), (all_z1, all_z2, all_neighbours_1, all_neighbours_2), temperature
+    )
     targets = tf.tile(offset + tf.range(local), [4])
     cross_entropy = keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
     global_rows = tf.cast(4 * tf.shape(all_z1)[0], cross_entropy.dtype)
