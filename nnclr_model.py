@@ -560,6 +560,16 @@ def check_encoder(encoder, config, source="encoder"):
         )
 
 
+def _read_keras_model(path, what):
+    """Load the ``.keras`` file of an encoder or classifier (``what``), with errors that name it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types for unreadable files
+        raise ValueError(f"cannot read {what} file {path} as a Keras model ({type(error).__name__}: {error})") from None
+
+
 def save_encoder(encoder, path):
     """Save the encoder to a ``.keras`` file, atomically."""
     save_model_file(encoder, path)
@@ -577,12 +587,7 @@ def load_encoder(path, config):
         (the message names the first difference).
     """
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder file {path} does not exist")
-    try:
-        encoder = keras.saving.load_model(path, compile=False)
-    except Exception as error:  # Keras raises many types for unreadable files
-        raise ValueError(f"cannot read encoder file {path} as a Keras model ({type(error).__name__}: {error})") from None
+    encoder = _read_keras_model(path, "encoder")
     check_encoder(encoder, config, source=f"encoder file {path}")
     return encoder
 
@@ -629,12 +634,7 @@ def load_classifier(path, config):
         Missing file, unreadable file, or shapes that do not match ``config``.
     """
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"classifier file {path} does not exist")
-    try:
-        classifier = keras.saving.load_model(path, compile=False)
-    except Exception as error:  # Keras raises many types for unreadable files
-        raise ValueError(f"cannot read classifier file {path} as a Keras model ({type(error).__name__}: {error})") from None
+    classifier = _read_keras_model(path, "classifier")
     if tuple(classifier.input_shape[1:]) != config.input_shape:
         raise ValueError(
             f"classifier file {path} takes images of shape {tuple(classifier.input_shape[1:])}, "

@@ -34,12 +34,13 @@ def available_labels(refs, keys=LABEL_KEYS):
     """The truth columns present (and finite) for every cutout, as {key: (N,) array}."""
     import prep_data
 
+    metas = [prep_data.read_cutout(ref).meta for ref in refs]
     labels = {}
     for key in keys:
-        try:
-            labels[key] = prep_data.read_labels(refs, key)
-        except (ValueError, KeyError):
-            continue
+        if all(key in meta for meta in metas):
+            values = np.asarray([float(meta[key]) for meta in metas], dtype=np.float32)
+            if np.isfinite(values).all():
+                labels[key] = values
     return labels
 
 
