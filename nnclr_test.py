@@ -14,7 +14,13 @@ Options:
 
 * ``--label-efficiency``: linear probes on the frozen encoder with 10, 25, 50, 100 and 300
   labelled galaxies per class (several seeds) against the same ResNet trained fully supervised
-  from scratch on the same galaxies; ``label_efficiency.json`` and ``label_efficiency.png``.
+  from scratch on the same galaxies, and against the same linear probe on an *untrained*
+  (randomly initialised) encoder of the same architecture: the control that says how much of
+  the probe's score the self-supervision earned. ``label_efficiency.json`` and
+  ``label_efficiency.png``.
+* ``--test-data PATH``: the test set is every labelled galaxy of these (independent) files
+  instead of the run's test split (50 per class, too few to tell AUCs 0.05 apart). The
+  label-efficiency galaxies still come from the run's training split of ``--data``.
 * ``--similar-to ID``: rank galaxies by the cosine similarity of their representations to one
   galaxy; ``similar_to_<ID>.png`` (gallery) and ``similar_to_<ID>.json`` (ranking, fraction of
   tidal galaxies in the top k).
@@ -22,6 +28,7 @@ Options:
 Example::
 
     python nnclr_test.py --run runs/nnclr --data mocks/tidal.h5 --out runs/nnclr/test --label-efficiency
+    python nnclr_test.py --run runs/nnclr --data mocks/tidal.h5 --test-data mocks/tidal_heldout.h5 --label-efficiency
 """
 
 import argparse
@@ -36,11 +43,19 @@ from nnclr_train import add_data_arguments, open_source, save_array, save_figure
 CONTAMINATION = 0.22  # contamination at which completeness is quoted (Desmons et al. 2023)
 LABEL_COUNTS = (10, 25, 50, 100, 300)  # labelled galaxies per class in the label-efficiency study
 LABEL_SEEDS = 3  # random draws of the labelled galaxies per count
-PROBE_EPOCHS = 200  # epochs of the linear probe on fixed representations (cheap: one Dense layer)
+PROBE_STRENGTHS = np.logspace(-4, 2, 13)  # inverse L2 strengths C tried by the label-efficiency probe
+PROBE_FOLDS = 5  # cross-validation folds (at most) that choose C on the labelled galaxies
 BASELINE_EPOCHS = 50  # epochs of the supervised ResNet trained from scratch (the classifier's epochs)
 BATCH_SIZE = 24  # classifier batch size
 TOP_K = 16  # galaxies shown and counted in a similarity search
 SIMILARITY_POOL = 2000  # galaxies ranked in a similarity search (random, always with the query)
+
+#: Curves of the label-efficiency study: result key and legend.
+LABEL_EFFICIENCY_CURVES = (
+    ("nnclr_probe_auc", "NNCLR linear probe"),
+    ("untrained_probe_auc", "linear probe, untrained encoder"),
+    ("supervised_auc", "supervised from scratch"),
+)
 
 logger = logging.getLogger("nnclr_test")
 
@@ -110,15 +125,36 @@ def plot_roc(fpr, tpr, auc, contamination, path):
     save_figure(figure, path)
 
 
-def train_linear_probe(train_features, train_labels, epochs, seed, batch_size=BATCH_SIZE):
-    """Dense(1, sigmoid) on fixed representations, Adam and binary cross-entropy."""
-    import keras
+def fit_linear_probe(train_features, train_labels, seed):
+    """L2-regularised logistic regression on standardised representations, C chosen by cross-validation.
 
-    keras.utils.set_random_seed(seed)
-    probe = keras.Sequential([keras.Input((train_features.shape[1],)), keras.layers.Dense(1, activation="sigmoid")])
-    probe.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
-    probe.fit(train_features, train_labels.astype(np.float32), epochs=epochs, batch_size=batch_size, verbose=0)
-    return probe
+    With 10-50 galaxies per class and 128 weights the classes are separable and the fit's
+    direction is set by its regularisation, whose strength is chosen here by stratified
+    cross-validation (log loss) on the labelled galaxies themselves, never on the test set.
+    It is deterministic for a seed and costs a second per fit.
+
+    Returns
+    -------
+    sklearn Pipeline
+        ``predict_proba(features)[:, 1]`` is the probability of tidal features.
+    """
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = int(min(PROBE_FOLDS, np.bincount(np.asarray(train_labels, dtype=int)).min()))
+    if folds < 2:
+        raise ValueError("the linear probe needs at least 2 labelled galaxies of each class")
+    search = LogisticRegressionCV(
+        Cs=PROBE_STRENGTHS,
+        cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+        scoring="neg_log_loss",
+        l1_ratios=(0.0,),
+        max_iter=5000,
+        use_legacy_attributes=False,
+    )
+    return make_pipeline(StandardScaler(), search).fit(train_features, train_labels)
 
 
 def train_supervised_baseline(config, train_images, train_labels, epochs, seed, batch_size=BATCH_SIZE):
@@ -135,38 +171,62 @@ def train_supervised_baseline(config, train_images, train_labels, epochs, seed, 
 
 
 def label_efficiency(encoder, config, train_images, train_labels, test_images, test_labels, args):
-    """AUC of linear probe and supervised baseline for each labels-per-class count and seed."""
-    from sklearn.metrics import roc_auc_score
+    """AUC of the linear probe, its untrained-encoder control and the supervised baseline.
+
+    For each labels-per-class count and seed the same galaxies train the probe on the trained
+    encoder, the probe on an encoder of the same architecture left at its random initial
+    weights (drawn from the seed) and the ResNet trained from scratch.
+    """
+    import keras
     from tqdm.auto import tqdm
 
     import nnclr_model
 
-    train_features = nnclr_model.representations(encoder, train_images, config)
-    test_features = nnclr_model.representations(encoder, test_images, config)
+    def features_of(model):
+        return (nnclr_model.representations(model, train_images, config),
+                nnclr_model.representations(model, test_images, config))
+
+    trained_features = features_of(encoder)
+    untrained_features = {}
     available = int(min((train_labels == 0).sum(), (train_labels == 1).sum()))
     counts = sorted({min(count, available) for count in args.label_counts})
     results = []
     runs = [(count, seed) for count in counts for seed in range(args.label_seeds)]
     for count, seed in tqdm(runs, desc="label efficiency", unit="run"):
+        if seed not in untrained_features:
+            keras.utils.set_random_seed(seed)
+            untrained_features[seed] = features_of(nnclr_model.build_encoder(config, name="untrained_encoder"))
         rng = np.random.default_rng(seed)
         chosen = np.concatenate(
             [rng.choice(np.flatnonzero(train_labels == label), count, replace=False) for label in (0, 1)]
         )
-        probe = train_linear_probe(train_features[chosen], train_labels[chosen], args.probe_epochs, seed)
-        probe_scores = probe.predict(test_features, verbose=0)[:, 0]
+        scores = {}
+        for key, (train_features, test_features) in (("nnclr_probe", trained_features),
+                                                     ("untrained_probe", untrained_features[seed])):
+            probe = fit_linear_probe(train_features[chosen], train_labels[chosen], seed)
+            scores[key] = probe.predict_proba(test_features)[:, 1]
         baseline = train_supervised_baseline(config, train_images[chosen], train_labels[chosen], args.baseline_epochs, seed)
-        baseline_scores = baseline.predict(test_images, verbose=0)[:, 0]
-        results.append(
-            {
-                "labels_per_class": count,
-                "seed": seed,
-                "nnclr_probe_auc": float(roc_auc_score(test_labels, probe_scores)),
-                "supervised_auc": float(roc_auc_score(test_labels, baseline_scores)),
-                "nnclr_probe_completeness": completeness_at_contamination(test_labels, probe_scores, args.contamination),
-                "supervised_completeness": completeness_at_contamination(test_labels, baseline_scores, args.contamination),
-            }
-        )
+        scores["supervised"] = baseline.predict(test_images, verbose=0)[:, 0]
+        row = {"labels_per_class": count, "seed": seed}
+        for key, values in scores.items():
+            result = evaluate_scores(test_labels, values, args.contamination)
+            row[f"{key}_auc"] = result["auc"]
+            row[f"{key}_completeness"] = result["completeness"]
+        results.append(row)
     return results
+
+
+def summarise_label_efficiency(results):
+    """Mean and standard deviation over seeds of each AUC, per labels-per-class count."""
+    summary = []
+    for count in sorted({row["labels_per_class"] for row in results}):
+        rows = [row for row in results if row["labels_per_class"] == count]
+        entry = {"labels_per_class": count, "seeds": len(rows)}
+        for key, _ in LABEL_EFFICIENCY_CURVES:
+            values = [row[key] for row in rows]
+            entry[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+        summary.append(entry)
+    return summary
 
 
 def plot_label_efficiency(results, path):
@@ -175,13 +235,14 @@ def plot_label_efficiency(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = sorted({row["labels_per_class"] for row in results})
+    summary = summarise_label_efficiency(results)
+    counts = [entry["labels_per_class"] for entry in summary]
     figure, axes = plt.subplots(figsize=(5, 3.5))
-    for key, label in (("nnclr_probe_auc", "NNCLR linear probe"), ("supervised_auc", "supervised from scratch")):
-        values = [[row[key] for row in results if row["labels_per_class"] == count] for count in counts]
-        means = np.array([np.mean(v) for v in values])
-        spreads = np.array([np.std(v) for v in values])
+    for key, label in LABEL_EFFICIENCY_CURVES:
+        means = np.array([entry[key]["mean"] for entry in summary])
+        spreads = np.array([entry[key]["std"] for entry in summary])
         axes.errorbar(counts, means, yerr=spreads, marker="o", capsize=3, label=label)
+    axes.axhline(0.5, color="0.6", linestyle=":", linewidth=0.8)
     axes.set_xscale("log")
     axes.set_xticks(counts, [str(count) for count in counts])
     axes.minorticks_off()
@@ -262,8 +323,9 @@ def build_parser():
     parser.add_argument("--label-efficiency", action="store_true", help="run the label-efficiency study")
     parser.add_argument("--label-counts", type=int, nargs="+", default=LABEL_COUNTS, help="labelled galaxies per class")
     parser.add_argument("--label-seeds", type=int, default=LABEL_SEEDS, help="random draws of the labels per count")
-    parser.add_argument("--probe-epochs", type=int, default=PROBE_EPOCHS, help="epochs of each linear probe")
     parser.add_argument("--baseline-epochs", type=int, default=BASELINE_EPOCHS, help="epochs of each supervised baseline")
+    parser.add_argument("--test-data", nargs="+", metavar="PATH",
+                        help="independent tidal HDF5 files: every labelled galaxy in them is the test set")
     parser.add_argument("--test-all", action="store_true",
                         help="every labelled galaxy in the data is a test galaxy (independent data, e.g. a fresh mock set)")
     parser.add_argument("--similar-to", metavar="ID", help="similarity search around this galaxy id")
@@ -277,6 +339,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.test_all and args.label_efficiency:
         parser.error("--label-efficiency needs the run's training split; it cannot be combined with --test-all")
+    if args.test_all and args.test_data:
+        parser.error("--test-all makes --data the test set; it cannot be combined with --test-data")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import nnclr_model
     import prep_data
@@ -291,9 +355,15 @@ def main(argv=None):
         encoder = nnclr_model.load_encoder(run / "encoder.keras", config)
         classifier = nnclr_model.load_classifier(run / "classifier.keras", config)
         source = open_source(args)
-        prep_data.check_tidal_shape(source.image_shape, config.min_image_size, config.n_bands)
-        if tuple(source.image_shape) != config.input_shape:
-            raise ValueError(f"the data's images are {tuple(source.image_shape)}, the run was trained on {config.input_shape}")
+        test_source = prep_data.tidal_source_from_hdf5(args.test_data) if args.test_data else source
+        for data in (source,) if test_source is source else (source, test_source):
+            prep_data.check_tidal_shape(data.image_shape, config.min_image_size, config.n_bands)
+            if tuple(data.image_shape) != config.input_shape:
+                raise ValueError(
+                    f"{data.description}: images are {tuple(data.image_shape)}, the run was trained on {config.input_shape}"
+                )
+        if args.test_data:
+            prep_data.check_tidal_labels(test_source.labels)
         if args.test_all:
             prep_data.check_tidal_labels(source.labels)
             splits = {"test": np.arange(len(source.labels))}
@@ -301,6 +371,13 @@ def main(argv=None):
             splits = prep_data.tidal_source_splits(
                 source, settings.get("split_sizes", prep_data.TIDAL_SPLIT_SIZES), seed=seed
             )
+            if args.test_data:
+                shared = np.intersect1d(test_source.ids, source.ids[np.concatenate([splits["train"], splits["validation"]])])
+                if shared.size:
+                    raise ValueError(
+                        f"--test-data shares {shared.size} galaxies (e.g. {shared[0]}) with the run's training and "
+                        "validation sets: test on galaxies the classifier has not seen"
+                    )
     except (ValueError, OSError) as error:
         parser.exit(2, f"error: {error}\n")
     saved_splits = run / "splits.json"
@@ -312,10 +389,13 @@ def main(argv=None):
             logger.warning("the test set differs from the one recorded in %s: is this the training data?", saved_splits)
     out.mkdir(parents=True, exist_ok=True)
 
-    def stretched(indices):
-        return prep_data.tidal_stretch(source.read_labelled(indices), band_scale)
+    def stretched(indices, data=source):
+        return prep_data.tidal_stretch(data.read_labelled(indices), band_scale)
 
-    test_images, test_labels = stretched(splits["test"]), source.labels[splits["test"]]
+    if args.test_data:
+        test_images, test_labels = stretched(np.arange(len(test_source.labels)), test_source), test_source.labels
+    else:
+        test_images, test_labels = stretched(splits["test"]), source.labels[splits["test"]]
     scores = classifier.predict(test_images, batch_size=BATCH_SIZE, verbose=0)[:, 0]
     result = evaluate_scores(test_labels, scores, args.contamination)
     for name in ("fpr", "tpr", "thresholds"):
@@ -330,7 +410,7 @@ def main(argv=None):
         "completeness_at_contamination_one_minus_precision": result["completeness"]["one_minus_precision"],
         "n_test": int(len(test_labels)),
         "n_test_tidal": int(test_labels.sum()),
-        "data": source.description,
+        "data": test_source.description,
         "run": str(run),
     }
     if args.label_efficiency:
@@ -339,6 +419,11 @@ def main(argv=None):
         save_json(out / "label_efficiency.json", rows)
         plot_label_efficiency(rows, out / "label_efficiency.png")
         metrics["label_efficiency"] = str(out / "label_efficiency.json")
+        metrics["label_efficiency_summary"] = summarise_label_efficiency(rows)
+        for entry in metrics["label_efficiency_summary"]:
+            print(f"{entry['labels_per_class']:>4} labels per class, AUC over {entry['seeds']} seeds: " + ", ".join(
+                f"{label} {entry[key]['mean']:.3f} +- {entry[key]['std']:.3f}" for key, label in LABEL_EFFICIENCY_CURVES
+            ))
     if args.similar_to is not None:
         rng = np.random.default_rng(seed)
         pool = np.arange(len(source.ids))

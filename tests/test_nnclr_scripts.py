@@ -30,10 +30,10 @@ def _tidal_images(count, size=24, bands=5, seed=0):
     return images.astype(np.float32), has_tidal
 
 
-def _write(path, count=40, size=24, bands=5, has_tidal=None):
+def _write(path, count=40, size=24, bands=5, has_tidal=None, id_prefix="g"):
     images, truth = _tidal_images(count, size, bands)
     has_tidal = truth if has_tidal is None else has_tidal
-    ids = [f"g{i}" for i in range(count)]
+    ids = [f"{id_prefix}{i}" for i in range(count)]
     kinds = ["stream" if flag else "none" for flag in has_tidal]
     if bands == 5:
         prep_data.write_tidal_hdf5(path, images, ids, {"has_tidal": has_tidal, "feature_type": kinds})
@@ -216,7 +216,7 @@ def test_train_writes_every_promised_file(trained_run):
 def test_evaluation_writes_every_promised_file(trained_run, tidal_file, tmp_path):
     out = tmp_path / "test"
     argv = ["--run", str(trained_run), "--data", str(tidal_file), "--out", str(out), "--label-efficiency",
-            "--label-counts", "4", "--label-seeds", "1", "--probe-epochs", "2", "--baseline-epochs", "1",
+            "--label-counts", "4", "--label-seeds", "1", "--baseline-epochs", "1",
             "--similar-to", "g3", "--top-k", "5"]
     assert nnclr_test.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -230,12 +230,52 @@ def test_evaluation_writes_every_promised_file(trained_run, tidal_file, tmp_path
         assert (out / name).stat().st_size > 0
     rows = json.loads((out / "label_efficiency.json").read_text())
     assert [(row["labels_per_class"], row["seed"]) for row in rows] == [(4, 0)]
-    assert all(0 <= row[key] <= 1 for row in rows for key in ("nnclr_probe_auc", "supervised_auc"))
+    assert all(0 <= row[key] <= 1 for row in rows for key in ("nnclr_probe_auc", "untrained_probe_auc", "supervised_auc"))
+    [summary] = metrics["label_efficiency_summary"]
+    assert summary["labels_per_class"] == 4 and summary["nnclr_probe_auc"]["mean"] == rows[0]["nnclr_probe_auc"]
     similar = json.loads((out / "similar_to_g3.json").read_text())
     assert len(similar["top"]) == 5 and "g3" not in [row["id"] for row in similar["top"]]
     similarities = [row["similarity"] for row in similar["top"]]
     assert similarities == sorted(similarities, reverse=True)
     assert similar["tidal_fraction_top_k"] == pytest.approx(np.mean([row["has_tidal"] for row in similar["top"]]))
+
+
+def test_independent_test_data_is_the_whole_test_set(trained_run, tidal_file, tmp_path):
+    independent = _write(tmp_path / "independent.h5", count=12, id_prefix="new")
+    out = tmp_path / "test"
+    argv = ["--run", str(trained_run), "--data", str(tidal_file), "--test-data", str(independent), "--out", str(out),
+            "--label-efficiency", "--label-counts", "3", "--label-seeds", "1", "--baseline-epochs", "1"]
+    assert nnclr_test.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_test"] == 12 and metrics["n_test_tidal"] == 6 and "independent.h5" in metrics["data"]
+    assert len(np.load(out / "scores.npy")) == 12
+
+
+def test_test_data_overlapping_the_training_set_is_refused(trained_run, tidal_file, tmp_path, capsys):
+    argv = ["--run", str(trained_run), "--data", str(tidal_file), "--test-data", str(tidal_file), "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        nnclr_test.main(argv)
+    assert exit_info.value.code == 2 and "shares" in capsys.readouterr().err
+
+
+def test_linear_probe_finds_a_signal_spread_over_the_representation():
+    """20 galaxies per class; the classes differ by 0.5 sigma in 16 of 128 dimensions."""
+    from sklearn.metrics import roc_auc_score
+
+    def draw(rng, labels):
+        features = rng.normal(size=(len(labels), 128))
+        features[:, :16] += 0.5 * labels[:, None]
+        return features
+
+    labels, test_labels = np.repeat([0, 1], 20), np.repeat([0, 1], 500)
+    aucs = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        probe = nnclr_test.fit_linear_probe(draw(rng, labels), labels, seed=seed)
+        aucs.append(roc_auc_score(test_labels, probe.predict_proba(draw(rng, test_labels))[:, 1]))
+    assert np.mean(aucs) > 0.7
+    with pytest.raises(ValueError, match="at least 2"):
+        nnclr_test.fit_linear_probe(draw(rng, labels)[:21], labels[:21], seed=0)
 
 
 def test_classifier_only_from_a_trained_encoder(trained_run, tidal_file, tmp_path):
