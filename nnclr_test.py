@@ -49,6 +49,7 @@ BASELINE_EPOCHS = 50  # epochs of the supervised ResNet trained from scratch (th
 BATCH_SIZE = 24  # classifier batch size
 TOP_K = 16  # galaxies shown and counted in a similarity search
 SIMILARITY_POOL = 2000  # galaxies ranked in a similarity search (random, always with the query)
+SB_BINS = 4  # feature surface-brightness bins (equal counts of tidal test galaxies) of the mock breakdown
 
 #: Curves of the label-efficiency study: result key and legend.
 LABEL_EFFICIENCY_CURVES = (
@@ -105,6 +106,54 @@ def evaluate_scores(labels, scores, contamination=CONTAMINATION):
         "tpr": tpr,
         "thresholds": thresholds,
     }
+
+
+def detection_by_feature(labels, scores, truth, contamination=CONTAMINATION, sb_bins=SB_BINS):
+    """How well each kind of feature and each feature surface brightness is detected (mock truth).
+
+    Every subset of tidal galaxies is scored against all the galaxies without features: its AUC,
+    and its completeness at the threshold that gives ``contamination`` (as FPR) on the whole
+    test set, so the completeness of the bins averages to the overall one.
+
+    Parameters
+    ----------
+    labels, scores : arrays, shape (N,)
+    truth : dict
+        ``feature_type`` (str) and ``feature_sb`` (mag/arcsec^2, NaN when unknown) per galaxy.
+    sb_bins : int
+        Surface-brightness bins, with equal numbers of tidal galaxies.
+
+    Returns
+    -------
+    dict
+        ``threshold``, and lists ``feature_type`` and ``feature_sb`` of rows with ``n``,
+        ``auc`` and ``completeness`` (SB rows also ``sb_min`` and ``sb_max``).
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    fpr, _, thresholds = roc_curve(labels, scores)
+    threshold = float(thresholds[np.flatnonzero(fpr <= contamination + 1e-12).max()])
+    negatives = labels == 0
+
+    def row(members, **extra):
+        chosen = members | negatives
+        return {**extra, "n": int(members.sum()), "auc": float(roc_auc_score(labels[chosen], scores[chosen])),
+                "completeness": float(np.mean(scores[members] >= threshold))}
+
+    tidal = labels == 1
+    kinds = np.asarray(truth["feature_type"]).astype(str)
+    result = {"threshold": threshold, "contamination": contamination, "feature_type": [], "feature_sb": []}
+    for kind in sorted(set(kinds[tidal])):
+        result["feature_type"].append(row(tidal & (kinds == kind), feature_type=kind))
+    sb = np.asarray(truth["feature_sb"], dtype=np.float64)
+    known = tidal & np.isfinite(sb)
+    if known.sum() >= sb_bins:
+        edges = np.quantile(sb[known], np.linspace(0, 1, sb_bins + 1))
+        for low, high in zip(edges[:-1], edges[1:]):
+            members = known & (sb >= low) & ((sb < high) | (high == edges[-1]))
+            result["feature_sb"].append(row(members, sb_min=round(float(low), 2), sb_max=round(float(high), 2)))
+    return result
 
 
 def plot_roc(fpr, tpr, auc, contamination, path):
@@ -392,10 +441,8 @@ def main(argv=None):
     def stretched(indices, data=source):
         return prep_data.tidal_stretch(data.read_labelled(indices), band_scale)
 
-    if args.test_data:
-        test_images, test_labels = stretched(np.arange(len(test_source.labels)), test_source), test_source.labels
-    else:
-        test_images, test_labels = stretched(splits["test"]), source.labels[splits["test"]]
+    test_rows = np.arange(len(test_source.labels)) if args.test_data else splits["test"]
+    test_images, test_labels = stretched(test_rows, test_source), test_source.labels[test_rows]
     scores = classifier.predict(test_images, batch_size=BATCH_SIZE, verbose=0)[:, 0]
     result = evaluate_scores(test_labels, scores, args.contamination)
     for name in ("fpr", "tpr", "thresholds"):
@@ -413,6 +460,12 @@ def main(argv=None):
         "data": test_source.description,
         "run": str(run),
     }
+    if test_source.truth is not None:
+        truth = {key: np.asarray(values)[test_rows] for key, values in test_source.truth.items()}
+        metrics["by_feature"] = detection_by_feature(test_labels, scores, truth, args.contamination)
+        for entry in metrics["by_feature"]["feature_type"] + metrics["by_feature"]["feature_sb"]:
+            name = entry.get("feature_type") or f"SB {entry['sb_min']:.2f}-{entry['sb_max']:.2f}"
+            print(f"{name:>17}: {entry['n']:4d} tidal, AUC {entry['auc']:.3f}, completeness {entry['completeness']:.2f}")
     if args.label_efficiency:
         train_images, train_labels = stretched(splits["train"]), source.labels[splits["train"]]
         rows = label_efficiency(encoder, config, train_images, train_labels, test_images, test_labels, args)

@@ -824,6 +824,10 @@ class TidalCatalogue:
     has_tidal : ndarray of int, shape (N,)
         1 with a tidal feature, 0 without.
     feature_type : ndarray of str, shape (N,)
+        "unknown" where the file has no ``feature_type`` column.
+    feature_sb : ndarray of float, shape (N,)
+        Mean surface brightness of the feature (mock truth, mag/arcsec^2); NaN where the file
+        has no ``feature_sb`` column and for galaxies without a feature.
     image_shape : tuple of int
         (H, W, bands) of every image.
     """
@@ -834,6 +838,7 @@ class TidalCatalogue:
     ids: np.ndarray
     has_tidal: np.ndarray
     feature_type: np.ndarray
+    feature_sb: np.ndarray
     image_shape: tuple
 
     def __len__(self):
@@ -851,7 +856,7 @@ def index_tidal_hdf5(inputs):
     paths = [path for path in find_files(inputs) if _suffix_kind(pathlib.Path(path)) == "hdf5"]
     if not paths:
         raise CutoutError(f"{inputs}: no HDF5 files found")
-    columns = {"file_index": [], "rows": [], "ids": [], "has_tidal": [], "feature_type": []}
+    columns = {"file_index": [], "rows": [], "ids": [], "has_tidal": [], "feature_type": [], "feature_sb": []}
     image_shape = None
     for position, path in enumerate(paths):
         try:
@@ -867,6 +872,8 @@ def index_tidal_hdf5(inputs):
                 columns["ids"].extend(_decode(f["id"][()]) if "id" in f else [f"{pathlib.Path(path).stem}_{i}" for i in range(count)])
                 columns["has_tidal"].append(np.asarray(f["has_tidal"][()], dtype=np.int64))
                 columns["feature_type"].extend(_decode(f["feature_type"][()]) if "feature_type" in f else ["unknown"] * count)
+                sb = np.asarray(f["feature_sb"][()], dtype=np.float64) if "feature_sb" in f else np.full(count, np.nan)
+                columns["feature_sb"].append(np.where(columns["has_tidal"][-1] == 1, sb, np.nan))
         except OSError as error:
             raise CutoutError(f"{path}: cannot read HDF5 file ({error})") from None
         except ValueError as error:
@@ -883,6 +890,7 @@ def index_tidal_hdf5(inputs):
         ids=np.asarray(columns["ids"]),
         has_tidal=np.concatenate(columns["has_tidal"]),
         feature_type=np.asarray(columns["feature_type"]),
+        feature_sb=np.concatenate(columns["feature_sb"]),
         image_shape=image_shape,
     )
 
@@ -966,6 +974,9 @@ class TidalSource:
     splits : dict of str -> ndarray of int, or None
         Classifier sets fixed by the storage (the TFDS builder's splits), as indices into
         ``ids``; None when :func:`tidal_classifier_splits` draws them.
+    truth : dict of str -> ndarray, or None
+        Mock truth of the labelled pool when the storage has it: ``feature_type`` (str) and
+        ``feature_sb`` (mag/arcsec^2, NaN without a feature), each of shape (N,).
     """
 
     description: str
@@ -975,6 +986,7 @@ class TidalSource:
     read_labelled: object
     unlabelled: object
     splits: dict = None
+    truth: dict = None
 
 
 def tidal_source_splits(source, sizes=TIDAL_SPLIT_SIZES, seed=0):
@@ -1008,6 +1020,7 @@ def tidal_source_from_hdf5(inputs):
         image_shape=catalogue.image_shape,
         read_labelled=lambda indices: read_tidal_images(catalogue, indices),
         unlabelled=lambda: tidal_hdf5_dataset(catalogue).map(lambda element: element["image"]),
+        truth={"feature_type": catalogue.feature_type, "feature_sb": catalogue.feature_sb},
     )
 
 

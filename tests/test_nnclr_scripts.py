@@ -249,6 +249,25 @@ def test_independent_test_data_is_the_whole_test_set(trained_run, tidal_file, tm
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_test"] == 12 and metrics["n_test_tidal"] == 6 and "independent.h5" in metrics["data"]
     assert len(np.load(out / "scores.npy")) == 12
+    [stream] = metrics["by_feature"]["feature_type"]
+    assert stream["feature_type"] == "stream" and stream["n"] == 6
+    assert metrics["by_feature"]["feature_sb"] == []  # the file has no feature_sb column
+
+
+def test_detection_by_feature_separates_bright_from_faint_features():
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], [400, 200])
+    sb = np.concatenate([np.full(400, np.nan), np.tile([25.0, 27.0], 100)])
+    kinds = np.concatenate([np.full(400, "none"), np.tile(["shell", "stream"], 100)])
+    scores = rng.uniform(0, 1, 600)
+    scores[sb == 25.0] += 1  # bright features are found, faint ones score like galaxies without
+    result = nnclr_test.detection_by_feature(labels, scores, {"feature_type": kinds, "feature_sb": sb}, sb_bins=2)
+    bright, faint = result["feature_sb"]
+    assert (bright["sb_min"], faint["sb_max"]) == (25.0, 27.0) and bright["n"] == faint["n"] == 100
+    assert bright["auc"] == 1.0 and bright["completeness"] == 1.0
+    assert abs(faint["auc"] - 0.5) < 0.1 and faint["completeness"] < 0.4
+    assert [row["feature_type"] for row in result["feature_type"]] == ["shell", "stream"]
+    assert result["feature_type"][0]["auc"] == 1.0
 
 
 def test_test_data_overlapping_the_training_set_is_refused(trained_run, tidal_file, tmp_path, capsys):
