@@ -8,7 +8,9 @@ deterministic test-time view (centre crop, no noise, no flip). Outputs in ``--ou
   ``scores.npy`` / ``labels.npy`` of the test galaxies;
 * ``metrics.json``: AUC, and the completeness (true-positive rate) at 22% contamination with
   contamination read both as the false-positive rate and as 1 - precision (Desmons et al. 2023
-  quote 96% completeness at 22% contamination; sources differ on the definition).
+  quote 96% completeness at 22% contamination; sources differ on the definition). When the
+  data carry the mock truth (``feature_type``, ``feature_sb``), ``by_feature`` gives the AUC
+  and completeness of each kind of feature and of each feature surface-brightness bin.
 
 Options:
 
@@ -152,7 +154,8 @@ def detection_by_feature(labels, scores, truth, contamination=CONTAMINATION, sb_
         edges = np.quantile(sb[known], np.linspace(0, 1, sb_bins + 1))
         for low, high in zip(edges[:-1], edges[1:]):
             members = known & (sb >= low) & ((sb < high) | (high == edges[-1]))
-            result["feature_sb"].append(row(members, sb_min=round(float(low), 2), sb_max=round(float(high), 2)))
+            if members.any():  # tied surface brightnesses can leave a bin empty
+                result["feature_sb"].append(row(members, sb_min=round(float(low), 2), sb_max=round(float(high), 2)))
     return result
 
 
