@@ -1013,6 +1013,7 @@ def tidal_source_from_hdf5(inputs):
     """A :class:`TidalSource` over tidal HDF5 files: every galaxy is in the unlabelled stream,
     and the labelled pool is every galaxy with its ``has_tidal`` truth (mock data)."""
     catalogue = index_tidal_hdf5(inputs)
+    has_truth = (catalogue.feature_type != "unknown").any() or np.isfinite(catalogue.feature_sb).any()
     return TidalSource(
         description=", ".join(catalogue.paths),
         ids=catalogue.ids,
@@ -1020,7 +1021,7 @@ def tidal_source_from_hdf5(inputs):
         image_shape=catalogue.image_shape,
         read_labelled=lambda indices: read_tidal_images(catalogue, indices),
         unlabelled=lambda: tidal_hdf5_dataset(catalogue).map(lambda element: element["image"]),
-        truth={"feature_type": catalogue.feature_type, "feature_sb": catalogue.feature_sb},
+        truth={"feature_type": catalogue.feature_type, "feature_sb": catalogue.feature_sb} if has_truth else None,
     )
 
 

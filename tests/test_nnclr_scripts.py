@@ -253,6 +253,17 @@ def test_independent_test_data_is_the_whole_test_set(trained_run, tidal_file, tm
     assert stream["feature_type"] == "stream" and stream["n"] == 6
     assert metrics["by_feature"]["feature_sb"] == []  # the file has no feature_sb column
 
+    import h5py
+
+    images, has_tidal = _tidal_images(12)
+    with h5py.File(tmp_path / "no_truth.h5", "w") as f:  # labels by eye: no mock truth to break down by
+        f["image"], f["has_tidal"], f["id"] = images, has_tidal, np.array([f"eye{i}" for i in range(12)], dtype="S")
+    argv[argv.index(str(independent))] = str(tmp_path / "no_truth.h5")
+    argv.remove("--label-efficiency")
+    assert nnclr_test.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_test"] == 12 and "by_feature" not in metrics
+
 
 def test_detection_by_feature_separates_bright_from_faint_features():
     rng = np.random.default_rng(1)
