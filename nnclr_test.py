@@ -238,16 +238,17 @@ def label_efficiency(encoder, config, train_images, train_labels, test_images, t
         return (nnclr_model.representations(model, train_images, config),
                 nnclr_model.representations(model, test_images, config))
 
+    def untrained_features_of(seed):
+        keras.utils.set_random_seed(seed)
+        return features_of(nnclr_model.build_encoder(config, name="untrained_encoder"))
+
     trained_features = features_of(encoder)
-    untrained_features = {}
+    untrained_features = {seed: untrained_features_of(seed) for seed in range(args.label_seeds)}
     available = int(min((train_labels == 0).sum(), (train_labels == 1).sum()))
     counts = sorted({min(count, available) for count in args.label_counts})
     results = []
     runs = [(count, seed) for count in counts for seed in range(args.label_seeds)]
     for count, seed in tqdm(runs, desc="label efficiency", unit="run"):
-        if seed not in untrained_features:
-            keras.utils.set_random_seed(seed)
-            untrained_features[seed] = features_of(nnclr_model.build_encoder(config, name="untrained_encoder"))
         rng = np.random.default_rng(seed)
         chosen = np.concatenate(
             [rng.choice(np.flatnonzero(train_labels == label), count, replace=False) for label in (0, 1)]
@@ -391,6 +392,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.test_all and args.label_efficiency:
         parser.error("--label-efficiency needs the run's training split; it cannot be combined with --test-all")
+    if args.label_efficiency and (min(args.label_counts) < 2 or args.label_seeds < 1):
+        parser.error("--label-counts must all be >= 2 (the probe cross-validates on them) and --label-seeds >= 1")
     if args.test_all and args.test_data:
         parser.error("--test-all makes --data the test set; it cannot be combined with --test-data")
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -872,8 +872,9 @@ def index_tidal_hdf5(inputs):
                 columns["ids"].extend(_decode(f["id"][()]) if "id" in f else [f"{pathlib.Path(path).stem}_{i}" for i in range(count)])
                 columns["has_tidal"].append(np.asarray(f["has_tidal"][()], dtype=np.int64))
                 columns["feature_type"].extend(_decode(f["feature_type"][()]) if "feature_type" in f else ["unknown"] * count)
-                sb = np.asarray(f["feature_sb"][()], dtype=np.float64) if "feature_sb" in f else np.full(count, np.nan)
-                columns["feature_sb"].append(np.where(columns["has_tidal"][-1] == 1, sb, np.nan))
+                columns["feature_sb"].append(
+                    np.asarray(f["feature_sb"][()], dtype=np.float64) if "feature_sb" in f else np.full(count, np.nan)
+                )
         except OSError as error:
             raise CutoutError(f"{path}: cannot read HDF5 file ({error})") from None
         except ValueError as error:
@@ -883,14 +884,15 @@ def index_tidal_hdf5(inputs):
         image_shape = shape
         columns["file_index"].append(np.full(count, position))
         columns["rows"].append(np.arange(count))
+    has_tidal = np.concatenate(columns["has_tidal"])
     return TidalCatalogue(
         paths=tuple(paths),
         file_index=np.concatenate(columns["file_index"]),
         rows=np.concatenate(columns["rows"]),
         ids=np.asarray(columns["ids"]),
-        has_tidal=np.concatenate(columns["has_tidal"]),
+        has_tidal=has_tidal,
         feature_type=np.asarray(columns["feature_type"]),
-        feature_sb=np.concatenate(columns["feature_sb"]),
+        feature_sb=np.where(has_tidal == 1, np.concatenate(columns["feature_sb"]), np.nan),
         image_shape=image_shape,
     )
 

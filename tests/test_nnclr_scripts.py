@@ -286,6 +286,9 @@ def test_test_data_overlapping_the_training_set_is_refused(trained_run, tidal_fi
     with pytest.raises(SystemExit) as exit_info:
         nnclr_test.main(argv)
     assert exit_info.value.code == 2 and "shares" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        nnclr_test.main(["--run", str(trained_run), "--data", str(tidal_file), "--label-efficiency", "--label-counts", "1"])
+    assert exit_info.value.code == 2 and "--label-counts must all be >= 2" in capsys.readouterr().err
 
 
 def test_linear_probe_finds_a_signal_spread_over_the_representation():
