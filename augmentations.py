@@ -71,7 +71,7 @@ def icl_augmentation(seed=None, name="augmentation"):
 # ----------------------------------------------------------------------------------------
 # NNCLR tidal-feature detector (Desmons et al. 2023)
 #
-# The views are taken from images already stretched by ``prep_data.tidal_stretch``
+# The views are taken from images already stretched by ``tidal_data.tidal_stretch``
 # (arcsinh(x / scale / 3) per band), so the whole augmentation works in stretched units.
 
 #: Side of the square views the NNCLR encoder sees, in pixels.
@@ -87,7 +87,7 @@ class StretchedGaussianNoise(layers.Layer):
     """Add Gaussian noise of sigma = f x (per-band scale) in counts to arcsinh-stretched images.
 
     The images hold y = arcsinh(x / (s * softening)) per band, with s the band's MAD-std scale
-    (``prep_data.tidal_stretch``). Adding noise n ~ N(0, (f s)^2) to the counts x gives
+    (``tidal_data.tidal_stretch``). Adding noise n ~ N(0, (f s)^2) to the counts x gives
     y' = arcsinh(sinh(y) + f n' / softening), n' ~ N(0, 1): the band scale cancels, so the layer
     needs only the softening. f is drawn from U(noise_range) once per image. The original code
     added f x s to the *stretched* image, where s (a few hundredths of a count) is negligible

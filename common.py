@@ -137,18 +137,32 @@ def make_strategy(name="default"):
     return tf.distribute.get_strategy()
 
 
-def quiet_start(argv=None):
+def quiet_start(argv=None, tensorflow=True):
     """Keep TensorFlow's start-up lines (oneDNN notice, CUDA probes, absl) off the terminal.
 
-    Call it first thing in a command, before anything imports TensorFlow; it only sets
-    environment variables a user has not set. ``--verbose`` among the arguments (``argv``,
-    default ``sys.argv``) leaves everything as it is. Returns whether it silenced anything.
+    Call it first thing in a command, before anything imports TensorFlow. It sets the log
+    levels a user has not set and, with ``tensorflow=True``, imports TensorFlow with the
+    process's standard error closed for the duration of the import (the C++ core writes its
+    notices there before any log level is read). Python errors of the import still surface.
+    ``--verbose`` among the arguments (``argv``, default ``sys.argv``) leaves everything as it
+    is. Returns whether it silenced anything.
     """
     argv = sys.argv[1:] if argv is None else argv
     if "--verbose" in argv:
         return False
     for key, value in _QUIET_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
+    if tensorflow and "tensorflow" not in sys.modules:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(null)
     return True
 
 

@@ -37,6 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import common
 import model
 import prep_data
 import resnet_cifar10_v2
@@ -384,7 +385,7 @@ def save_overlays(
             )
         axes.set_title(title, fontsize=9)
         path = out_dir / overlay_filename(identifier)
-        temporary = prep_data.atomic_path(path)
+        temporary = common.atomic_path(path)
         try:
             figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
             os.replace(temporary, path)
@@ -522,7 +523,7 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {len(paths)} GradCAM overlays to {args.out_dir}")
-    return prep_data.report_bad_cutouts(errors, "processed")
+    return common.report_bad_cutouts(errors, "processed")
 
 
 if __name__ == "__main__":

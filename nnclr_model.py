@@ -10,7 +10,7 @@ few hundred labelled galaxies.
 Adapted from the Keras example "Self-supervised contrastive learning with NNCLR" (Rishit
 Dagli), as the original code was; ported to Keras 3.
 
-Inputs are tidal cutouts already stretched with ``prep_data.tidal_stretch`` (arcsinh(x /
+Inputs are tidal cutouts already stretched with ``tidal_data.tidal_stretch`` (arcsinh(x /
 scale / 3) per band); the models hold the augmentation, so they take the full cutouts.
 """
 
@@ -25,7 +25,8 @@ import tensorflow as tf
 from keras import layers
 
 import augmentations
-import prep_data
+import common
+import tidal_data
 from resnet_cifar10_v2 import build_resnet_v2
 
 
@@ -36,7 +37,7 @@ class NNCLRConfig:
     # Side of the square input cutouts in pixels.
     image_size: int = 128
     # Number of bands in the last image axis (g, r, i, z, y).
-    n_bands: int = len(prep_data.TIDAL_BANDS)
+    n_bands: int = len(tidal_data.TIDAL_BANDS)
     # Side of the augmented views the encoder reads, in pixels.
     crop_size: int = augmentations.NNCLR_CROP_SIZE
     # Largest shift of the random crop in pixels; inputs must be at least crop_size + jitter.
@@ -166,7 +167,7 @@ def build_augmenter(config, seed=None):
         crop_size=config.crop_size,
         jitter=config.jitter,
         noise_range=config.noise_range,
-        softening=prep_data.TIDAL_STRETCH_SOFTENING,
+        softening=tidal_data.TIDAL_STRETCH_SOFTENING,
         seed=seed,
     )
 
@@ -346,7 +347,7 @@ class NNCLR(keras.Model):
     """NNCLR model: augmenter, encoder, projection head and the support queue.
 
     ``fit`` takes unbatched-then-batched stretched images (a tensor or a dict with ``image``,
-    as from ``prep_data.tidal_unlabelled_dataset``); labels are ignored. Calling the model
+    as from ``tidal_data.tidal_unlabelled_dataset``); labels are ignored. Calling the model
     returns the representations of the deterministic test-time view.
 
     Parameters
@@ -660,7 +661,7 @@ def representations(encoder, images, config, batch_size=64):
     -------
     ndarray of float32, shape (N, representation_dim)
     """
-    prep_data.check_tidal_shape(np.shape(images), config.crop_size, config.n_bands)
+    tidal_data.check_tidal_shape(np.shape(images), config.crop_size, config.n_bands)
     outputs = []
     for start in range(0, len(images), batch_size):
         views = augmentations.nnclr_test_view(images[start : start + batch_size], config.crop_size)
@@ -671,7 +672,7 @@ def representations(encoder, images, config, batch_size=64):
 def save_config(config, path, **extra):
     """Write the config (and extra JSON-able entries such as the band scale) as JSON, atomically."""
     path = pathlib.Path(path)
-    temporary = prep_data.atomic_path(path)
+    temporary = common.atomic_path(path)
     temporary.write_text(json.dumps({"nnclr": config.to_dict(), **extra}, indent=2))
     os.replace(temporary, path)
 

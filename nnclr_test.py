@@ -39,7 +39,13 @@ import pathlib
 
 import numpy as np
 
-from nnclr_train import add_data_arguments, open_source, save_array, save_figure, save_json
+from nnclr_train import (
+    add_data_arguments,
+    open_source,
+    save_array,
+    save_figure,
+    save_json,
+)
 
 # Defaults; every one can be set from the command line.
 CONTAMINATION = 0.22  # contamination at which completeness is quoted (Desmons et al. 2023)
@@ -398,7 +404,7 @@ def main(argv=None):
         parser.error("--test-all makes --data the test set; it cannot be combined with --test-data")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import nnclr_model
-    import prep_data
+    import tidal_data
 
     run = pathlib.Path(args.run)
     out = pathlib.Path(args.out) if args.out else run / "test"
@@ -410,21 +416,21 @@ def main(argv=None):
         encoder = nnclr_model.load_encoder(run / "encoder.keras", config)
         classifier = nnclr_model.load_classifier(run / "classifier.keras", config)
         source = open_source(args)
-        test_source = prep_data.tidal_source_from_hdf5(args.test_data) if args.test_data else source
+        test_source = tidal_data.tidal_source_from_hdf5(args.test_data) if args.test_data else source
         for data in (source,) if test_source is source else (source, test_source):
-            prep_data.check_tidal_shape(data.image_shape, config.min_image_size, config.n_bands)
+            tidal_data.check_tidal_shape(data.image_shape, config.min_image_size, config.n_bands)
             if tuple(data.image_shape) != config.input_shape:
                 raise ValueError(
                     f"{data.description}: images are {tuple(data.image_shape)}, the run was trained on {config.input_shape}"
                 )
         if args.test_data:
-            prep_data.check_tidal_labels(test_source.labels)
+            tidal_data.check_tidal_labels(test_source.labels)
         if args.test_all:
-            prep_data.check_tidal_labels(source.labels)
+            tidal_data.check_tidal_labels(source.labels)
             splits = {"test": np.arange(len(source.labels))}
         else:
-            splits = prep_data.tidal_source_splits(
-                source, settings.get("split_sizes", prep_data.TIDAL_SPLIT_SIZES), seed=seed
+            splits = tidal_data.tidal_source_splits(
+                source, settings.get("split_sizes", tidal_data.TIDAL_SPLIT_SIZES), seed=seed
             )
             if args.test_data:
                 shared = np.intersect1d(test_source.ids, source.ids[np.concatenate([splits["train"], splits["validation"]])])
@@ -445,7 +451,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
 
     def stretched(indices, data=source):
-        return prep_data.tidal_stretch(data.read_labelled(indices), band_scale)
+        return tidal_data.tidal_stretch(data.read_labelled(indices), band_scale)
 
     test_rows = np.arange(len(test_source.labels)) if args.test_data else splits["test"]
     test_images, test_labels = stretched(test_rows, test_source), test_source.labels[test_rows]

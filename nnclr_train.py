@@ -67,12 +67,13 @@ def add_data_arguments(parser):
 
 
 def open_source(args):
-    """The :class:`prep_data.TidalSource` the data options name."""
-    import prep_data
+    """The :class:`tidal_data.TidalSource` the data options name."""
+    import data.tidal_datasets
+    import tidal_data
 
     if args.data:
-        return prep_data.tidal_source_from_hdf5(args.data)
-    return prep_data.tidal_source_from_tfds(args.tfds_unlabelled, args.tfds_labelled, args.tfds_dir)
+        return tidal_data.tidal_source_from_hdf5(args.data)
+    return data.tidal_datasets.tidal_source_from_tfds(args.tfds_unlabelled, args.tfds_labelled, args.tfds_dir)
 
 
 def add_config_arguments(parser):
@@ -102,7 +103,7 @@ def add_config_arguments(parser):
 def config_from_arguments(args, image_shape):
     """NNCLRConfig from ``--config`` and the per-field options, sized to the data's images."""
     import nnclr_model
-    import prep_data
+    import tidal_data
 
     base = nnclr_model.TESTING_CONFIG if args.config == "testing" else nnclr_model.NNCLRConfig()
     changes = {
@@ -111,7 +112,7 @@ def config_from_arguments(args, image_shape):
         if getattr(args, field.name, None) is not None
     }
     minimum = changes.get("crop_size", base.crop_size) + changes.get("jitter", base.jitter)
-    prep_data.check_tidal_shape(image_shape, minimum, changes.get("n_bands", base.n_bands))
+    tidal_data.check_tidal_shape(image_shape, minimum, changes.get("n_bands", base.n_bands))
     height, width = image_shape[:2]
     if height != width:
         raise ValueError(f"images must be square, got {height}x{width} px")
@@ -151,9 +152,9 @@ def build_parser():
 
 def save_array(path, array):
     """np.save, atomically."""
-    import prep_data
+    import common
 
-    temporary = prep_data.atomic_path(path)
+    temporary = common.atomic_path(path)
     with open(temporary, "wb") as handle:
         np.save(handle, np.asarray(array))
     os.replace(temporary, path)
@@ -161,9 +162,9 @@ def save_array(path, array):
 
 def save_json(path, values):
     """JSON file, atomically."""
-    import prep_data
+    import common
 
-    temporary = prep_data.atomic_path(path)
+    temporary = common.atomic_path(path)
     temporary.write_text(json.dumps(values, indent=2))
     os.replace(temporary, path)
 
@@ -172,9 +173,9 @@ def save_figure(figure, path):
     """PNG of a matplotlib figure, atomically; closes the figure."""
     import matplotlib.pyplot as plt
 
-    import prep_data
+    import common
 
-    temporary = prep_data.atomic_path(path)
+    temporary = common.atomic_path(path)
     figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
     plt.close(figure)
     os.replace(temporary, path)
@@ -245,9 +246,9 @@ def train_encoder(source, config, band_scale, args, out, strategy):
     import keras
 
     import nnclr_model
-    import prep_data
+    import tidal_data
 
-    stream = prep_data.tidal_unlabelled_dataset(
+    stream = tidal_data.tidal_unlabelled_dataset(
         source.unlabelled(), band_scale, args.batch_size, args.shuffle_buffer, seed=args.seed, min_size=config.min_image_size
     )
     if args.steps_per_epoch:
@@ -285,11 +286,11 @@ def train_classifier(encoder, source, splits, config, band_scale, args, out, str
     import keras
 
     import nnclr_model
-    import prep_data
+    import tidal_data
 
     def dataset(name, shuffle):
         indices = splits[name]
-        return prep_data.tidal_labelled_dataset(
+        return tidal_data.tidal_labelled_dataset(
             source.read_labelled(indices), source.labels[indices], band_scale, args.classifier_batch_size,
             shuffle=shuffle, seed=args.seed, min_size=config.min_image_size,
         )
@@ -327,7 +328,7 @@ def main(argv=None):
     import keras
 
     import nnclr_model
-    import prep_data
+    import tidal_data
     import train
 
     out = pathlib.Path(args.out)
@@ -353,10 +354,10 @@ def main(argv=None):
                 )
             with strategy.scope():
                 encoder = nnclr_model.load_encoder(args.load_encoder, config)
-        splits = prep_data.tidal_source_splits(source, args.split_sizes, seed=args.seed)
+        splits = tidal_data.tidal_source_splits(source, args.split_sizes, seed=args.seed)
         if band_scale is None:
-            first = list(source.unlabelled().take(prep_data.TIDAL_SCALE_IMAGES).as_numpy_iterator())
-            band_scale = prep_data.tidal_band_scale(np.stack(first))
+            first = list(source.unlabelled().take(tidal_data.TIDAL_SCALE_IMAGES).as_numpy_iterator())
+            band_scale = tidal_data.tidal_band_scale(np.stack(first))
     except (ValueError, OSError) as error:
         parser.exit(2, f"error: {error}\n")
     logger.info("data: %s; %d labelled galaxies; band scale %s", source.description, len(source.labels), band_scale)
@@ -364,7 +365,7 @@ def main(argv=None):
     settings = {key: value for key, value in vars(args).items() if key not in {f.name for f in dataclasses.fields(config)}}
     nnclr_model.save_config(
         config, out / "config.json", band_scale=[float(value) for value in band_scale],
-        softening=prep_data.TIDAL_STRETCH_SOFTENING, data=source.description, settings=settings,
+        softening=tidal_data.TIDAL_STRETCH_SOFTENING, data=source.description, settings=settings,
     )
 
     if not args.load_encoder:

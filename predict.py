@@ -26,6 +26,7 @@ import sys
 
 import numpy as np
 
+import common
 import model
 import prep_data
 
@@ -191,7 +192,7 @@ def main(argv=None):
               file=sys.stderr)
         return 130
     print(f"wrote {n_written} predictions to {args.out}")
-    return prep_data.report_bad_cutouts(errors, "predicted")
+    return common.report_bad_cutouts(errors, "predicted")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ import zipfile
 
 import numpy as np
 
-from prep_data import atomic_path
+from common import atomic_path
 
 logger = logging.getLogger(__name__)
 

@@ -34,11 +34,11 @@ def main(argv=None):
 
     import keras
     import numpy as np
+    from synthetic import synthetic_clusters
 
     import finetune
     import model
     import prep_data
-    from synthetic import synthetic_clusters
 
     config = model.TESTING if args.tiny else model.PAPER
     print(f"machine: {common.machine_description()}")

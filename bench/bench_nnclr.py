@@ -95,10 +95,10 @@ def main(argv=None):
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
-        import prep_data
+        import common
 
         out = pathlib.Path(args.out)
-        temporary = prep_data.atomic_path(out)
+        temporary = common.atomic_path(out)
         temporary.write_text(text)
         os.replace(temporary, out)
     return 0

@@ -175,10 +175,10 @@ def main(argv=None):
 
     import keras
     import numpy as np
+    from bench_icl_inference import original_summary
 
     import model
     import prep_data
-    from bench_icl_inference import original_summary
 
     config = model.TESTING if args.tiny else model.PAPER
     print(f"machine: {common.machine_description()}")

@@ -36,7 +36,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import similarity  # noqa: E402
-from prep_data import atomic_path  # noqa: E402
+from common import atomic_path  # noqa: E402
 
 # Defaults; every one can be set from the command line.
 N_VECTORS = 1_000_000

@@ -43,8 +43,8 @@ import numpy as np
 import scipy.fft
 import scipy.special
 
+import common
 import hsc
-import prep_data
 
 logger = logging.getLogger(__name__)
 
@@ -891,7 +891,7 @@ def draw_preview(images, truths, path, masks=None, columns=8):
             f"z={truth['z']:.2f} true={truth['f_icl_true']:.3f}\nSB ideal={truth['f_icl_sb_ideal']:.3f}", fontsize=7
         )
     figure.tight_layout()
-    temporary = prep_data.atomic_path(path)
+    temporary = common.atomic_path(path)
     figure.savefig(temporary, dpi=80, format="png")
     plt.close(figure)
     os.replace(temporary, path)

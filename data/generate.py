@@ -38,6 +38,8 @@ import time
 import h5py
 import numpy as np
 
+import common
+import data.files
 import hsc
 import prep_data
 
@@ -122,7 +124,7 @@ def _run_attributes(kind, seed, n, shard_size, distribution, measure_sb=False):
 def write_shard(path, kind, images, masks, truths, ids, attributes):
     """Write one shard atomically; ``attributes`` go to the file's attributes."""
     path = pathlib.Path(path)
-    partial = prep_data.atomic_path(path)
+    partial = common.atomic_path(path)
     params = [json.dumps(truth["params"], sort_keys=True) for truth in truths]
     if kind == "tidal":
         with h5py.File(partial, "w") as f:
@@ -141,7 +143,7 @@ def write_shard(path, kind, images, masks, truths, ids, attributes):
         names = ("z", "f_icl_true", "f_icl_sb_ideal", "f_icl_sb_ideal_scene") + (("f_icl_sb",) if "f_icl_sb" in truths[0] else ())
         columns = {name: [float(t[name]) for t in truths] for name in names}
         columns["params"] = params
-        prep_data.write_stacked_hdf5(
+        data.files.write_stacked_hdf5(
             partial, np.asarray(images, dtype=np.float16), np.asarray(masks, dtype=np.int32), ids, columns,
             mask_bits=hsc.DEFAULT_MASK_BITS, pixel_scale=hsc.PIXEL_SCALE,
         )
@@ -230,7 +232,7 @@ def check_existing_shards(folder, kind, shard_count, attributes):
 def merge_shards(shard_paths, out_path):
     """Concatenate shards (same datasets) into one file along the first axis, atomically."""
     out_path = pathlib.Path(out_path)
-    partial = prep_data.atomic_path(out_path)
+    partial = common.atomic_path(out_path)
     with h5py.File(shard_paths[0], "r") as first:
         names = [name for name in first.keys() if isinstance(first[name], h5py.Dataset)]
         attributes = {k: v for k, v in first.attrs.items() if k not in ("first_index", "count")}

@@ -32,6 +32,7 @@ import warnings
 
 import numpy as np
 
+import data.files
 import hsc
 import prep_data
 
@@ -364,7 +365,7 @@ def main(argv=None):
         print(f"error: {message}", file=sys.stderr)
     if not images:
         parser.exit(1, "error: no cutout could be injected\n")
-    prep_data.write_stacked_hdf5(args.out, np.stack(images), np.stack(masks), ids, columns, pixel_scale=hsc.PIXEL_SCALE)
+    data.files.write_stacked_hdf5(args.out, np.stack(images), np.stack(masks), ids, columns, pixel_scale=hsc.PIXEL_SCALE)
     print(f"wrote {len(images)} injected cutouts to {args.out}")
     return 1 if errors else 0
 

@@ -22,6 +22,8 @@ import warnings
 
 import numpy as np
 
+import common
+import data.files
 import hsc
 import prep_data
 
@@ -244,7 +246,7 @@ def write_fits_cutouts(cutouts, folder):
         if cutout.variance is not None:
             hdus.append(fits.ImageHDU(cutout.variance, name="VARIANCE"))
         path = folder / f"{cutout.id}.fits"
-        partial = prep_data.atomic_path(path)
+        partial = common.atomic_path(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fits.HDUList(hdus).writeto(partial, overwrite=True, output_verify="silentfix")
@@ -275,7 +277,7 @@ def main(argv=None):
     try:
         if out.suffix.lower() in prep_data.HDF5_SUFFIXES:
             if cutouts:
-                prep_data.write_groups_hdf5(out, [cutout.as_cutout(out) for cutout in cutouts])
+                data.files.write_groups_hdf5(out, [cutout.as_cutout(out) for cutout in cutouts])
         else:
             write_fits_cutouts(cutouts, out)
     except OSError as error:

@@ -930,7 +930,7 @@ def draw_preview(images, truths, path, columns=6):
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    import prep_data
+    import common
 
     if len(images) != len(truths):
         raise ValueError(f"images and truths must have the same length, got {len(images)} and {len(truths)}")
@@ -951,7 +951,7 @@ def draw_preview(images, truths, path, columns=6):
     figure.suptitle("gri; title: feature type, mean SB (i, mag/arcsec$^2$)", fontsize=9)
     figure.tight_layout()
     path = pathlib.Path(path)
-    temporary = prep_data.atomic_path(path)
+    temporary = common.atomic_path(path)
     figure.savefig(temporary, format="png", dpi=80)
     plt.close(figure)
     os.replace(temporary, path)
@@ -980,7 +980,7 @@ def write_tidal_hdf5(path, images, truths, ids):
         As returned by :func:`render_tidal_galaxy`.
     ids : sequence of str
     """
-    import prep_data
+    import tidal_data
 
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, len(BANDS)):
@@ -995,4 +995,4 @@ def write_tidal_hdf5(path, images, truths, ids):
         "feature_sb": np.asarray([t["feature_sb"] for t in truths], dtype=np.float64),
         "params": [json.dumps(t["params"]) for t in truths],
     }
-    prep_data.write_tidal_hdf5(path, images, ids, columns)
+    tidal_data.write_tidal_hdf5(path, images, ids, columns)

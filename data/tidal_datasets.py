@@ -35,6 +35,8 @@ import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+import prep_data
+import tidal_data
 from data import tidal
 
 logger = logging.getLogger(__name__)
@@ -125,12 +127,8 @@ def _open_shard(path):
     return f
 
 
-def _decode(value):
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _row_id(f, path, row):
-    return _decode(f["id"][row]) if "id" in f else f"{path.stem}-{row}"
+    return prep_data.decode_strings(f["id"][row])[0] if "id" in f else f"{path.stem}-{row}"
 
 
 class TidalUnlabelled(tfds.core.GeneratorBasedBuilder):
@@ -266,7 +264,7 @@ class TidalLabelled(tfds.core.GeneratorBasedBuilder):
             with h5py.File(path, "r") as f:
                 truth = {
                     "has_tidal": int(f["has_tidal"][row]),
-                    "feature_type": _decode(f["feature_type"][row]) if "feature_type" in f else "unknown",
+                    "feature_type": prep_data.decode_strings(f["feature_type"][row])[0] if "feature_type" in f else "unknown",
                     "feature_sb": float(f["feature_sb"][row]) if "feature_sb" in f else float("nan"),
                 }
                 identifier = _row_id(f, path, row)
@@ -282,3 +280,47 @@ def _labelled_example(image, truth, identifier):
         "feature_type": truth["feature_type"],
         "feature_sb": np.float32(truth["feature_sb"]),
     }
+
+
+# ----------------------------------------------------------------------------------------
+# Reading the builders for the NNCLR scripts
+
+
+def _load_tfds(name, data_dir, split="all"):
+    return tfds.load(name, split=split, data_dir=data_dir, shuffle_files=False)
+
+
+def tidal_source_from_tfds(unlabelled_name="tidal_unlabelled", labelled_name="tidal_labelled", data_dir=None):
+    """A :class:`tidal_data.TidalSource` over the TFDS builders of this module.
+
+    The labelled builder (small by design) is read into memory, and its train / validation /
+    test splits are the classifier sets; its tidal galaxies join the unlabelled stream, as in
+    Desmons et al. 2023. Builder configs go in the names (``"tidal_unlabelled/small"``).
+    """
+    labelled, splits = [], {}
+    for name in tidal_data.TIDAL_SPLITS:
+        elements = list(_load_tfds(labelled_name, data_dir, split=name).as_numpy_iterator())
+        splits[name] = np.arange(len(labelled), len(labelled) + len(elements))
+        labelled.extend(elements)
+    if not labelled:
+        raise prep_data.CutoutError(f"TFDS dataset {labelled_name} is empty")
+    images = np.stack([element["image"] for element in labelled]).astype(np.float32)
+    labels = np.asarray([int(element["label"]) for element in labelled])
+    ids = np.asarray(prep_data.decode_strings([element["id"] for element in labelled]))
+    tidal_data.check_tidal_shape(images.shape, name=f"{labelled_name} images")
+
+    def unlabelled():
+        import tensorflow as tf
+
+        stream = _load_tfds(unlabelled_name, data_dir).map(lambda element: tf.cast(element["image"], tf.float32))
+        return stream.concatenate(tf.data.Dataset.from_tensor_slices(images[labels == 1]))
+
+    return tidal_data.TidalSource(
+        description=f"tfds {unlabelled_name} + {labelled_name} ({data_dir or 'default data_dir'})",
+        ids=ids,
+        labels=labels,
+        image_shape=images.shape[1:],
+        read_labelled=lambda indices: images[np.asarray(indices, dtype=np.int64)],
+        unlabelled=unlabelled,
+        splits=splits,
+    )

@@ -101,8 +101,9 @@ def write_example_galaxies(out_dir, n_per_class=N_GALAXIES_PER_CLASS, seed=GALAX
     """
     import numpy as np
 
+    import data.files
     import hsc
-    import prep_data
+    import tidal_data
     from data import generate, tidal
 
     if n_per_class < 1:
@@ -122,8 +123,8 @@ def write_example_galaxies(out_dir, n_per_class=N_GALAXIES_PER_CLASS, seed=GALAX
         "params": [json.dumps(truth["params"], sort_keys=True, default=float) for truth in truths],
     }
     path = folder / GALAXIES_FILE
-    prep_data.write_stacked_hdf5(path, np.stack(images).astype(np.float16), ids=ids, columns=columns,
-                                 pixel_scale=hsc.PIXEL_SCALE, attributes={"bands": prep_data.TIDAL_BANDS})
+    data.files.write_stacked_hdf5(path, np.stack(images).astype(np.float16), ids=ids, columns=columns,
+                                 pixel_scale=hsc.PIXEL_SCALE, attributes={"bands": tidal_data.TIDAL_BANDS})
     return path
 
 
@@ -144,8 +145,8 @@ def write_finetune_clusters(out_dir, n=N_FINETUNE_CLUSTERS, seed=FINETUNE_SEED, 
     import h5py
     import numpy as np
 
+    import data.files
     import hsc
-    import prep_data
     from data import generate
 
     if n < 1:
@@ -168,7 +169,7 @@ def write_finetune_clusters(out_dir, n=N_FINETUNE_CLUSTERS, seed=FINETUNE_SEED, 
             ids = [value.decode() for value in f["id"][()][keep]]
             images, masks = f["image"][()][keep], f["mask"][()][keep]
     path = folder / FINETUNE_FILE
-    prep_data.write_stacked_hdf5(path, images, masks, ids, columns, mask_bits=hsc.DEFAULT_MASK_BITS,
+    data.files.write_stacked_hdf5(path, images, masks, ids, columns, mask_bits=hsc.DEFAULT_MASK_BITS,
                                  pixel_scale=hsc.PIXEL_SCALE)
     return path
 

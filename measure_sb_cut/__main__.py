@@ -60,9 +60,9 @@ def read_catalogue(path):
 
 def write_csv(rows, path, columns=CSV_COLUMNS):
     """Write rows to ``path`` atomically (temporary file, then rename)."""
-    import prep_data
+    import common
 
-    temporary = prep_data.atomic_path(path)
+    temporary = common.atomic_path(path)
     with open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()

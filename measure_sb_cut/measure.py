@@ -302,7 +302,7 @@ def plot_measurement(image, measurement, path, title=None):
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    import prep_data
+    import common
 
     maps = measurement.maps
     if maps is None:
@@ -346,7 +346,7 @@ def plot_measurement(image, measurement, path, title=None):
         f"SB limit {measurement.sb_limit:.2f} mag/arcsec$^2$",
         fontsize=10,
     )
-    temporary = prep_data.atomic_path(path)
+    temporary = common.atomic_path(path)
     figure.savefig(temporary, dpi=90, format="png")
     plt.close(figure)
     os.replace(temporary, path)

@@ -112,7 +112,7 @@ def machine_description():
 
 def write_report(rows, path, command, bins=REDSHIFT_BINS, elapsed_s=None, note=None):
     """Write the markdown validation report atomically; ``note`` is a sentence about the clusters."""
-    import prep_data
+    import common
 
     n_failed = sum(1 for row in rows if row["error"])
     measured = [row for row in rows if not row["error"]]
@@ -146,7 +146,7 @@ def write_report(rows, path, command, bins=REDSHIFT_BINS, elapsed_s=None, note=N
     if n_failed:
         lines += ["", "## Clusters that could not be measured", ""]
         lines += [f"- {row['error']}" for row in rows if row["error"]][:20]
-    temporary = prep_data.atomic_path(path)
+    temporary = common.atomic_path(path)
     with open(temporary, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     os.replace(temporary, path)
@@ -228,7 +228,7 @@ def synthetic_cluster(z, icl_fraction, rng, native_noise=0.03, n_members=15, siz
 
 def write_synthetic_shard(path, n_clusters, seed=None):
     """Write ``n_clusters`` synthetic clusters in the stacked HDF5 layout of the mocks."""
-    import prep_data
+    import data.files
 
     rng = np.random.default_rng(seed)
     images, truths = [], []
@@ -240,7 +240,7 @@ def write_synthetic_shard(path, n_clusters, seed=None):
         truths.append(truth)
     columns = {key: [truth[key] for truth in truths] for key in ("z", "f_icl_true", "f_icl_sb_ideal")}
     columns["params"] = [json.dumps({"generator": "measure_sb_cut.validate.synthetic_cluster"})] * n_clusters
-    prep_data.write_stacked_hdf5(
+    data.files.write_stacked_hdf5(
         path,
         np.asarray(images, dtype=np.float16),
         masks=np.zeros((n_clusters,) + images[0].shape, dtype=np.int32),

@@ -3,8 +3,8 @@
 import numpy as np
 from astropy.io import fits
 
+import data.files
 import hsc
-import prep_data
 
 
 def synthetic_clusters(n, size=64, seed=0, noise=0.03):
@@ -32,7 +32,7 @@ def write_cluster_hdf5(path, n, size=64, seed=0):
     """A stacked-layout HDF5 file of synthetic clusters with labels in ``f_icl_sb``; returns labels."""
     images, labels = synthetic_clusters(n, size, seed)
     masks = np.zeros(images.shape, np.int32)
-    prep_data.write_stacked_hdf5(
+    data.files.write_stacked_hdf5(
         path,
         images,
         masks,

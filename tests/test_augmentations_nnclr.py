@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import augmentations
-import prep_data
+import tidal_data
 
 
 def _images(shape, seed=0):
@@ -58,10 +58,10 @@ def test_noise_is_one_to_three_band_scales_in_counts():
     # must have a standard deviation of f x scale with f in [1, 3], f drawn per image.
     band_scale = np.array([0.01, 0.02, 0.03, 0.04, 0.05], np.float32)
     counts = np.abs(_images((12, 64, 64, 5), seed=1)) * band_scale
-    stretched = prep_data.tidal_stretch(counts, band_scale)
-    layer = augmentations.StretchedGaussianNoise((1.0, 3.0), softening=prep_data.TIDAL_STRETCH_SOFTENING, seed=7)
+    stretched = tidal_data.tidal_stretch(counts, band_scale)
+    layer = augmentations.StretchedGaussianNoise((1.0, 3.0), softening=tidal_data.TIDAL_STRETCH_SOFTENING, seed=7)
     noisy = keras.ops.convert_to_numpy(layer(stretched, training=True)).astype(np.float64)
-    noisy_counts = np.sinh(noisy) * band_scale * prep_data.TIDAL_STRETCH_SOFTENING
+    noisy_counts = np.sinh(noisy) * band_scale * tidal_data.TIDAL_STRETCH_SOFTENING
     factors = (noisy_counts - counts).std(axis=(1, 2)) / band_scale  # (image, band)
     # One factor per image, shared by its bands (4096 pixels per band: std good to ~2%).
     np.testing.assert_allclose(factors, np.broadcast_to(factors.mean(axis=1, keepdims=True), factors.shape), rtol=0.05)

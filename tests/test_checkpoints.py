@@ -7,10 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+from synthetic import write_cluster_hdf5
 
 import model
 import nnclr_model
-from synthetic import write_cluster_hdf5
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "checkpoints"
@@ -31,10 +31,10 @@ def test_evaluate_reports_every_truth_column(tiny_checkpoint, tmp_path):
 
 
 def test_evaluate_without_truth_columns_says_so(tiny_checkpoint, tmp_path):
-    import prep_data
+    import data.files
 
     images = np.ones((2, 48, 48), np.float32)
-    prep_data.write_stacked_hdf5(tmp_path / "plain.h5", images, np.zeros((2, 48, 48), np.int32), ids=["a", "b"],
+    data.files.write_stacked_hdf5(tmp_path / "plain.h5", images, np.zeros((2, 48, 48), np.int32), ids=["a", "b"],
                                  columns={"z": np.full(2, 0.3)})
     command = [sys.executable, str(CHECKPOINTS / "evaluate.py"), str(tiny_checkpoint), str(tmp_path / "plain.h5")]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)

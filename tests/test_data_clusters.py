@@ -11,7 +11,6 @@ import hsc
 import prep_data
 from data import clusters
 
-
 # ----------------------------------------------------------------------------------------
 # Photometric conversions of hsc.py against the formulas of SPEC Part A
 

@@ -14,6 +14,7 @@ import pytest
 from astropy.io import fits
 
 import prep_data
+import tidal_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GALAXIES = ROOT / "demos" / "data" / "galaxies.h5"
@@ -55,7 +56,7 @@ def test_example_galaxies_are_balanced_and_reproducible():
     from data import generate, tidal
 
     make_example_data = load_script("make_example_data")
-    catalogue = prep_data.index_tidal_hdf5([GALAXIES])
+    catalogue = tidal_data.index_tidal_hdf5([GALAXIES])
     n_per_class = make_example_data.N_GALAXIES_PER_CLASS
     assert catalogue.image_shape == (128, 128, 5) and len(catalogue) == 2 * n_per_class
     assert catalogue.has_tidal.tolist() == [1, 0] * n_per_class
@@ -63,7 +64,7 @@ def test_example_galaxies_are_balanced_and_reproducible():
     with h5py.File(GALAXIES, "r") as f:
         assert f["image"].dtype == np.float16 and f.attrs["bands"] == "grizy"
     # Galaxy i is the generator's galaxy i of the seed: remade alone, it matches to float16 rounding.
-    stored = prep_data.read_tidal_images(catalogue, [2])[0]
+    stored = tidal_data.read_tidal_images(catalogue, [2])[0]
     image, truth = tidal.render_tidal_galaxy(generate.cutout_rng("tidal", make_example_data.GALAXY_SEED, 2), has_tidal=True)
     np.testing.assert_allclose(stored, image, rtol=1e-3, atol=1e-4)
     assert truth["feature_type"] == catalogue.feature_type[2]
@@ -93,7 +94,7 @@ def test_make_example_data_writes_fits_and_truth(tmp_path):
         assert hdus["MASK"].header["MP_BRIGHT_OBJECT"] == 9
     truth = pd.read_csv(tmp_path / "clusters_truth.csv")
     assert 0 < truth["f_icl_sb_ideal"][0] < 1
-    galaxies = prep_data.index_tidal_hdf5([tmp_path / "galaxies.h5"])
+    galaxies = tidal_data.index_tidal_hdf5([tmp_path / "galaxies.h5"])
     assert galaxies.ids.tolist() == ["galaxy00", "galaxy01"] and galaxies.has_tidal.tolist() == [1, 0]
     with h5py.File(tmp_path / "finetune_clusters.h5", "r") as f:
         assert f["image"].shape == (1, 224, 224) and np.isfinite(f["f_icl_sb"][()]).all()

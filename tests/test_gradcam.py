@@ -8,12 +8,12 @@ import keras
 import matplotlib.image
 import numpy as np
 import pytest
+from synthetic import write_fits_cutout
 
 import gradcam
 import model
 import predict
 import resnet_cifar10_v2
-from synthetic import write_fits_cutout
 
 SIZE = model.TESTING.image_size
 #: The blob detector's feature map is the input sampled every 4 pixels (two stride-2 stages).

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from astropy.stats import mad_std
 
+import data.tidal_datasets
 import nnclr_model
 import nnclr_test
 import nnclr_train
 import prep_data
+import tidal_data
 
 SMALL = ["--config", "testing", "--batch-size", "16", "--epochs", "2", "--shuffle-buffer", "16",
          "--classifier-epochs", "2", "--classifier-batch-size", "8", "--split-sizes", "8", "2", "4"]
@@ -36,7 +38,7 @@ def _write(path, count=40, size=24, bands=5, has_tidal=None, id_prefix="g"):
     ids = [f"{id_prefix}{i}" for i in range(count)]
     kinds = ["stream" if flag else "none" for flag in has_tidal]
     if bands == 5:
-        prep_data.write_tidal_hdf5(path, images, ids, {"has_tidal": has_tidal, "feature_type": kinds})
+        tidal_data.write_tidal_hdf5(path, images, ids, {"has_tidal": has_tidal, "feature_type": kinds})
     else:
         import h5py
 
@@ -85,7 +87,7 @@ def test_band_scale_is_mad_std_of_the_first_images_per_band():
     sigmas = np.array([0.01, 0.02, 0.03, 0.04, 0.05])
     images = rng.normal(0, 1, (30, 16, 16, 5)) * sigmas
     images[20:] *= 100  # beyond the first n_images: must not count
-    scale = prep_data.tidal_band_scale(images, n_images=20)
+    scale = tidal_data.tidal_band_scale(images, n_images=20)
     np.testing.assert_allclose(scale, mad_std(images[:20].reshape(-1, 5), axis=0), rtol=1e-6)
     np.testing.assert_allclose(scale, sigmas, rtol=0.05)
 
@@ -94,38 +96,38 @@ def test_band_scale_rejects_a_constant_band():
     images = np.random.default_rng(0).normal(size=(4, 8, 8, 5))
     images[..., 3] = 1.0
     with pytest.raises(ValueError, match=r"band 3 has MAD-std 0.0 over the first 4 images; the scale must be finite and > 0"):
-        prep_data.tidal_band_scale(images)
+        tidal_data.tidal_band_scale(images)
 
 
 def test_stretch_is_arcsinh_of_counts_over_three_scales_and_keeps_its_input():
     images = np.random.default_rng(1).normal(size=(2, 4, 4, 5)).astype(np.float32)
     original = images.copy()
     scale = np.array([0.5, 1, 2, 3, 4], np.float32)
-    np.testing.assert_allclose(prep_data.tidal_stretch(images, scale), np.arcsinh(images / scale / 3), rtol=1e-6)
+    np.testing.assert_allclose(tidal_data.tidal_stretch(images, scale), np.arcsinh(images / scale / 3), rtol=1e-6)
     np.testing.assert_array_equal(images, original)
 
 
 def test_splits_are_balanced_disjoint_and_reproducible():
     labels = np.array([0] * 50 + [1] * 20)
-    splits = prep_data.tidal_classifier_splits(labels, (10, 3, 5), seed=3)
-    for name, size in zip(prep_data.TIDAL_SPLITS, (10, 3, 5)):
+    splits = tidal_data.tidal_classifier_splits(labels, (10, 3, 5), seed=3)
+    for name, size in zip(tidal_data.TIDAL_SPLITS, (10, 3, 5)):
         assert (labels[splits[name]] == 0).sum() == size and (labels[splits[name]] == 1).sum() == size
     together = np.concatenate(list(splits.values()))
     assert len(np.unique(together)) == len(together)
-    again = prep_data.tidal_classifier_splits(labels, (10, 3, 5), seed=3)
+    again = tidal_data.tidal_classifier_splits(labels, (10, 3, 5), seed=3)
     assert all(np.array_equal(splits[name], again[name]) for name in splits)
-    other = prep_data.tidal_classifier_splits(labels, (10, 3, 5), seed=4)
+    other = tidal_data.tidal_classifier_splits(labels, (10, 3, 5), seed=4)
     assert not np.array_equal(splits["train"], other["train"])
 
 
 def test_splits_need_both_classes():
     with pytest.raises(ValueError, match=r"the labelled set has one class only \(label 1 for all 12 galaxies\)"):
-        prep_data.tidal_classifier_splits(np.ones(12, int), (2, 1, 1))
+        tidal_data.tidal_classifier_splits(np.ones(12, int), (2, 1, 1))
 
 
 def test_splits_need_enough_galaxies_per_class():
     with pytest.raises(ValueError, match=r"class 1 has 5 galaxies, the splits need 6 per class \(train 3 \+ validation 1 \+ test 2\)"):
-        prep_data.tidal_classifier_splits(np.array([0] * 10 + [1] * 5), (3, 1, 2))
+        tidal_data.tidal_classifier_splits(np.array([0] * 10 + [1] * 5), (3, 1, 2))
 
 
 @pytest.mark.parametrize(
@@ -138,32 +140,32 @@ def test_splits_need_enough_galaxies_per_class():
 )
 def test_bad_image_shapes_are_named(shape, message):
     with pytest.raises(ValueError, match=message):
-        prep_data.check_tidal_shape(shape, min_size=20)
+        tidal_data.check_tidal_shape(shape, min_size=20)
 
 
 def test_hdf5_round_trip_keeps_order(tmp_path):
     path = _write(tmp_path / "tidal.h5", count=10)
-    catalogue = prep_data.index_tidal_hdf5(path)
+    catalogue = tidal_data.index_tidal_hdf5(path)
     assert len(catalogue) == 10 and catalogue.image_shape == (24, 24, 5)
     images, has_tidal = _tidal_images(10)
     np.testing.assert_array_equal(catalogue.has_tidal, has_tidal)
-    np.testing.assert_array_equal(prep_data.read_tidal_images(catalogue, [7, 2, 5]), images[[7, 2, 5]])
+    np.testing.assert_array_equal(tidal_data.read_tidal_images(catalogue, [7, 2, 5]), images[[7, 2, 5]])
 
 
 def test_hdf5_with_three_bands_is_rejected(tmp_path):
     path = _write(tmp_path / "rgb.h5", count=4, bands=3)
     with pytest.raises(prep_data.CutoutError, match=r"images must have 5 bands \(grizy\)"):
-        prep_data.index_tidal_hdf5(path)
+        tidal_data.index_tidal_hdf5(path)
 
 
 def test_unlabelled_stream_is_stretched_and_batched(tmp_path):
     path = _write(tmp_path / "tidal.h5", count=10)
-    source = prep_data.tidal_source_from_hdf5(path)
+    source = tidal_data.tidal_source_from_hdf5(path)
     scale = np.full(5, 0.02, np.float32)
-    batches = list(prep_data.tidal_unlabelled_dataset(source.unlabelled(), scale, 4, shuffle_buffer=1).as_numpy_iterator())
+    batches = list(tidal_data.tidal_unlabelled_dataset(source.unlabelled(), scale, 4, shuffle_buffer=1).as_numpy_iterator())
     assert [batch.shape for batch in batches] == [(4, 24, 24, 5)] * 2
     images, _ = _tidal_images(10)
-    np.testing.assert_allclose(batches[0], prep_data.tidal_stretch(images[:4], scale), rtol=1e-5)
+    np.testing.assert_allclose(batches[0], tidal_data.tidal_stretch(images[:4], scale), rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------
@@ -362,11 +364,11 @@ def test_tfds_source_joins_the_tidal_galaxies_to_the_unlabelled_stream(monkeypat
         return tf.data.Dataset.from_tensor_slices(stored[name, split])
 
     monkeypatch.setattr(prep_data, "_load_tfds", load)
-    source = prep_data.tidal_source_from_tfds(data_dir="unused")
+    source = data.tidal_datasets.tidal_source_from_tfds(data_dir="unused")
     assert list(source.ids) == [f"l{i}" for i in range(6)] and list(source.labels) == list(has_tidal)
     np.testing.assert_array_equal(source.read_labelled([4, 1]), images[[4, 1]])
     # The builder's own splits are the classifier sets.
-    splits = prep_data.tidal_source_splits(source)
+    splits = tidal_data.tidal_source_splits(source)
     assert {name: list(indices) for name, indices in splits.items()} == {"train": [0, 1], "validation": [2, 3], "test": [4, 5]}
     stream = np.stack(list(source.unlabelled().as_numpy_iterator()))
     np.testing.assert_array_equal(stream, np.concatenate([images[:4], images[has_tidal == 1]]))

@@ -4,10 +4,10 @@ import h5py
 import numpy as np
 import pytest
 from astropy.io import fits
+from synthetic import write_cluster_hdf5, write_fits_cutout
 
 import hsc
 import prep_data
-from synthetic import write_cluster_hdf5, write_fits_cutout
 
 
 def test_fits_reader_uses_mp_keywords_and_header_redshift(tmp_path):

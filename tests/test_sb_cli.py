@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+import data.files
 import hsc
 import prep_data
 from measure_sb_cut import measure_icl_fraction
@@ -187,7 +188,7 @@ def test_validation_also_compares_with_the_scene_ideal_when_present(tmp_path):
     columns = {key: [truth[key] for truth in truths] for key in ("z", "f_icl_true", "f_icl_sb_ideal")}
     columns["f_icl_sb_ideal_scene"] = [truth["f_icl_sb_ideal"] - 0.01 for truth in truths]
     shard = tmp_path / "mocks.h5"
-    prep_data.write_stacked_hdf5(shard, np.asarray(images), ids=["a", "b"], columns=columns)
+    data.files.write_stacked_hdf5(shard, np.asarray(images), ids=["a", "b"], columns=columns)
     report = tmp_path / "report.md"
 
     assert validate_main([str(shard), "--report", str(report), "--workers", "1", "--note", "two clusters"]) == 0

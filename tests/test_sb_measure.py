@@ -8,7 +8,11 @@ from astropy.stats import sigma_clipped_stats
 from scipy import ndimage
 
 import hsc
-from measure_sb_cut import SBMeasurement, measure_icl_fraction, measure_icl_fraction_manual
+from measure_sb_cut import (
+    SBMeasurement,
+    measure_icl_fraction,
+    measure_icl_fraction_manual,
+)
 from measure_sb_cut import measurement_helpers as helpers
 from measure_sb_cut.measure_manual import is_member
 

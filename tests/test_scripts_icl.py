@@ -5,18 +5,17 @@ import pathlib
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from synthetic import synthetic_clusters, write_cluster_hdf5, write_fits_cutout
 
 import finetune
 import model
 import predict
 import prep_data
 import train
-from synthetic import synthetic_clusters, write_cluster_hdf5, write_fits_cutout
 
 SCRIPTS = ["train.py", "finetune.py", "predict.py", "prep_data.py"]
 

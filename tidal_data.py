@@ -1,0 +1,472 @@
+"""Tidal-feature cutouts (Desmons et al. 2023; SPEC Part B): reading, stretch, classifier
+splits, the ``tf.data`` pipelines and the :class:`TidalSource` the NNCLR scripts train on.
+
+128 x 128 cutouts in the bands g, r, i, z, y, counts at zero point 27, stored in the tidal
+stacked HDF5 layout (``image`` (N, H, W, 5) float32, ``id``, ``has_tidal``, ``feature_type``,
+``feature_sb``, ``params``; file attribute ``bands = "grizy"``) or read from the TFDS builders
+``tidal_unlabelled`` / ``tidal_labelled`` (:func:`data.tidal_datasets.tidal_source_from_tfds`).
+"""
+
+import dataclasses
+import logging
+import pathlib
+
+import h5py
+import numpy as np
+
+import hsc
+from data.files import write_stacked_hdf5
+from prep_data import CutoutError, decode_strings, file_kind, find_files
+
+logger = logging.getLogger(__name__)
+
+TIDAL_BANDS = hsc.TIDAL_BANDS
+#: Softening of the tidal stretch arcsinh(x / scale / 3), in units of the per-band scale.
+TIDAL_STRETCH_SOFTENING = hsc.TIDAL_STRETCH_SOFTENING
+#: Number of images (the first ones of the unlabelled stream) whose pixels set the band scale.
+TIDAL_SCALE_IMAGES = 1000
+#: Names of the classifier sets, and their default sizes per class (Desmons et al. 2023).
+TIDAL_SPLITS = ("train", "validation", "test")
+TIDAL_SPLIT_SIZES = (300, 30, 50)
+
+
+def check_tidal_shape(shape, min_size=0, n_bands=len(TIDAL_BANDS), name="images"):
+    """Check that tidal images are (H, W, bands) (with or without a leading batch axis).
+
+    Parameters
+    ----------
+    shape : tuple of int or None
+        Shape of one image (H, W, C) or of a stack (N, H, W, C).
+    min_size : int
+        Smallest allowed height and width in pixels (the crop plus its jitter).
+    n_bands : int
+        Required number of bands.
+    name : str
+        Name used in the error messages.
+
+    Raises
+    ------
+    ValueError
+        Naming the rule that failed and the shape that broke it.
+    """
+    shape = tuple(shape)
+    if len(shape) not in (3, 4):
+        raise ValueError(f"{name} must be (H, W, {n_bands}) images, got shape {shape}")
+    height, width, bands = shape[-3:]
+    if bands is not None and bands != n_bands:
+        raise ValueError(
+            f"{name} must have {n_bands} bands ({TIDAL_BANDS}) in the last axis, got shape {shape}"
+        )
+    if height is not None and width is not None and min(height, width) < min_size:
+        raise ValueError(
+            f"{name} are {height}x{width} px, smaller than the crop: need at least {min_size}x{min_size}"
+        )
+
+
+def tidal_band_scale(images, n_images=TIDAL_SCALE_IMAGES):
+    """Per-band scale: astropy ``mad_std`` of all pixels of the first ``n_images`` images.
+
+    Parameters
+    ----------
+    images : ndarray, shape (N, H, W, B)
+        Counts. Only the first ``n_images`` are used (Desmons et al. 2023 used the first 1000
+        of the unlabelled set); NaN pixels are ignored.
+
+    Returns
+    -------
+    ndarray of float32, shape (B,)
+
+    Raises
+    ------
+    ValueError
+        If a band has no spread (constant or all-NaN images): the stretch would divide by 0.
+    """
+    from astropy.stats import mad_std
+
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, H, W, bands), got shape {images.shape}")
+    if n_images < 1:
+        raise ValueError(f"n_images must be >= 1, got {n_images}")
+    pixels = images[:n_images].reshape(-1, images.shape[-1]).astype(np.float64)
+    scale = np.asarray(mad_std(pixels, axis=0, ignore_nan=True), dtype=np.float32)
+    for band, value in enumerate(scale):
+        if not np.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"band {band} has MAD-std {value} over the first {len(images[:n_images])} images; "
+                "the scale must be finite and > 0 (are the images constant?)"
+            )
+    return scale
+
+
+def tidal_stretch(images, band_scale, softening=TIDAL_STRETCH_SOFTENING):
+    """Stretch tidal images: arcsinh(x / scale / softening) per band (Desmons et al. 2023).
+
+    Parameters
+    ----------
+    images : ndarray, shape (..., B)
+        Counts; not modified.
+    band_scale : sequence of float, length B
+        Per-band scale from :func:`tidal_band_scale`.
+    softening : float
+        Softening in units of the band scale (3 in the paper).
+
+    Returns
+    -------
+    ndarray of float32, same shape
+    """
+    band_scale = np.asarray(band_scale, dtype=np.float32)
+    images = np.asarray(images, dtype=np.float32)
+    if images.shape[-1] != band_scale.shape[-1]:
+        raise ValueError(f"band_scale has {band_scale.size} bands, images have {images.shape[-1]}")
+    return np.arcsinh(images / (band_scale * softening)).astype(np.float32)
+
+
+def check_tidal_labels(labels):
+    """Check a classifier label vector: 0/1 values and both classes present.
+
+    Raises
+    ------
+    ValueError
+        If a label is not 0 or 1, or the set holds one class only.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array, got shape {labels.shape}")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"labels must be 0 (no tidal feature) or 1 (tidal feature), got values {np.unique(labels)}")
+    present = np.unique(labels)
+    if present.size < 2:
+        raise ValueError(
+            f"the labelled set has one class only (label {int(present[0])} for all {labels.size} galaxies); "
+            "the classifier needs both tidal (1) and non-tidal (0) galaxies"
+        )
+
+
+def tidal_classifier_splits(labels, sizes=TIDAL_SPLIT_SIZES, seed=0):
+    """Balanced classifier sets: ``sizes`` = (train, validation, test) galaxies *per class*.
+
+    Each class is shuffled with ``numpy.random.default_rng(seed)`` and cut in that order, so the
+    sets are disjoint and the same seed and labels always give the same sets.
+
+    Parameters
+    ----------
+    labels : array of int, shape (N,)
+        0/1 label of every galaxy in the labelled pool.
+    sizes : (int, int, int)
+        Galaxies per class in the train, validation and test sets (SPEC: 300, 30, 50).
+    seed : int
+
+    Returns
+    -------
+    dict of str -> ndarray of int
+        Indices into ``labels`` for "train", "validation" and "test", each sorted.
+
+    Raises
+    ------
+    ValueError
+        If the labels are not 0/1 of both classes, or a class is too small for the sizes.
+    """
+    check_tidal_labels(labels)
+    labels = np.asarray(labels)
+    sizes = tuple(int(size) for size in sizes)
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ValueError(f"sizes must be three positive counts (train, validation, test), got {sizes}")
+    rng = np.random.default_rng(seed)
+    splits = {name: [] for name in TIDAL_SPLITS}
+    for label in (0, 1):
+        members = np.flatnonzero(labels == label)
+        if members.size < sum(sizes):
+            raise ValueError(
+                f"class {label} has {members.size} galaxies, the splits need {sum(sizes)} per class "
+                f"(train {sizes[0]} + validation {sizes[1]} + test {sizes[2]})"
+            )
+        members = rng.permutation(members)
+        edges = np.cumsum((0,) + sizes)
+        for name, start, stop in zip(TIDAL_SPLITS, edges[:-1], edges[1:]):
+            splits[name].append(members[start:stop])
+    return {name: np.sort(np.concatenate(parts)) for name, parts in splits.items()}
+
+
+def tidal_unlabelled_dataset(
+    images, band_scale, batch_size, shuffle_buffer, seed=None, min_size=0, softening=TIDAL_STRETCH_SOFTENING
+):
+    """The unlabelled NNCLR stream: stretched images, shuffled, batched and prefetched.
+
+    Parameters
+    ----------
+    images : tf.data.Dataset or ndarray
+        Unbatched images (H, W, 5) in counts, as elements, dicts with ``image``, or an array
+        (N, H, W, 5).
+    band_scale : sequence of float, length 5
+    batch_size : int
+    shuffle_buffer : int
+    seed : int or None
+        Shuffle seed.
+    min_size : int
+        Smallest allowed image side (the augmentation's crop plus jitter).
+
+    Returns
+    -------
+    tf.data.Dataset
+        Batches (batch_size, H, W, 5) float32; the last partial batch is dropped so that every
+        step pushes the same number of projections into the support queue.
+    """
+    import tensorflow as tf
+
+    if not isinstance(images, tf.data.Dataset):
+        images = tf.data.Dataset.from_tensor_slices(np.asarray(images, dtype=np.float32))
+    if isinstance(images.element_spec, dict):
+        images = images.map(lambda element: element["image"], num_parallel_calls=tf.data.AUTOTUNE)
+    check_tidal_shape(images.element_spec.shape, min_size)
+    scale = tf.constant(np.asarray(band_scale, dtype=np.float32) * softening)
+    images = images.map(lambda image: tf.asinh(tf.cast(image, tf.float32) / scale), num_parallel_calls=tf.data.AUTOTUNE)
+    if shuffle_buffer > 1:
+        images = images.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return images.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def tidal_labelled_dataset(images, labels, band_scale, batch_size, shuffle=False, seed=None, min_size=0):
+    """A classifier set as ``(stretched image, label)`` batches.
+
+    Parameters
+    ----------
+    images : ndarray, shape (N, H, W, 5)
+        Counts.
+    labels : array of int, shape (N,)
+    band_scale : sequence of float, length 5
+    batch_size : int
+    shuffle : bool
+        Reshuffle every epoch (training sets).
+    seed : int or None
+    min_size : int
+        Smallest allowed image side.
+    """
+    import tensorflow as tf
+
+    images = np.asarray(images)
+    check_tidal_shape(images.shape, min_size)
+    labels = np.asarray(labels, dtype=np.float32)
+    if len(labels) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(labels)} labels")
+    dataset = tf.data.Dataset.from_tensor_slices((tidal_stretch(images, band_scale), labels))
+    if shuffle:
+        dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+@dataclasses.dataclass(frozen=True)
+class TidalCatalogue:
+    """Every galaxy in a set of tidal HDF5 files, without the pixels.
+
+    Attributes
+    ----------
+    paths : tuple of str
+        The files.
+    file_index, rows : ndarray of int, shape (N,)
+        File (position in ``paths``) and row of each galaxy.
+    ids : ndarray of str, shape (N,)
+    has_tidal : ndarray of int, shape (N,)
+        1 with a tidal feature, 0 without.
+    feature_type : ndarray of str, shape (N,)
+        "unknown" where the file has no ``feature_type`` column.
+    feature_sb : ndarray of float, shape (N,)
+        Mean surface brightness of the feature (mock truth, mag/arcsec^2); NaN where the file
+        has no ``feature_sb`` column and for galaxies without a feature.
+    image_shape : tuple of int
+        (H, W, bands) of every image.
+    """
+
+    paths: tuple
+    file_index: np.ndarray
+    rows: np.ndarray
+    ids: np.ndarray
+    has_tidal: np.ndarray
+    feature_type: np.ndarray
+    feature_sb: np.ndarray
+    image_shape: tuple
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def index_tidal_hdf5(inputs):
+    """List the galaxies of tidal HDF5 files (files or directories of them).
+
+    Raises
+    ------
+    CutoutError
+        If a file is unreadable, not in the tidal layout, or the files disagree on image shape.
+    """
+    paths = [path for path in find_files(inputs) if file_kind(pathlib.Path(path)) == "hdf5"]
+    if not paths:
+        raise CutoutError(f"{inputs}: no HDF5 files found")
+    columns = {"file_index": [], "rows": [], "ids": [], "has_tidal": [], "feature_type": [], "feature_sb": []}
+    image_shape = None
+    for position, path in enumerate(paths):
+        try:
+            with h5py.File(path, "r") as f:
+                if "image" not in f or f["image"].ndim != 4:
+                    found = f["image"].shape if "image" in f else "no 'image' dataset"
+                    raise CutoutError(f"{path}: not a tidal file; 'image' must be (N, H, W, 5), got {found}")
+                check_tidal_shape(f["image"].shape, name=f"{path}: images")
+                if "has_tidal" not in f:
+                    raise CutoutError(f"{path}: tidal file has no 'has_tidal' column")
+                count = f["image"].shape[0]
+                shape = tuple(f["image"].shape[1:])
+                columns["ids"].extend(decode_strings(f["id"][()]) if "id" in f else [f"{pathlib.Path(path).stem}_{i}" for i in range(count)])
+                columns["has_tidal"].append(np.asarray(f["has_tidal"][()], dtype=np.int64))
+                columns["feature_type"].extend(decode_strings(f["feature_type"][()]) if "feature_type" in f else ["unknown"] * count)
+                columns["feature_sb"].append(
+                    np.asarray(f["feature_sb"][()], dtype=np.float64) if "feature_sb" in f else np.full(count, np.nan)
+                )
+        except OSError as error:
+            raise CutoutError(f"{path}: cannot read HDF5 file ({error})") from None
+        except ValueError as error:
+            raise CutoutError(str(error)) from None
+        if image_shape is not None and shape != image_shape:
+            raise CutoutError(f"{path}: images are {shape}, the other files hold {image_shape}")
+        image_shape = shape
+        columns["file_index"].append(np.full(count, position))
+        columns["rows"].append(np.arange(count))
+    has_tidal = np.concatenate(columns["has_tidal"])
+    return TidalCatalogue(
+        paths=tuple(paths),
+        file_index=np.concatenate(columns["file_index"]),
+        rows=np.concatenate(columns["rows"]),
+        ids=np.asarray(columns["ids"]),
+        has_tidal=has_tidal,
+        feature_type=np.asarray(columns["feature_type"]),
+        feature_sb=np.where(has_tidal == 1, np.concatenate(columns["feature_sb"]), np.nan),
+        image_shape=image_shape,
+    )
+
+
+def read_tidal_images(catalogue, indices):
+    """Images (counts, float32) of the galaxies at ``indices`` of a :class:`TidalCatalogue`.
+
+    Returns
+    -------
+    ndarray, shape (len(indices), H, W, bands)
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    images = np.empty((len(indices),) + catalogue.image_shape, dtype=np.float32)
+    for position, path in enumerate(catalogue.paths):
+        chosen = np.flatnonzero(catalogue.file_index[indices] == position)
+        if chosen.size == 0:
+            continue
+        rows = catalogue.rows[indices[chosen]]
+        order = np.argsort(rows)
+        # h5py fancy indexing needs increasing rows; read sorted, then put back in place.
+        with h5py.File(path, "r") as f:
+            images[chosen[order]] = f["image"][rows[order]]
+    return images
+
+
+def tidal_hdf5_dataset(catalogue, chunk=64):
+    """Stream every image of a :class:`TidalCatalogue` from disk as ``{"image", "id"}`` elements.
+
+    Reads ``chunk`` rows at a time so the unlabelled set never has to fit in memory.
+    """
+    import tensorflow as tf
+
+    def generate():
+        for start in range(0, len(catalogue), chunk):
+            indices = np.arange(start, min(start + chunk, len(catalogue)))
+            images = read_tidal_images(catalogue, indices)
+            for image, galaxy_id in zip(images, catalogue.ids[indices]):
+                yield {"image": image, "id": galaxy_id}
+
+    signature = {
+        "image": tf.TensorSpec(catalogue.image_shape, tf.float32),
+        "id": tf.TensorSpec((), tf.string),
+    }
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    # A known length lets Keras size its epochs without running out of data first.
+    return dataset.apply(tf.data.experimental.assert_cardinality(len(catalogue)))
+
+
+def write_tidal_hdf5(path, images, ids, columns=None):
+    """Write tidal cutouts (N, H, W, 5) in the tidal stacked layout, atomically.
+
+    ``columns`` holds the per-galaxy values (``has_tidal``, ``feature_type``, ``feature_sb``,
+    ``params``...); see :func:`write_stacked_hdf5`.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    check_tidal_shape(images.shape)
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, H, W, 5), got shape {images.shape}")
+    write_stacked_hdf5(path, images, ids=ids, columns=columns, pixel_scale=hsc.PIXEL_SCALE, attributes={"bands": TIDAL_BANDS})
+
+
+@dataclasses.dataclass(frozen=True)
+class TidalSource:
+    """The two views of the tidal data the NNCLR scripts need, whatever the storage.
+
+    Attributes
+    ----------
+    description : str
+        Where the data come from (for logs and outputs).
+    ids : ndarray of str, shape (N,)
+        Galaxies of the labelled pool (the candidates of the classifier sets).
+    labels : ndarray of int, shape (N,)
+        1 with a tidal feature, 0 without.
+    image_shape : tuple of int
+        (H, W, bands).
+    read_labelled : callable
+        ``read_labelled(indices)`` -> counts (len(indices), H, W, bands) of labelled galaxies.
+    unlabelled : callable
+        ``unlabelled()`` -> unbatched tf.data.Dataset of counts images (H, W, bands): the
+        unlabelled set with the tidal galaxies joined in.
+    splits : dict of str -> ndarray of int, or None
+        Classifier sets fixed by the storage (the TFDS builder's splits), as indices into
+        ``ids``; None when :func:`tidal_classifier_splits` draws them.
+    truth : dict of str -> ndarray, or None
+        Mock truth of the labelled pool when the storage has it: ``feature_type`` (str) and
+        ``feature_sb`` (mag/arcsec^2, NaN without a feature), each of shape (N,).
+    """
+
+    description: str
+    ids: np.ndarray
+    labels: np.ndarray
+    image_shape: tuple
+    read_labelled: object
+    unlabelled: object
+    splits: dict = None
+    truth: dict = None
+
+
+def tidal_source_splits(source, sizes=TIDAL_SPLIT_SIZES, seed=0):
+    """The classifier sets of a :class:`TidalSource`: its own splits if it has them, else drawn.
+
+    Raises
+    ------
+    ValueError
+        If a set lacks one of the classes, or the pool is too small for ``sizes``.
+    """
+    if source.splits is None:
+        return tidal_classifier_splits(source.labels, sizes, seed)
+    for name in TIDAL_SPLITS:
+        if name not in source.splits:
+            raise ValueError(f"{source.description}: has no {name!r} split")
+        try:
+            check_tidal_labels(source.labels[source.splits[name]])
+        except ValueError as error:
+            raise ValueError(f"{name} split: {error}") from None
+    return {name: np.asarray(source.splits[name]) for name in TIDAL_SPLITS}
+
+
+def tidal_source_from_hdf5(inputs):
+    """A :class:`TidalSource` over tidal HDF5 files: every galaxy is in the unlabelled stream,
+    and the labelled pool is every galaxy with its ``has_tidal`` truth (mock data)."""
+    catalogue = index_tidal_hdf5(inputs)
+    has_truth = (catalogue.feature_type != "unknown").any() or np.isfinite(catalogue.feature_sb).any()
+    return TidalSource(
+        description=", ".join(catalogue.paths),
+        ids=catalogue.ids,
+        labels=catalogue.has_tidal,
+        image_shape=catalogue.image_shape,
+        read_labelled=lambda indices: read_tidal_images(catalogue, indices),
+        unlabelled=lambda: tidal_hdf5_dataset(catalogue).map(lambda element: element["image"]),
+        truth={"feature_type": catalogue.feature_type, "feature_sb": catalogue.feature_sb} if has_truth else None,
+    )
