@@ -1,33 +1,31 @@
-"""Figures shared by the scripts: predicted against true ICL fractions, and training curves.
+"""Figures shared by the scripts: predicted against true ICL fractions, training curves.
 
-Matplotlib runs with the non-interactive Agg backend; every figure is written atomically.
+Figures are built with matplotlib's object API (``matplotlib.figure.Figure``), never through
+``pyplot``, so writing a plot neither switches nor needs a user's backend (a notebook keeps
+its inline plots) and leaves no open figure behind. Every figure is written atomically.
 """
 
-import os
 import pathlib
 
 import numpy as np
 
-
-def _figure(*args, **kwargs):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt, plt.subplots(*args, **kwargs)
+import common
 
 
-def save_figure(figure, path):
-    """Write a figure to ``path`` through a temporary file, then close it."""
+def new_figure(nrows=1, ncols=1, **options):
+    """A figure and its axes (``Figure.subplots``), outside pyplot; ``options`` go to ``Figure``."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(**options)
+    return figure, figure.subplots(nrows, ncols)
+
+
+def save_figure(figure, path, dpi=120):
+    """Write a figure to ``path`` (the format from its suffix, PNG by default), atomically."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
-    figure.savefig(temporary, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-    os.replace(temporary, path)
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
+    with common.atomic_write(path) as temporary:
+        figure.savefig(temporary, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
 
 
 def binned_statistics(labels, estimates, n_bins=20, lower=0.0, upper=None):
@@ -53,7 +51,7 @@ def binned_statistics(labels, estimates, n_bins=20, lower=0.0, upper=None):
 def plot_binned(labels, estimates, path, n_bins=20, title=None, label_name="true $f_{ICL}$"):
     """Median predicted ICL fraction in bins of the true one, with 35 and 45 percentile bands."""
     stats = binned_statistics(labels, estimates, n_bins)
-    plt, (figure, axis) = _figure(figsize=(5, 5))
+    figure, axis = new_figure(figsize=(5, 5))
     axis.fill_between(stats["centre"], stats["p5"], stats["p95"], color="tab:blue", alpha=0.2, label="5-95%")
     axis.fill_between(stats["centre"], stats["p15"], stats["p85"], color="tab:blue", alpha=0.4, label="15-85%")
     axis.plot(stats["centre"], stats["median"], "o-", color="tab:blue", label="median")
@@ -69,20 +67,9 @@ def plot_scatter(labels, summary, path, title=None, label_name="measured $f_{ICL
     labels = np.asarray(labels)
     mode = np.asarray(summary["mode"])
     errors = np.vstack([mode - np.asarray(summary["p15"]), np.asarray(summary["p85"]) - mode]).clip(min=0)
-    plt, (figure, axis) = _figure(figsize=(5, 5))
+    figure, axis = new_figure(figsize=(5, 5))
     axis.errorbar(labels, mode, yerr=errors, fmt="o", ms=3, alpha=0.7, elinewidth=0.8)
     top = max(float(labels.max()), float(np.asarray(summary["p85"]).max())) * 1.05
     axis.plot([0, top], [0, top], "k--", lw=1)
     axis.set(xlim=(0, top), ylim=(0, top), xlabel=label_name, ylabel="predicted $f_{ICL}$ (mode, 15-85%)", title=title)
-    save_figure(figure, path)
-
-
-def plot_history(history, path, keys=("loss", "val_loss"), ylabel="loss"):
-    """Training curves from a dict (or DataFrame) of per-epoch values."""
-    plt, (figure, axis) = _figure(figsize=(6, 4))
-    for key in keys:
-        if key in history:
-            axis.plot(np.arange(1, len(history[key]) + 1), history[key], label=key)
-    axis.set(xlabel="epoch", ylabel=ylabel)
-    axis.legend()
     save_figure(figure, path)

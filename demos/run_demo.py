@@ -74,7 +74,7 @@ def compare_icl(out_dir):
         table = table.merge(measured.rename(columns={"f_icl": "f_icl_sb", "f_icl_err": "f_icl_sb_err"}), on="id", how="left")
     table.to_csv(out_dir / "icl_comparison.csv", index=False, float_format="%.4f")
 
-    plt, (figure, axis) = plots._figure(figsize=(6, 5))
+    figure, axis = plots.new_figure(figsize=(6, 5))
     x = table["f_icl_sb_ideal"].to_numpy()
     if "f_icl_model" in table:
         errors = np.vstack([table["f_icl_model"] - table["f_icl_p15"], table["f_icl_p85"] - table["f_icl_model"]]).clip(min=0)
