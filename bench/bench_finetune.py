@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-import common
+import machine
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
@@ -41,7 +41,7 @@ def main(argv=None):
     import prep_data
 
     config = model.TESTING if args.tiny else model.PAPER
-    print(f"machine: {common.machine_description()}")
+    print(f"machine: {machine.machine_description()}")
     with tempfile.TemporaryDirectory() as folder:
         folder = pathlib.Path(folder)
         checkpoint = args.checkpoint

@@ -11,7 +11,7 @@ machine. Prints images/s per batch size and the largest difference of the two mo
 
 import argparse
 
-import common
+import machine
 
 
 def original_summary(params, grid):
@@ -48,7 +48,7 @@ def main(argv=None):
     icl_model = model.build_icl_model(config)
     predictor = model.Predictor(icl_model, jit_compile=args.jit)
     grid = model.summary_grid()
-    print(f"machine: {common.machine_description()}")
+    print(f"machine: {machine.machine_description()}")
     print(f"model: {icl_model.count_params():,} parameters, {config.image_size}x{config.image_size} input; grid of {grid.size} points")
     print(f"{'batch':>6} {'images':>7} {'baseline img/s':>15} {'fast img/s':>11} {'ratio':>6} {'max |mode diff|':>16}")
     rng = np.random.default_rng(0)
@@ -63,8 +63,8 @@ def main(argv=None):
         def fast():
             return np.concatenate([predictor(images[i : i + batch_size])["mode"] for i in range(0, n, batch_size)])
 
-        baseline_time = common.best_time(baseline, repeats=args.repeats)
-        fast_time = common.best_time(fast, repeats=args.repeats)
+        baseline_time = machine.best_time(baseline, repeats=args.repeats)
+        fast_time = machine.best_time(fast, repeats=args.repeats)
         difference = float(np.abs(baseline() - fast()).max())
         print(
             f"{batch_size:>6} {n:>7} {n / baseline_time:>15.2f} {n / fast_time:>11.2f} "

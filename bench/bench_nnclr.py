@@ -97,10 +97,7 @@ def main(argv=None):
     if args.out:
         import common
 
-        out = pathlib.Path(args.out)
-        temporary = common.atomic_path(out)
-        temporary.write_text(text)
-        os.replace(temporary, out)
+        common.write_text(args.out, text)
     return 0
 
 

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 
-import common
+import machine
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -181,7 +181,7 @@ def main(argv=None):
     import prep_data
 
     config = model.TESTING if args.tiny else model.PAPER
-    print(f"machine: {common.machine_description()}")
+    print(f"machine: {machine.machine_description()}")
     print(f"model: {'tiny testing' if args.tiny else 'full-size'} ({config.image_size} px); niceness {os.nice(0)}")
     with tempfile.TemporaryDirectory(dir=args.work_dir) as folder:
         folder = pathlib.Path(folder)

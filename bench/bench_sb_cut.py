@@ -18,11 +18,11 @@ import sys
 import tempfile
 import time
 
-import common
-
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 if str(REPOSITORY) not in sys.path:
     sys.path.insert(0, str(REPOSITORY))
+
+import common  # noqa: E402
 
 # Defaults; each can be set on the command line.
 N_CUTOUTS = 100
@@ -102,9 +102,7 @@ def main(argv=None):
     print(f"speedup {result['speedup']:.2f}x; target {TARGET_CUTOUTS_PER_S:g} cutouts/s: "
           f"{'met' if result['parallel_cutouts_per_s'] >= TARGET_CUTOUTS_PER_S else 'not met'}")
     if args.out:
-        temporary = common.atomic_path(args.out)
-        pathlib.Path(temporary).write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(temporary, args.out)
+        common.write_text(args.out, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -34,7 +34,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import machine  # noqa: E402
+
 import similarity  # noqa: E402
 from common import atomic_path  # noqa: E402
 
@@ -62,7 +63,7 @@ CLUSTER_SPREAD = 0.7
 
 def machine_description():
     """CPU model, core count, load average and library versions, in one line."""
-    cpu = common.cpu_name()
+    cpu = machine.cpu_name()
     import faiss
 
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())

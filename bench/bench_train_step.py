@@ -10,7 +10,7 @@ precision (``mixed_bfloat16``). Prints images/s and the ratio to the baseline fo
 import argparse
 import time
 
-import common
+import machine
 
 
 def measure(config, batch_size, steps, jit_compile, policy):
@@ -51,7 +51,7 @@ def main(argv=None):
     import model
 
     config = model.TESTING if args.tiny else model.PAPER
-    print(f"machine: {common.machine_description()}")
+    print(f"machine: {machine.machine_description()}")
     print(f"model: {config}; batch {args.batch_size}, {args.steps} timed steps")
     variants = [("fp32, no XLA (baseline)", False, "float32"), ("fp32, XLA", True, "float32")]
     if tf.config.list_logical_devices("GPU"):
