@@ -17,14 +17,17 @@ the same directory skips the folds already finished.
 
 Example::
 
-    python finetune.py --inputs real_clusters.h5 --label-key f_icl_sb --checkpoint runs/train/best.weights.h5
+    python finetune.py real_clusters.h5 --label-key f_icl_sb --checkpoint runs/train/best.weights.h5
 """
+
+import common
+
+if __name__ == "__main__":
+    common.quiet_start()  # before TensorFlow loads: no start-up noise unless --verbose
 
 import argparse
 import dataclasses
-import json
 import logging
-import os
 import pathlib
 import sys
 
@@ -38,7 +41,7 @@ import plots
 import prep_data
 
 # Defaults of SPEC Part A; every one can be set from the command line.
-CHECKPOINT = "checkpoints/icl_trained.weights.h5"
+CHECKPOINT = str(pathlib.Path(__file__).resolve().parent / "checkpoints" / "icl_trained.weights.h5")
 EPOCHS = 100
 BATCH_SIZE = 16
 LEARNING_RATE = 1e-7
@@ -264,9 +267,7 @@ def write_outputs(results, out_dir):
     out_dir = pathlib.Path(out_dir)
     _write_csv(results, out_dir / "results.csv")
     metrics = summarise_results(results)
-    temporary = out_dir / f".partial-{os.getpid()}-metrics.json"
-    temporary.write_text(json.dumps(metrics, indent=2))
-    os.replace(temporary, out_dir / "metrics.json")
+    common.write_json(out_dir / "metrics.json", metrics)
     summary = {"mode": results["mode"].to_numpy(), "p15": results["p15"].to_numpy(), "p85": results["p85"].to_numpy()}
     plots.plot_scatter(results["label"].to_numpy(), summary, out_dir / "scatter.png", title="cross-validated fine-tuning")
     plots.plot_binned(results["label"].to_numpy(), results["mode"].to_numpy(), out_dir / "binned.png", n_bins=5, label_name="measured $f_{ICL}$")
@@ -287,10 +288,8 @@ def final_finetune(checkpoint, images, labels, config, out_dir):
 
 
 def _write_csv(table, path):
-    path = pathlib.Path(path)
-    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
-    table.to_csv(temporary, index=False, float_format="%.6g")
-    os.replace(temporary, path)
+    with common.atomic_write(path) as temporary:
+        table.to_csv(temporary, index=False, float_format="%.6g")
 
 
 def load_clusters(inputs, label_key, labels_csv=None, image_size=None):
@@ -320,11 +319,11 @@ def load_clusters(inputs, label_key, labels_csv=None, image_size=None):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inputs", nargs="+", required=True, metavar="PATH", help="cluster cutouts (FITS, HDF5, directories)")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="cluster cutouts (FITS, HDF5, or directories of them)")
     parser.add_argument("--label-key", default=LABEL_KEY, help=f"label column of the cutouts (default {LABEL_KEY})")
     parser.add_argument("--labels", metavar="CSV", help="labels from a CSV with columns id,f_icl instead")
-    parser.add_argument("--checkpoint", default=CHECKPOINT, help=f"trained weights (default {CHECKPOINT})")
-    parser.add_argument("--out", default=OUT_DIR, help=f"output directory (default {OUT_DIR}); rerun to resume")
+    parser.add_argument("--checkpoint", default=CHECKPOINT, help="trained weights (default: the shipped checkpoints/icl_trained.weights.h5)")
+    parser.add_argument("--out-dir", default=OUT_DIR, help=f"output directory (default {OUT_DIR}); rerun to resume")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
@@ -338,6 +337,7 @@ def build_parser():
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--split", type=int, metavar="K", help="fine-tune and evaluate fold K only (0-based)")
     mode.add_argument("--all", action="store_true", help="fine-tune once on all clusters (no evaluation)")
+    common.add_verbose_argument(parser)
     return parser
 
 
@@ -352,7 +352,7 @@ def main(argv=None):
         if checkpoint_config is None:
             raise model.CheckpointError(f"{args.checkpoint}: checkpoint not found; train one with train.py or pass --checkpoint")
         ids, images, labels = load_clusters(args.inputs, args.label_key, args.labels, checkpoint_config.image_size)
-        out_dir = pathlib.Path(args.out)
+        out_dir = pathlib.Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if args.all:
             path = final_finetune(args.checkpoint, images, labels, config, out_dir)

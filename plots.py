@@ -20,12 +20,15 @@ def new_figure(nrows=1, ncols=1, **options):
     return figure, figure.subplots(nrows, ncols)
 
 
-def save_figure(figure, path, dpi=120):
-    """Write a figure to ``path`` (the format from its suffix, PNG by default), atomically."""
+def save_figure(figure, path, dpi=120, tight=True):
+    """Write a figure to ``path`` (the format from its suffix, PNG by default), atomically.
+
+    ``tight`` trims the margins to the drawn content (``bbox_inches="tight"``).
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with common.atomic_write(path) as temporary:
-        figure.savefig(temporary, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+        figure.savefig(temporary, dpi=dpi, bbox_inches="tight" if tight else None, format=path.suffix.lstrip(".") or "png")
 
 
 def binned_statistics(labels, estimates, n_bins=20, lower=0.0, upper=None):

@@ -14,15 +14,19 @@ from HDF5/FITS cutouts with a per-cutout label column. The run directory receive
 
 Example::
 
-    python train.py --hdf5 mocks/ --label-key f_icl_sb --epochs 90 --out runs/train
+    python train.py mocks/ --label-key f_icl_sb --epochs 90 --out-dir runs/train
 """
+
+import common
+
+if __name__ == "__main__":
+    common.quiet_start()  # before TensorFlow loads: no start-up noise unless --verbose
 
 import argparse
 import dataclasses
 import json
 import logging
 import math
-import os
 import pathlib
 import sys
 
@@ -77,8 +81,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
 
-#: A configuration for tests: a couple of epochs on tiny batches.
-TESTING = TrainConfig(epochs=2, batch_size=8, validation_batch_size=8)
+#: The tiny configuration of the tests: a couple of epochs on small batches.
+TINY = TrainConfig(epochs=2, batch_size=8, validation_batch_size=8)
 
 
 # ----------------------------------------------------------------------------------------
@@ -158,22 +162,6 @@ def tfds_datasets(name, data_dir, train_config, validation_fraction):
 # Training
 
 
-def make_strategy(name=STRATEGY):
-    """A ``tf.distribute`` strategy by name.
-
-    ``default`` runs on one device; ``mirrored`` copies the model to every local GPU (or the
-    visible CPU devices) and averages the gradients; ``multiworker`` does the same across
-    machines, each reading the cluster layout from the ``TF_CONFIG`` environment variable.
-    """
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    raise ValueError(f"strategy must be 'default', 'mirrored' or 'multiworker', got {name!r}")
-
-
 def compiled_model(model_config, train_config, strategy=None, initial_weights=None):
     """The ICL model built and compiled (Adam, Beta-mixture NLL) inside ``strategy``'s scope."""
     strategy = strategy or tf.distribute.get_strategy()
@@ -228,7 +216,7 @@ def train(model_config, train_config, train_data, validation_data, out_dir, real
     initial_weights : path, optional
         Checkpoint to start from instead of random weights.
     strategy : tf.distribute.Strategy, optional
-        Distribution strategy (see :func:`make_strategy`); one device by default.
+        Distribution strategy (see :func:`common.make_strategy`); one device by default.
     prior_labels : array, optional
         Training labels; when given (and no ``initial_weights``), the untrained head starts at
         their distribution (:func:`model.set_label_prior`).
@@ -269,14 +257,8 @@ def train(model_config, train_config, train_data, validation_data, out_dir, real
         labels, summary = model.predict_dataset(predictor, real_data)
         metrics["real_without_finetuning"] = model.regression_metrics(labels, summary["mode"])
         plots.plot_binned(labels, summary["mode"], out_dir / "binned_real.png", n_bins=5, title="real clusters, not fine-tuned")
-    _write_json(out_dir / "metrics.json", metrics)
+    common.write_json(out_dir / "metrics.json", metrics)
     return metrics
-
-
-def _write_json(path, values):
-    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
-    temporary.write_text(json.dumps(values, indent=2))
-    os.replace(temporary, path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -285,31 +267,34 @@ def _write_json(path, values):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--tfds", default=DATASET, help=f"TFDS dataset name (default {DATASET})")
-    source.add_argument("--hdf5", nargs="+", metavar="PATH", help="cutout files or directories instead of TFDS")
-    parser.add_argument("--data-dir", help="TFDS data directory")
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="labelled cutouts (FITS, HDF5, or directories of them); without any, the TFDS dataset --tfds")
+    parser.add_argument("--tfds", default=DATASET, help=f"TFDS dataset name when no INPUT is given (default {DATASET})")
+    parser.add_argument("--tfds-dir", help="TFDS data directory")
     parser.add_argument("--label-key", default=LABEL_KEY, help=f"label column of the cutout files (default {LABEL_KEY})")
     parser.add_argument("--real", nargs="+", metavar="PATH", help="real clusters to evaluate without fine-tuning")
     parser.add_argument("--real-label-key", default=LABEL_KEY, help="label column of the real clusters")
-    parser.add_argument("--out", default=OUT_DIR, help=f"run directory (default {OUT_DIR}); rerun to resume")
+    parser.add_argument("--out-dir", default=OUT_DIR, help=f"run directory (default {OUT_DIR}); rerun to resume")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--validation-batch-size", type=int, default=VALIDATION_BATCH_SIZE)
     parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
     parser.add_argument("--validation-fraction", type=float, default=VALIDATION_FRACTION)
+    parser.add_argument("--lr-factor", type=float, default=LR_FACTOR)
     parser.add_argument("--lr-patience", type=int, default=LR_PATIENCE)
+    parser.add_argument("--min-learning-rate", type=float, default=MIN_LEARNING_RATE)
     parser.add_argument("--early-stopping-patience", type=int, default=EARLY_STOPPING_PATIENCE)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--init", metavar="CHECKPOINT", help="start from these weights")
     parser.add_argument("--no-label-prior", action="store_true",
                         help="start the mixture head from zero bias (the original) instead of the training labels' distribution")
-    parser.add_argument("--strategy", choices=("default", "mirrored", "multiworker"), default=STRATEGY,
+    parser.add_argument("--strategy", choices=common.STRATEGIES, default=STRATEGY,
                         help="tf.distribute strategy: one device, all local GPUs, or several machines (TF_CONFIG)")
     parser.add_argument("--architecture", choices=sorted(model.ARCHITECTURES), default="paper",
                         help="paper (224 px, N = 6, the default), compact (112 px, N = 2, trainable on a CPU) "
                         "or tiny (32 px, N = 1, for smoke runs)")
     parser.add_argument("--tiny", action="store_true", help="same as --architecture tiny")
+    common.add_verbose_argument(parser)
     return parser
 
 
@@ -322,17 +307,19 @@ def main(argv=None):
             batch_size=args.batch_size,
             validation_batch_size=args.validation_batch_size,
             learning_rate=args.learning_rate,
+            lr_factor=args.lr_factor,
             lr_patience=args.lr_patience,
+            min_learning_rate=args.min_learning_rate,
             early_stopping_patience=args.early_stopping_patience,
             seed=args.seed,
         )
-        model_config = model.TESTING if args.tiny else model.ARCHITECTURES[args.architecture]
-        if args.hdf5:
+        model_config = model.ARCHITECTURES["tiny" if args.tiny else args.architecture]
+        if args.inputs:
             train_data, validation_data, train_labels = cutout_datasets(
-                args.hdf5, args.label_key, train_config, args.validation_fraction, model_config.image_size
+                args.inputs, args.label_key, train_config, args.validation_fraction, model_config.image_size
             )
         else:
-            train_data, validation_data, train_labels = tfds_datasets(args.tfds, args.data_dir, train_config, args.validation_fraction)
+            train_data, validation_data, train_labels = tfds_datasets(args.tfds, args.tfds_dir, train_config, args.validation_fraction)
         real_data = None
         if args.real:
             real_refs, errors = prep_data.index_cutouts(args.real)
@@ -344,10 +331,10 @@ def main(argv=None):
                     real_refs, train_config.validation_batch_size, model_config.image_size, real_labels, strict=True
                 ).map(lambda e: (e["image"], e["label"]))
             )
-        strategy = make_strategy(args.strategy)
+        strategy = common.make_strategy(args.strategy)
         prior_labels = None if args.no_label_prior else train_labels
         metrics = train(
-            model_config, train_config, train_data, validation_data, args.out, real_data, args.init, strategy, prior_labels
+            model_config, train_config, train_data, validation_data, args.out_dir, real_data, args.init, strategy, prior_labels
         )
     except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -356,7 +343,7 @@ def main(argv=None):
         print(f"error: {error.message.splitlines()[0]}", file=sys.stderr)
         return 2
     print(json.dumps(metrics, indent=2))
-    print(f"checkpoints, history and plots are in {args.out}")
+    print(f"checkpoints, history and plots are in {args.out_dir}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Measure ICL fractions of cluster cutouts with the surface-brightness threshold method.
 
-    python -m measure_sb_cut INPUT... --out OUT.csv [--z Z | --catalog CSV] [--plot DIR] [--workers K]
+    python -m measure_sb_cut INPUT... --out OUT.csv [--z Z | --catalog CSV] [--plot-dir DIR] [--workers K]
 
 INPUT: FITS cutouts (image, mask and variance HDUs), HDF5 files in this project's layouts or
 the original code's, or directories of them (see ``prep_data``). The redshift of each cutout
@@ -25,7 +25,7 @@ import numpy as np
 
 import hsc
 from measure_sb_cut import measurement_helpers as helpers
-from measure_sb_cut.measure import CSV_COLUMNS, REESTIMATE_BOX_SIZES, measure_refs
+from measure_sb_cut.measure import CSV_COLUMNS, REESTIMATE_BOX_SIZES, measure_refs, write_csv
 
 # Defaults; each can be set on the command line.
 WORKERS = os.cpu_count() or 1
@@ -58,25 +58,6 @@ def read_catalogue(path):
     return redshifts
 
 
-def write_csv(rows, path, columns=CSV_COLUMNS):
-    """Write rows to ``path`` atomically (temporary file, then rename)."""
-    import common
-
-    temporary = common.atomic_path(path)
-    with open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: _format(value) for key, value in row.items()})
-    os.replace(temporary, path)
-
-
-def _format(value):
-    if isinstance(value, float):
-        return "" if np.isnan(value) else f"{value:.6g}"
-    return value
-
-
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m measure_sb_cut",
@@ -88,7 +69,7 @@ def build_parser():
     redshift = parser.add_mutually_exclusive_group()
     redshift.add_argument("--z", type=float, help="redshift of every cutout")
     redshift.add_argument("--catalog", help="CSV with columns id, z (optionally ra, dec): the redshift per cutout id")
-    parser.add_argument("--plot", metavar="DIR", help="write a diagnostic PNG per cutout into DIR")
+    parser.add_argument("--plot-dir", metavar="DIR", help="write a diagnostic PNG per cutout into DIR")
     parser.add_argument("--workers", type=int, default=WORKERS, help=f"parallel processes (default {WORKERS})")
     parser.add_argument("--threshold-sb", type=float, default=THRESHOLD_SB,
                         help=f"rest-frame threshold between galaxies and ICL, mag/arcsec^2 (default {THRESHOLD_SB:g})")
@@ -126,8 +107,8 @@ def main(argv=None):
         refs, file_errors = prep_data.index_cutouts(args.inputs)
     except prep_data.CutoutError as error:
         parser.exit(2, f"error: {error}\n")
-    if args.plot:
-        pathlib.Path(args.plot).mkdir(parents=True, exist_ok=True)
+    if args.plot_dir:
+        pathlib.Path(args.plot_dir).mkdir(parents=True, exist_ok=True)
     options = {
         "threshold_sb": args.threshold_sb,
         "aperture_kpc": args.aperture_kpc,
@@ -145,7 +126,7 @@ def main(argv=None):
         row = {**{column: np.nan for column in CSV_COLUMNS}, "id": pathlib.Path(source).name, "source": source}
         placed.append((file_order[source], {**row, "error": message}))
         tqdm.write(f"error: {message}", file=sys.stderr)
-    for ref, row in zip(refs, measure_refs(refs, args.z, catalogue, args.plot, options, args.workers)):
+    for ref, row in zip(refs, measure_refs(refs, args.z, catalogue, args.plot_dir, options, args.workers)):
         if row["error"]:
             tqdm.write(f"error: {row['error']}", file=sys.stderr)
         placed.append((file_order[ref.path], row))

@@ -295,20 +295,16 @@ def plot_measurement(image, measurement, path, title=None):
         PNG to write (atomically).
     title : str, optional
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Circle, Patch
 
-    import common
+    import plots
 
     maps = measurement.maps
     if maps is None:
         raise ValueError("measurement has no maps: measure with keep_maps=True")
     stretched = np.arcsinh(np.clip(np.nan_to_num(maps["subtracted"]), 0, None) / hsc.ARCSINH_SCALE)
-    figure, axes = plt.subplots(1, 2, figsize=(11, 5.6), constrained_layout=True)
+    figure, axes = plots.new_figure(1, 2, figsize=(11, 5.6), layout="constrained")
     for axis in axes:
         axis.imshow(stretched, origin="lower", cmap="gray", vmin=0, vmax=np.percentile(stretched, 99.5))
         axis.set_xticks([])
@@ -331,7 +327,7 @@ def plot_measurement(image, measurement, path, title=None):
     centre = (image.shape[0] - 1) / 2.0
     radius = np.sqrt(maps["aperture"].sum() / np.pi)
     for axis in axes:
-        axis.add_patch(plt.Circle((centre, centre), radius, fill=False, color="yellow", lw=1.2))
+        axis.add_patch(Circle((centre, centre), radius, fill=False, color="yellow", lw=1.2))
         axis.contour(maps["smoothed"], levels=[maps["threshold_counts"]], colors="cyan", linewidths=0.8)
         axis.set_xlim(-0.5, image.shape[1] - 0.5)
         axis.set_ylim(-0.5, image.shape[0] - 0.5)
@@ -346,10 +342,7 @@ def plot_measurement(image, measurement, path, title=None):
         f"SB limit {measurement.sb_limit:.2f} mag/arcsec$^2$",
         fontsize=10,
     )
-    temporary = common.atomic_path(path)
-    figure.savefig(temporary, dpi=90, format="png")
-    plt.close(figure)
-    os.replace(temporary, path)
+    plots.save_figure(figure, path, dpi=90, tight=False)
 
 
 # ----------------------------------------------------------------------------------------
@@ -372,6 +365,24 @@ CSV_COLUMNS = (
 )
 #: Relative tolerance on the span of a native-resolution cutout (cosmologies of the cutouts differ).
 SPAN_TOLERANCE = 0.1
+
+
+def write_csv(rows, path, columns=CSV_COLUMNS):
+    """Write measurement rows (dicts) to the CSV ``path``, atomically; NaN becomes an empty field."""
+    import csv
+
+    import common
+
+    def cell(value):
+        if isinstance(value, float):
+            return "" if np.isnan(value) else f"{value:.6g}"
+        return value
+
+    with common.atomic_write(path) as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: cell(value) for key, value in row.items()})
 
 
 def cutout_for_measurement(

@@ -34,7 +34,7 @@ import numpy as np
 
 import hsc
 from measure_sb_cut import measurement_helpers as helpers
-from measure_sb_cut.measure import CSV_COLUMNS, measure_refs
+from measure_sb_cut.measure import CSV_COLUMNS, measure_refs, write_csv
 
 # Defaults; each can be set on the command line.
 REDSHIFT_BINS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -278,7 +278,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     import prep_data
-    from measure_sb_cut.__main__ import write_csv
 
     if args.synthetic:
         write_synthetic_shard(args.shards[0], args.synthetic, args.seed)

@@ -77,7 +77,7 @@ def test_files_are_measured_in_order_and_bad_cutouts_reported(tmp_path, cluster,
     out = tmp_path / "m.csv"
     plots = tmp_path / "plots"
 
-    status = main([str(inputs), "--out", str(out), "--plot", str(plots), "--workers", "2"])
+    status = main([str(inputs), "--out", str(out), "--plot-dir", str(plots), "--workers", "2"])
 
     assert status == 1
     rows = read_rows(out)

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 from synthetic import synthetic_clusters, write_cluster_hdf5, write_fits_cutout
 
+import common
 import finetune
 import model
 import predict
@@ -48,20 +49,20 @@ def test_train_cli_on_hdf5_with_real_set(tmp_path):
     write_cluster_hdf5(tmp_path / "train.h5", 24, size=48, seed=2)
     write_cluster_hdf5(tmp_path / "real.h5", 6, size=48, seed=3)
     out = tmp_path / "run"
-    argv = ["--hdf5", str(tmp_path / "train.h5"), "--real", str(tmp_path / "real.h5"), "--tiny", "--epochs", "1",
-            "--batch-size", "8", "--validation-batch-size", "8", "--out", str(out)]
+    argv = [str(tmp_path / "train.h5"), "--real", str(tmp_path / "real.h5"), "--tiny", "--epochs", "1",
+            "--batch-size", "8", "--validation-batch-size", "8", "--out-dir", str(out)]
     assert train.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["real_without_finetuning"]["n"] == 6
     assert (out / "binned_real.png").exists()
     # Rerunning with more epochs resumes from the backup instead of starting over.
-    assert train.main(argv[:-4] + ["--epochs", "2", "--out", str(out)]) == 0
+    assert train.main(argv[:-4] + ["--epochs", "2", "--out-dir", str(out)]) == 0
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [0, 1]
 
 
 def test_train_cli_reports_missing_label(tmp_path, capsys):
     write_cluster_hdf5(tmp_path / "train.h5", 8, size=32)
-    assert train.main(["--hdf5", str(tmp_path / "train.h5"), "--label-key", "nope", "--tiny", "--out", str(tmp_path / "r")]) == 2
+    assert train.main([str(tmp_path / "train.h5"), "--label-key", "nope", "--tiny", "--out-dir", str(tmp_path / "r")]) == 2
     assert "has no label 'nope'" in capsys.readouterr().err
 
 
@@ -95,8 +96,8 @@ def test_finetune_trains_only_the_head(tiny_checkpoint):
 def test_finetune_cli_cross_validates_and_resumes(tmp_path, tiny_checkpoint):
     write_cluster_hdf5(tmp_path / "real.h5", 10, size=32, seed=5)
     out = tmp_path / "ft"
-    argv = ["--inputs", str(tmp_path / "real.h5"), "--checkpoint", str(tiny_checkpoint), "--epochs", "1",
-            "--batch-size", "4", "--out", str(out)]
+    argv = [str(tmp_path / "real.h5"), "--checkpoint", str(tiny_checkpoint), "--epochs", "1",
+            "--batch-size", "4", "--out-dir", str(out)]
     assert finetune.main(argv) == 0
     results = pd.read_csv(out / "results.csv", dtype={"id": str})
     assert results["id"].tolist() == [f"c5_{i:03d}" for i in range(10)]
@@ -111,7 +112,7 @@ def test_finetune_cli_cross_validates_and_resumes(tmp_path, tiny_checkpoint):
     stamp = (out / "fold0.weights.h5").stat().st_mtime_ns
     assert finetune.main(argv) == 0
     assert (out / "fold0.weights.h5").stat().st_mtime_ns == stamp  # finished folds are skipped
-    assert finetune.main(argv[:-2] + ["--all", "--out", str(out)]) == 0
+    assert finetune.main(argv[:-2] + ["--all", "--out-dir", str(out)]) == 0
     assert (out / "final.weights.h5").exists()
 
 
@@ -234,13 +235,13 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
-import model, train
+import common, model, train
 config = train.TrainConfig(batch_size=8, learning_rate=1e-3, augment=False)
 rng = np.random.default_rng(0)
 images = rng.normal(1, 1, (8, 32, 32, 1)).astype("float32")
 labels = rng.uniform(0.05, 0.4, 8).astype("float32")
 results = []
-for strategy in (train.make_strategy("default"), train.make_strategy("mirrored")):
+for strategy in (common.make_strategy("default"), common.make_strategy("mirrored")):
     keras.utils.set_random_seed(0)
     icl_model = train.compiled_model(model.TESTING, config, strategy)
     initial = icl_model.get_weights()
@@ -264,5 +265,5 @@ def test_mirrored_training_step_matches_single_device(tmp_path):
 
 
 def test_unknown_strategy_is_refused():
-    with pytest.raises(ValueError, match="strategy must be 'default', 'mirrored' or 'multiworker'"):
-        train.make_strategy("tpu")
+    with pytest.raises(ValueError, match="strategy must be one of default, mirrored, multiworker, got 'tpu'"):
+        common.make_strategy("tpu")
