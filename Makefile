@@ -10,10 +10,11 @@ export PYTHONUNBUFFERED := 1
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 demo: install
@@ -30,4 +31,4 @@ bench: install
 	$(PY) bench/bench_similarity.py --kinds exact rabitq
 
 clean:
-	rm -rf results .pytest_cache
+	rm -rf results .pytest_cache *.egg-info

@@ -13,6 +13,9 @@ import sys
 
 import numpy as np
 
+#: Version of the project (``pyproject.toml`` and ``CITATION.cff`` carry the same).
+__version__ = "0.1.0"
+
 # Environment read by TensorFlow's C++ core and absl when they first load.
 _QUIET_ENVIRONMENT = {
     "TF_CPP_MIN_LOG_LEVEL": "3",  # no INFO/WARNING/ERROR lines from the C++ core (oneDNN, CUDA probes)
