@@ -4,7 +4,7 @@ The held-out clusters come from our generator with a seed the training never use
 can make them itself (``--generate N SEED``, the same as ``python -m data.generate clusters --n N
 --seed SEED``) or read any cutout files with truth columns:
 
-    python checkpoints/evaluate.py checkpoints/icl_trained.weights.h5 --generate 256 2000 --out eval_trained
+    python checkpoints/evaluate.py checkpoints/icl_trained.weights.h5 --generate 256 2000 --out-dir eval_trained
     python checkpoints/evaluate.py checkpoints/icl_trained.weights.h5 heldout.h5
 
 For every truth column the file holds (``f_icl_sb_ideal``, ``f_icl_sb_ideal_scene``,
@@ -14,8 +14,6 @@ inside the predicted 15-85% interval. It writes ``metrics.json`` and one binned 
 """
 
 import argparse
-import json
-import os
 import pathlib
 import sys
 import tempfile
@@ -24,6 +22,11 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+
+if __name__ == "__main__":
+    common.quiet_start()  # before TensorFlow loads: no start-up noise unless --verbose
 
 #: Truth columns of our mock files, in the order the card lists them.
 LABEL_KEYS = ("f_icl_sb_ideal", "f_icl_sb_ideal_scene", "f_icl_true", "f_icl_sb")
@@ -91,10 +94,7 @@ def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE, heldout_se
         for key, truth in labels.items():
             plots.plot_binned(truth, summary["mode"], out_dir / f"binned_{key}.png", n_bins=10,
                               title=f"{pathlib.Path(checkpoint).name}: held-out mocks", label_name=key)
-        path = out_dir / "metrics.json"
-        temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
-        temporary.write_text(json.dumps(result, indent=2))
-        os.replace(temporary, path)
+        common.write_json(out_dir / "metrics.json", result)
     return result
 
 
@@ -118,8 +118,9 @@ def main(argv=None):
     parser.add_argument("inputs", nargs="*", help="held-out cutout files or directories with truth columns")
     parser.add_argument("--generate", nargs=2, type=int, metavar=("N", "SEED"),
                         help="generate N held-out mock clusters with this seed instead of reading inputs")
-    parser.add_argument("--out", help="folder for metrics.json and the binned plots")
+    parser.add_argument("--out-dir", help="folder for metrics.json and the binned plots")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    common.add_verbose_argument(parser)
     args = parser.parse_args(argv)
     if bool(args.inputs) == bool(args.generate):
         parser.error("give either held-out cutout files or --generate N SEED")
@@ -135,9 +136,9 @@ def main(argv=None):
             with tempfile.TemporaryDirectory() as folder:
                 heldout = pathlib.Path(folder) / "heldout.h5"
                 generate.generate("clusters", n, seed, heldout)
-                result = evaluate(args.checkpoint, [heldout], args.out, args.batch_size, heldout_seed=seed)
+                result = evaluate(args.checkpoint, [heldout], args.out_dir, args.batch_size, heldout_seed=seed)
         else:
-            result = evaluate(args.checkpoint, args.inputs, args.out, args.batch_size)
+            result = evaluate(args.checkpoint, args.inputs, args.out_dir, args.batch_size)
     except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -44,7 +44,7 @@ def test_evaluate_without_truth_columns_says_so(tiny_checkpoint, tmp_path):
 
 def test_evaluate_generates_its_heldout_mocks(tiny_checkpoint, tmp_path):
     command = [sys.executable, str(CHECKPOINTS / "evaluate.py"), str(tiny_checkpoint), "--generate", "3", "7",
-               "--out", str(tmp_path)]
+               "--out-dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -78,7 +78,7 @@ def test_model_card_numbers_are_reproduced(tmp_path):
     """Regenerate the card's held-out mocks, evaluate the shipped model, compare with the card's file."""
     card = json.loads((CHECKPOINTS / "icl_trained.metrics.json").read_text())
     command = [sys.executable, str(CHECKPOINTS / "evaluate.py"), str(CHECKPOINTS / "icl_trained.weights.h5"),
-               "--generate", str(card["n"]), str(card["heldout_seed"]), "--out", str(tmp_path)]
+               "--generate", str(card["n"]), str(card["heldout_seed"]), "--out-dir", str(tmp_path)]
     subprocess.run(command, check=True, cwd=ROOT, timeout=900, capture_output=True)
     result = json.loads((tmp_path / "metrics.json").read_text())
     assert set(result["columns"]) == set(card["columns"])
