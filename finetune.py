@@ -202,8 +202,6 @@ def cross_validate(checkpoint, ids, images, labels, config, out_dir, splits=None
     splits : sequence of int, optional
         Run only these folds (0-based); all by default.
     """
-    from tqdm import tqdm
-
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     folds = make_folds(len(labels), config.n_folds, config.fold_seed)
@@ -214,7 +212,7 @@ def cross_validate(checkpoint, ids, images, labels, config, out_dir, splits=None
         before = _predict_encoded(model.load_icl_model(checkpoint), encoded.plain)
     splits = range(config.n_folds) if splits is None else splits
     tables = []
-    for k in tqdm(splits, desc="folds", unit="fold"):
+    for k in common.progress(splits, desc="folds", unit="fold"):
         if not 0 <= k < config.n_folds:
             raise ValueError(f"split must be in [0, {config.n_folds - 1}], got {k}")
         fold_table = out_dir / f"fold{k}.csv"

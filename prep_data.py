@@ -553,14 +553,12 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output .npy file; the ids go to OUT.ids.txt")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from tqdm import tqdm
-
     try:
         refs, errors = index_cutouts(args.inputs)
     except CutoutError as error:
         parser.exit(2, f"error: {error}\n")
     images, ids = [], []
-    for ref in tqdm(refs, desc="preparing", unit="cutout", disable=len(refs) < 20):
+    for ref in common.progress(refs, desc="preparing", unit="cutout", disable=len(refs) < 20):
         try:
             images.append(load_prepared(ref)[..., 0])
             ids.append(ref.id)

@@ -36,6 +36,7 @@ import os
 
 import numpy as np
 
+import common
 import hsc
 from measure_sb_cut import measurement_helpers as helpers
 
@@ -516,11 +517,9 @@ def measure_refs(refs, z=None, catalogue=None, plot_dir=None, options=None, work
     dict
         One row per ref, in order (see :func:`measure_ref`).
     """
-    from tqdm import tqdm
-
     catalogue = catalogue or {}
     tasks = [(ref, z, catalogue.get(str(ref.id)), plot_dir, options, tuple(meta_columns)) for ref in refs]
-    bar = tqdm(total=len(tasks), desc="measuring", unit="cutout", disable=not progress)
+    bar = common.progress(total=len(tasks), desc="measuring", unit="cutout", disable=not progress)
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
             yield _measure_task(task)
