@@ -28,7 +28,7 @@ bench: install
 	$(PY) bench/bench_generate.py
 	$(PY) bench/bench_sb_cut.py
 	$(PY) bench/bench_nnclr.py --batch-size 32 --steps 3
-	$(PY) bench/bench_similarity.py --kinds exact rabitq
+	$(PY) bench/bench_similarity.py --n 100000
 
 clean:
 	rm -rf results .pytest_cache *.egg-info

@@ -16,7 +16,6 @@ scale / 3) per band); the models hold the augmentation, so they take the full cu
 
 import dataclasses
 import json
-import os
 import pathlib
 
 import keras
@@ -111,7 +110,7 @@ class NNCLRConfig:
 
 
 #: A tiny configuration for tests and quick CPU runs: 24 px images, N = 1, a 64-entry queue.
-TESTING_CONFIG = NNCLRConfig(
+TINY_CONFIG = NNCLRConfig(
     image_size=24, crop_size=16, jitter=4, n_blocks=1, representation_dim=16, projection_dim=16, queue_size=64
 )
 
@@ -515,20 +514,19 @@ def _images_of(data):
 # Saving and loading
 
 
-def _temporary_keras_path(path):
-    # Keras insists on the .keras suffix, so the temporary name keeps it.
-    path = pathlib.Path(path)
-    return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
-
-
 def save_model_file(model, path):
-    """Save a Keras model to a ``.keras`` file atomically (temporary file, then rename)."""
+    """Save a Keras model to a ``.keras`` file, atomically."""
     path = pathlib.Path(path)
     if path.suffix != ".keras":
         raise ValueError(f"model path must end in .keras, got {path}")
-    temporary = _temporary_keras_path(path)
-    model.save(temporary)
-    os.replace(temporary, path)
+    with common.atomic_write(path) as temporary:
+        # Keras insists on the .keras suffix: save under a name that has it, then hand the file over.
+        keras_temporary = temporary.with_name(temporary.name + ".keras")
+        try:
+            model.save(keras_temporary)
+            keras_temporary.replace(temporary)
+        finally:
+            keras_temporary.unlink(missing_ok=True)
 
 
 def architecture_signature(model):
@@ -671,10 +669,7 @@ def representations(encoder, images, config, batch_size=64):
 
 def save_config(config, path, **extra):
     """Write the config (and extra JSON-able entries such as the band scale) as JSON, atomically."""
-    path = pathlib.Path(path)
-    temporary = common.atomic_path(path)
-    temporary.write_text(json.dumps({"nnclr": config.to_dict(), **extra}, indent=2))
-    os.replace(temporary, path)
+    common.write_json(path, {"nnclr": config.to_dict(), **extra})
 
 
 def load_config(path):
@@ -684,3 +679,122 @@ def load_config(path):
         raise ValueError(f"{path}: not an NNCLR run configuration (no 'nnclr' entry)")
     config = NNCLRConfig.from_dict(values.pop("nnclr"))
     return config, values
+
+
+# ----------------------------------------------------------------------------------------
+# The data the NNCLR commands read
+
+#: TFDS builders of the unlabelled and labelled tidal sets (a config as "name/config").
+TFDS_UNLABELLED = "tidal_unlabelled"
+TFDS_LABELLED = "tidal_labelled"
+
+
+def add_source_arguments(parser):
+    """The command-line options that name the tidal data: ``INPUT...`` or ``--tfds-dir DIR``."""
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="tidal HDF5 files or folders of them")
+    group = parser.add_argument_group("TFDS data (instead of INPUT files)")
+    group.add_argument("--tfds-dir", metavar="DIR", help="TFDS data_dir holding the tidal builders")
+    group.add_argument("--tfds-unlabelled", default=TFDS_UNLABELLED, help="unlabelled builder (default %(default)s)")
+    group.add_argument("--tfds-labelled", default=TFDS_LABELLED, help="labelled builder (default %(default)s)")
+    return parser
+
+
+def open_tidal_source(inputs=(), tfds_dir=None, unlabelled=TFDS_UNLABELLED, labelled=TFDS_LABELLED):
+    """The :class:`tidal_data.TidalSource` of tidal HDF5 ``inputs`` or of the TFDS builders in ``tfds_dir``.
+
+    Raises
+    ------
+    ValueError
+        Unless exactly one of ``inputs`` and ``tfds_dir`` is given.
+    """
+    if bool(inputs) == bool(tfds_dir):
+        raise ValueError("give the tidal data either as INPUT files or folders, or as --tfds-dir, not both or neither")
+    if inputs:
+        return tidal_data.tidal_source_from_hdf5(inputs)
+    # Imported here: the TFDS builders are heavy and only this branch needs them.
+    import data.tidal_datasets
+
+    return data.tidal_datasets.tidal_source_from_tfds(unlabelled, labelled, tfds_dir)
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation
+
+#: Contamination at which completeness is quoted (Desmons et al. 2023).
+CONTAMINATION = 0.22
+
+
+def completeness_at_contamination(labels, scores, contamination=CONTAMINATION):
+    """Highest completeness (TPR) reachable with contamination at most ``contamination``.
+
+    Parameters
+    ----------
+    labels : array of int, shape (N,)
+        1 for galaxies with tidal features.
+    scores : array of float, shape (N,)
+        Classifier outputs; a galaxy is called tidal when its score is >= the threshold.
+    contamination : float
+        In [0, 1].
+
+    Returns
+    -------
+    dict
+        ``fpr``: completeness with contamination = false-positive rate FP / (FP + TN);
+        ``one_minus_precision``: completeness with contamination = FP / (TP + FP), which
+        depends on the fraction of tidal galaxies in the test set (balanced here).
+    """
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    if not 0 <= contamination <= 1:
+        raise ValueError(f"contamination must be in [0, 1], got {contamination}")
+    labels = np.asarray(labels)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    allowed = (1 - precision) <= contamination + 1e-12
+    return {
+        "fpr": float(tpr[fpr <= contamination + 1e-12].max()),
+        "one_minus_precision": float(recall[allowed].max()) if allowed.any() else 0.0,
+    }
+
+
+def evaluate_scores(labels, scores, contamination=CONTAMINATION):
+    """AUC, ROC arrays (``fpr``, ``tpr``, ``thresholds``) and completeness at the contamination."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    return {
+        "auc": float(roc_auc_score(labels, scores)),
+        "completeness": completeness_at_contamination(labels, scores, contamination),
+        "fpr": fpr,
+        "tpr": tpr,
+        "thresholds": thresholds,
+    }
+
+
+def similarity_search(encoder, config, images, ids, labels, query_id, top_k):
+    """Galaxies ranked by cosine similarity of their representations to the query galaxy.
+
+    Returns
+    -------
+    dict
+        ``query``, ``top`` (list of {id, similarity, has_tidal, index} for the top k, query
+        excluded), ``tidal_fraction_top_k`` and ``query_index``.
+    """
+    import similarity
+
+    matches = np.flatnonzero(ids == query_id)
+    if matches.size == 0:
+        raise ValueError(f"--similar-to: no galaxy with id {query_id!r} in the data")
+    query = matches[0]
+    features = representations(encoder, images, config)
+    # Exact search for catalogues up to 100,000 galaxies, an approximate index above (similarity.py).
+    positions, similarities = similarity.build_index(features).query(features[query], k=min(top_k + 1, len(features)))
+    ranked = [(int(i), float(s)) for i, s in zip(positions, similarities) if i != query][:top_k]
+    return {
+        "query": {"id": str(ids[query]), "has_tidal": int(labels[query])},
+        "top": [
+            {"id": str(ids[i]), "similarity": value, "has_tidal": int(labels[i]), "index": i} for i, value in ranked
+        ],
+        "tidal_fraction_top_k": float(np.mean([labels[i] for i, _ in ranked])) if ranked else float("nan"),
+        "query_index": int(query),
+    }

@@ -1,8 +1,9 @@
 """Evaluate a trained NNCLR tidal-feature classifier on the test set (Desmons et al. 2023).
 
-Loads the encoder and the classifier of a ``nnclr_train.py`` run, rebuilds its classifier
-sets from the same data and seed, and applies the classifier to the test set with the
-deterministic test-time view (centre crop, no noise, no flip). Outputs in ``--out``:
+Loads the encoder and the classifier of a ``nnclr_train.py`` run (``--run-dir``), rebuilds its
+classifier sets from the same data (``INPUT...`` or ``--tfds-dir``) and seed, and applies the
+classifier to the test set with the deterministic test-time view (centre crop, no noise, no
+flip). Outputs in ``--out-dir`` (default: the run folder's ``test/``):
 
 * ``roc.png``, ``fpr.npy``, ``tpr.npy``, ``thresholds.npy`` (sklearn ``roc_curve``) and
   ``scores.npy`` / ``labels.npy`` of the test galaxies;
@@ -22,33 +23,39 @@ Options:
   ``label_efficiency.png``.
 * ``--test-data PATH``: the test set is every labelled galaxy of these (independent) files
   instead of the run's test split (50 per class, too few to tell AUCs 0.05 apart). The
-  label-efficiency galaxies still come from the run's training split of ``--data``.
+  label-efficiency galaxies still come from the run's training split of the inputs.
+* ``--test-all``: every labelled galaxy of the inputs is a test galaxy (independent data, such
+  as a fresh mock set).
 * ``--similar-to ID``: rank galaxies by the cosine similarity of their representations to one
   galaxy; ``similar_to_<ID>.png`` (gallery) and ``similar_to_<ID>.json`` (ranking, fraction of
   tidal galaxies in the top k).
 
 Example::
 
-    python nnclr_test.py --run runs/nnclr --data mocks/tidal.h5 --out runs/nnclr/test --label-efficiency
-    python nnclr_test.py --run runs/nnclr --data mocks/tidal.h5 --test-data mocks/tidal_heldout.h5 --label-efficiency
+    python nnclr_test.py mocks/tidal.h5 --run-dir runs/nnclr --label-efficiency
+    python nnclr_test.py mocks/tidal.h5 --run-dir runs/nnclr --test-data mocks/tidal_heldout.h5 --label-efficiency
+    python nnclr_test.py mocks/tidal_heldout.h5 --run-dir runs/nnclr --test-all --out-dir runs/nnclr/heldout
 """
 
+import common
+
+if __name__ == "__main__":
+    common.quiet_start()  # before TensorFlow loads: no start-up noise unless --verbose
+
 import argparse
+import json
 import logging
 import pathlib
 
+import keras
 import numpy as np
 
-from nnclr_train import (
-    add_data_arguments,
-    open_source,
-    save_array,
-    save_figure,
-    save_json,
-)
+import nnclr_model
+import plots
+import tidal_data
+from nnclr_model import CONTAMINATION
 
 # Defaults; every one can be set from the command line.
-CONTAMINATION = 0.22  # contamination at which completeness is quoted (Desmons et al. 2023)
 LABEL_COUNTS = (10, 25, 50, 100, 300)  # labelled galaxies per class in the label-efficiency study
 LABEL_SEEDS = 3  # random draws of the labelled galaxies per count
 PROBE_STRENGTHS = np.logspace(-4, 2, 13)  # inverse L2 strengths C tried by the label-efficiency probe
@@ -67,53 +74,6 @@ LABEL_EFFICIENCY_CURVES = (
 )
 
 logger = logging.getLogger("nnclr_test")
-
-
-def completeness_at_contamination(labels, scores, contamination=CONTAMINATION):
-    """Highest completeness (TPR) reachable with contamination at most ``contamination``.
-
-    Parameters
-    ----------
-    labels : array of int, shape (N,)
-        1 for galaxies with tidal features.
-    scores : array of float, shape (N,)
-        Classifier outputs; a galaxy is called tidal when its score is >= the threshold.
-    contamination : float
-        In [0, 1].
-
-    Returns
-    -------
-    dict
-        ``fpr``: completeness with contamination = false-positive rate FP / (FP + TN);
-        ``one_minus_precision``: completeness with contamination = FP / (TP + FP), which
-        depends on the fraction of tidal galaxies in the test set (balanced here).
-    """
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
-    if not 0 <= contamination <= 1:
-        raise ValueError(f"contamination must be in [0, 1], got {contamination}")
-    labels = np.asarray(labels)
-    fpr, tpr, _ = roc_curve(labels, scores)
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    allowed = (1 - precision) <= contamination + 1e-12
-    return {
-        "fpr": float(tpr[fpr <= contamination + 1e-12].max()),
-        "one_minus_precision": float(recall[allowed].max()) if allowed.any() else 0.0,
-    }
-
-
-def evaluate_scores(labels, scores, contamination=CONTAMINATION):
-    """AUC, ROC arrays and completeness at the contamination, for 0/1 labels and scores."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    fpr, tpr, thresholds = roc_curve(labels, scores)
-    return {
-        "auc": float(roc_auc_score(labels, scores)),
-        "completeness": completeness_at_contamination(labels, scores, contamination),
-        "fpr": fpr,
-        "tpr": tpr,
-        "thresholds": thresholds,
-    }
 
 
 def detection_by_feature(labels, scores, truth, contamination=CONTAMINATION, sb_bins=SB_BINS):
@@ -166,21 +126,15 @@ def detection_by_feature(labels, scores, truth, contamination=CONTAMINATION, sb_
 
 
 def plot_roc(fpr, tpr, auc, contamination, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(4.5, 4.5))
+    """The ROC curve of the test set, with chance and the quoted contamination marked."""
+    figure, axes = plots.new_figure(figsize=(4.5, 4.5))
     axes.plot(fpr, tpr, label=f"NNCLR classifier (AUC {auc:.3f})")
     axes.plot([0, 1], [0, 1], color="0.6", linestyle=":", label="chance")
     axes.axvline(contamination, color="0.4", linestyle="--", linewidth=0.8, label=f"FPR = {contamination:g}")
-    axes.set_xlabel("false-positive rate (contamination)")
-    axes.set_ylabel("true-positive rate (completeness)")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1.02)
+    axes.set(xlabel="false-positive rate (contamination)", ylabel="true-positive rate (completeness)",
+             xlim=(0, 1), ylim=(0, 1.02))
     axes.legend(loc="lower right")
-    save_figure(figure, path)
+    plots.save_figure(figure, path)
 
 
 def fit_linear_probe(train_features, train_labels, seed):
@@ -217,10 +171,6 @@ def fit_linear_probe(train_features, train_labels, seed):
 
 def train_supervised_baseline(config, train_images, train_labels, epochs, seed, batch_size=BATCH_SIZE):
     """The same encoder architecture plus Dense(1), all trained from scratch on the labels only."""
-    import keras
-
-    import nnclr_model
-
     keras.utils.set_random_seed(seed)
     classifier = nnclr_model.build_classifier(nnclr_model.build_encoder(config), config, fine_tune=True, seed=seed)
     classifier.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
@@ -228,18 +178,22 @@ def train_supervised_baseline(config, train_images, train_labels, epochs, seed, 
     return classifier
 
 
-def label_efficiency(encoder, config, train_images, train_labels, test_images, test_labels, args):
+def label_efficiency(encoder, config, train_images, train_labels, test_images, test_labels, label_counts=LABEL_COUNTS,
+                     label_seeds=LABEL_SEEDS, baseline_epochs=BASELINE_EPOCHS, contamination=CONTAMINATION):
     """AUC of the linear probe, its untrained-encoder control and the supervised baseline.
 
-    For each labels-per-class count and seed the same galaxies train the probe on the trained
-    encoder, the probe on an encoder of the same architecture left at its random initial
-    weights (drawn from the seed) and the ResNet trained from scratch.
+    For each labels-per-class count in ``label_counts`` (capped at the smaller class) and each
+    of ``label_seeds`` seeds, the same galaxies train the probe on the trained encoder, the
+    probe on an encoder of the same architecture left at its random initial weights (drawn from
+    the seed) and the ResNet trained from scratch for ``baseline_epochs``.
+
+    Returns
+    -------
+    list of dict
+        One row per count and seed: ``labels_per_class``, ``seed``, and ``<model>_auc`` and
+        ``<model>_completeness`` (at ``contamination``) for the models of
+        :data:`LABEL_EFFICIENCY_CURVES`.
     """
-    import keras
-    from tqdm.auto import tqdm
-
-    import nnclr_model
-
     def features_of(model):
         return (nnclr_model.representations(model, train_images, config),
                 nnclr_model.representations(model, test_images, config))
@@ -249,12 +203,12 @@ def label_efficiency(encoder, config, train_images, train_labels, test_images, t
         return features_of(nnclr_model.build_encoder(config, name="untrained_encoder"))
 
     trained_features = features_of(encoder)
-    untrained_features = {seed: untrained_features_of(seed) for seed in range(args.label_seeds)}
+    untrained_features = {seed: untrained_features_of(seed) for seed in range(label_seeds)}
     available = int(min((train_labels == 0).sum(), (train_labels == 1).sum()))
-    counts = sorted({min(count, available) for count in args.label_counts})
+    counts = sorted({min(count, available) for count in label_counts})
     results = []
-    runs = [(count, seed) for count in counts for seed in range(args.label_seeds)]
-    for count, seed in tqdm(runs, desc="label efficiency", unit="run"):
+    runs = [(count, seed) for count in counts for seed in range(label_seeds)]
+    for count, seed in common.progress(runs, desc="label efficiency", unit="run"):
         rng = np.random.default_rng(seed)
         chosen = np.concatenate(
             [rng.choice(np.flatnonzero(train_labels == label), count, replace=False) for label in (0, 1)]
@@ -264,11 +218,11 @@ def label_efficiency(encoder, config, train_images, train_labels, test_images, t
                                                      ("untrained_probe", untrained_features[seed])):
             probe = fit_linear_probe(train_features[chosen], train_labels[chosen], seed)
             scores[key] = probe.predict_proba(test_features)[:, 1]
-        baseline = train_supervised_baseline(config, train_images[chosen], train_labels[chosen], args.baseline_epochs, seed)
+        baseline = train_supervised_baseline(config, train_images[chosen], train_labels[chosen], baseline_epochs, seed)
         scores["supervised"] = baseline.predict(test_images, verbose=0)[:, 0]
         row = {"labels_per_class": count, "seed": seed}
         for key, values in scores.items():
-            result = evaluate_scores(test_labels, values, args.contamination)
+            result = nnclr_model.evaluate_scores(test_labels, values, contamination)
             row[f"{key}_auc"] = result["auc"]
             row[f"{key}_completeness"] = result["completeness"]
         results.append(row)
@@ -289,14 +243,10 @@ def summarise_label_efficiency(results):
 
 
 def plot_label_efficiency(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Test AUC of each model against the labelled galaxies per class (mean and std over seeds)."""
     summary = summarise_label_efficiency(results)
     counts = [entry["labels_per_class"] for entry in summary]
-    figure, axes = plt.subplots(figsize=(5, 3.5))
+    figure, axes = plots.new_figure(figsize=(5, 3.5))
     for key, label in LABEL_EFFICIENCY_CURVES:
         means = np.array([entry[key]["mean"] for entry in summary])
         spreads = np.array([entry[key]["std"] for entry in summary])
@@ -305,68 +255,9 @@ def plot_label_efficiency(results, path):
     axes.set_xscale("log")
     axes.set_xticks(counts, [str(count) for count in counts])
     axes.minorticks_off()
-    axes.set_xlabel("labelled galaxies per class")
-    axes.set_ylabel("test AUC (mean and std over seeds)")
+    axes.set(xlabel="labelled galaxies per class", ylabel="test AUC (mean and std over seeds)")
     axes.legend(loc="lower right")
-    save_figure(figure, path)
-
-
-def display_rgb(image):
-    """RGB (i, r, g) of a stretched 5-band cutout, each band scaled to its 99.5th percentile."""
-    rgb = np.stack([image[..., 2], image[..., 1], image[..., 0]], axis=-1)
-    rgb = rgb - np.percentile(rgb, 1, axis=(0, 1))
-    return np.clip(rgb / np.maximum(np.percentile(rgb, 99.5, axis=(0, 1)), 1e-6), 0, 1)
-
-
-def similarity_search(encoder, config, images, ids, labels, query_id, top_k):
-    """Galaxies ranked by cosine similarity of their representations to the query galaxy.
-
-    Returns
-    -------
-    dict
-        ``query``, ``top`` (list of {id, similarity, has_tidal} for the top k, query excluded)
-        and ``tidal_fraction_top_k``.
-    """
-    import nnclr_model
-    import similarity
-
-    matches = np.flatnonzero(ids == query_id)
-    if matches.size == 0:
-        raise ValueError(f"--similar-to: no galaxy with id {query_id!r} in the data")
-    query = matches[0]
-    features = nnclr_model.representations(encoder, images, config)
-    # Exact search for catalogues up to 100,000 galaxies, an approximate index above (similarity.py).
-    index = similarity.build_index(features)
-    positions, similarities = index.query(features[query], k=min(top_k + 1, len(features)))
-    ranked = [(int(i), float(s)) for i, s in zip(positions, similarities) if i != query][:top_k]
-    order = [i for i, _ in ranked]
-    return {
-        "query": {"id": str(ids[query]), "has_tidal": int(labels[query])},
-        "top": [
-            {"id": str(ids[i]), "similarity": value, "has_tidal": int(labels[i]), "index": i}
-            for i, value in ranked
-        ],
-        "tidal_fraction_top_k": float(np.mean([labels[i] for i in order])) if order else float("nan"),
-        "query_index": int(query),
-    }
-
-
-def plot_gallery(images, result, path, columns=6):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(result["query_index"], f"query {result['query']['id']}", result["query"]["has_tidal"])]
-    panels += [(row["index"], f"{row['id']}\ncos {row['similarity']:.3f}", row["has_tidal"]) for row in result["top"]]
-    rows = int(np.ceil(len(panels) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(1.8 * columns, 2.0 * rows), squeeze=False)
-    for axis in axes.ravel():
-        axis.axis("off")
-    for axis, (index, title, tidal) in zip(axes.ravel(), panels):
-        axis.imshow(display_rgb(images[index]), origin="lower")
-        axis.set_title(title + ("\ntidal" if tidal else ""), fontsize=7, color="C3" if tidal else "k")
-    save_figure(figure, path)
+    plots.save_figure(figure, path)
 
 
 def build_parser():
@@ -375,9 +266,9 @@ def build_parser():
         "label efficiency and similarity search.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--run", required=True, help="output directory of nnclr_train.py")
-    parser.add_argument("--out", help="output directory (default: RUN/test)")
-    add_data_arguments(parser)
+    nnclr_model.add_source_arguments(parser)
+    parser.add_argument("--run-dir", required=True, metavar="DIR", help="run folder of nnclr_train.py")
+    parser.add_argument("--out-dir", metavar="DIR", help="output folder (default: RUN_DIR/test)")
     parser.add_argument("--contamination", type=float, default=CONTAMINATION, help="contamination of the quoted completeness")
     parser.add_argument("--label-efficiency", action="store_true", help="run the label-efficiency study")
     parser.add_argument("--label-counts", type=int, nargs="+", default=LABEL_COUNTS, help="labelled galaxies per class")
@@ -386,10 +277,11 @@ def build_parser():
     parser.add_argument("--test-data", nargs="+", metavar="PATH",
                         help="independent tidal HDF5 files: every labelled galaxy in them is the test set")
     parser.add_argument("--test-all", action="store_true",
-                        help="every labelled galaxy in the data is a test galaxy (independent data, e.g. a fresh mock set)")
+                        help="every labelled galaxy of the inputs is a test galaxy (independent data, e.g. a fresh mock set)")
     parser.add_argument("--similar-to", metavar="ID", help="similarity search around this galaxy id")
     parser.add_argument("--top-k", type=int, default=TOP_K, help="matches shown and counted")
     parser.add_argument("--similarity-pool", type=int, default=SIMILARITY_POOL, help="galaxies ranked (random subset)")
+    common.add_verbose_argument(parser)
     return parser
 
 
@@ -401,21 +293,18 @@ def main(argv=None):
     if args.label_efficiency and (min(args.label_counts) < 2 or args.label_seeds < 1):
         parser.error("--label-counts must all be >= 2 (the probe cross-validates on them) and --label-seeds >= 1")
     if args.test_all and args.test_data:
-        parser.error("--test-all makes --data the test set; it cannot be combined with --test-data")
+        parser.error("--test-all makes the inputs the test set; it cannot be combined with --test-data")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import nnclr_model
-    import tidal_data
-
-    run = pathlib.Path(args.run)
-    out = pathlib.Path(args.out) if args.out else run / "test"
+    run_dir = pathlib.Path(args.run_dir)
+    out_dir = pathlib.Path(args.out_dir) if args.out_dir else run_dir / "test"
     try:
-        config, extra = nnclr_model.load_config(run / "config.json")
+        config, extra = nnclr_model.load_config(run_dir / "config.json")
         band_scale = np.asarray(extra["band_scale"], dtype=np.float32)
         settings = extra.get("settings", {})
         seed = int(settings.get("seed", 0))
-        encoder = nnclr_model.load_encoder(run / "encoder.keras", config)
-        classifier = nnclr_model.load_classifier(run / "classifier.keras", config)
-        source = open_source(args)
+        encoder = nnclr_model.load_encoder(run_dir / "encoder.keras", config)
+        classifier = nnclr_model.load_classifier(run_dir / "classifier.keras", config)
+        source = nnclr_model.open_tidal_source(args.inputs, args.tfds_dir, args.tfds_unlabelled, args.tfds_labelled)
         test_source = tidal_data.tidal_source_from_hdf5(args.test_data) if args.test_data else source
         for data in (source,) if test_source is source else (source, test_source):
             tidal_data.check_tidal_shape(data.image_shape, config.min_image_size, config.n_bands)
@@ -441,14 +330,12 @@ def main(argv=None):
                     )
     except (ValueError, OSError) as error:
         parser.exit(2, f"error: {error}\n")
-    saved_splits = run / "splits.json"
+    saved_splits = run_dir / "splits.json"
     if saved_splits.is_file() and not args.test_all:
-        import json
-
         expected = json.loads(saved_splits.read_text()).get("test")
         if expected is not None and sorted(expected) != sorted(str(i) for i in source.ids[splits["test"]]):
             logger.warning("the test set differs from the one recorded in %s: is this the training data?", saved_splits)
-    out.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     def stretched(indices, data=source):
         return tidal_data.tidal_stretch(data.read_labelled(indices), band_scale)
@@ -456,12 +343,12 @@ def main(argv=None):
     test_rows = np.arange(len(test_source.labels)) if args.test_data else splits["test"]
     test_images, test_labels = stretched(test_rows, test_source), test_source.labels[test_rows]
     scores = classifier.predict(test_images, batch_size=BATCH_SIZE, verbose=0)[:, 0]
-    result = evaluate_scores(test_labels, scores, args.contamination)
-    for name in ("fpr", "tpr", "thresholds"):
-        save_array(out / f"{name}.npy", result[name])
-    save_array(out / "scores.npy", scores)
-    save_array(out / "labels.npy", test_labels)
-    plot_roc(result["fpr"], result["tpr"], result["auc"], args.contamination, out / "roc.png")
+    result = nnclr_model.evaluate_scores(test_labels, scores, args.contamination)
+    arrays = {"fpr": result["fpr"], "tpr": result["tpr"], "thresholds": result["thresholds"], "scores": scores,
+              "labels": test_labels}
+    for name, values in arrays.items():
+        common.save_array(out_dir / f"{name}.npy", values)
+    plot_roc(result["fpr"], result["tpr"], result["auc"], args.contamination, out_dir / "roc.png")
     metrics = {
         "auc": result["auc"],
         "contamination": args.contamination,
@@ -470,7 +357,7 @@ def main(argv=None):
         "n_test": int(len(test_labels)),
         "n_test_tidal": int(test_labels.sum()),
         "data": test_source.description,
-        "run": str(run),
+        "run": str(run_dir),
     }
     if test_source.truth is not None:
         truth = {key: np.asarray(values)[test_rows] for key, values in test_source.truth.items()}
@@ -480,10 +367,11 @@ def main(argv=None):
             print(f"{name:>17}: {entry['n']:4d} tidal, AUC {entry['auc']:.3f}, completeness {entry['completeness']:.2f}")
     if args.label_efficiency:
         train_images, train_labels = stretched(splits["train"]), source.labels[splits["train"]]
-        rows = label_efficiency(encoder, config, train_images, train_labels, test_images, test_labels, args)
-        save_json(out / "label_efficiency.json", rows)
-        plot_label_efficiency(rows, out / "label_efficiency.png")
-        metrics["label_efficiency"] = str(out / "label_efficiency.json")
+        rows = label_efficiency(encoder, config, train_images, train_labels, test_images, test_labels, args.label_counts,
+                                args.label_seeds, args.baseline_epochs, args.contamination)
+        common.write_json(out_dir / "label_efficiency.json", rows)
+        plot_label_efficiency(rows, out_dir / "label_efficiency.png")
+        metrics["label_efficiency"] = str(out_dir / "label_efficiency.json")
         metrics["label_efficiency_summary"] = summarise_label_efficiency(rows)
         for entry in metrics["label_efficiency_summary"]:
             print(f"{entry['labels_per_class']:>4} labels per class, AUC over {entry['seeds']} seeds: " + ", ".join(
@@ -498,18 +386,18 @@ def main(argv=None):
         if len(pool) > args.similarity_pool:
             pool = np.union1d(rng.choice(pool, args.similarity_pool - 1, replace=False), query[:1])
         pool_images = stretched(pool)
-        found = similarity_search(
+        found = nnclr_model.similarity_search(
             encoder, config, pool_images, source.ids[pool], source.labels[pool], args.similar_to, args.top_k
         )
         safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.similar_to)
-        plot_gallery(pool_images, found, out / f"similar_to_{safe_id}.png")
-        save_json(out / f"similar_to_{safe_id}.json", {**found, "pool_size": int(len(pool))})
+        plots.plot_gallery(pool_images, found, out_dir / f"similar_to_{safe_id}.png")
+        common.write_json(out_dir / f"similar_to_{safe_id}.json", {**found, "pool_size": int(len(pool))})
         metrics["similarity_tidal_fraction_top_k"] = found["tidal_fraction_top_k"]
-    save_json(out / "metrics.json", metrics)
+    common.write_json(out_dir / "metrics.json", metrics)
     print(
         f"test AUC {metrics['auc']:.3f}; completeness at {args.contamination:.0%} contamination: "
         f"{metrics['completeness_at_contamination_fpr']:.3f} (FPR), "
-        f"{metrics['completeness_at_contamination_one_minus_precision']:.3f} (1 - precision); outputs in {out}"
+        f"{metrics['completeness_at_contamination_one_minus_precision']:.3f} (1 - precision); outputs in {out_dir}"
     )
     return 0
 

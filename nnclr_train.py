@@ -5,15 +5,15 @@ Two modes, the original ``Train_NNCLR`` switch:
 * default: train the self-supervised encoder on the unlabelled stream, then the classifier;
 * ``--load-encoder PATH``: load a trained encoder and train only the classifier.
 
-Data come from tidal HDF5 files (``--data``, the tidal stacked layout of ``prep_data``) or
+Data come from tidal HDF5 files (``INPUT...``, the tidal stacked layout of ``tidal_data``) or
 from the TFDS builders ``tidal_unlabelled`` / ``tidal_labelled`` (``--tfds-dir``).
 
-Outputs in ``--out``: ``encoder.keras``, ``classifier.keras``, ``classifier_loss.png``,
+Outputs in ``--out-dir``: ``encoder.keras``, ``classifier.keras``, ``classifier_loss.png``,
 ``train_loss.npy`` and ``val_loss.npy`` (classifier binary cross-entropy per epoch),
 ``nnclr_history.json`` (encoder loss and accuracies per epoch), ``splits.json`` (ids of the
-classifier sets) and ``config.json`` (the NNCLR config, the band scale and the settings that
-``nnclr_test.py`` needs). A run stopped part-way resumes from its last finished epoch when
-started again with the same ``--out``.
+classifier sets) and ``config.json`` (the NNCLR config, the band scale and the training
+settings that ``nnclr_test.py`` needs). A run stopped part-way resumes from its last finished
+epoch when started again with the same ``--out-dir``.
 
 ``--strategy mirrored`` trains on every local GPU (``multiworker``: on several machines, see
 the README): the models are built and compiled inside the ``tf.distribute`` strategy's scope,
@@ -23,94 +23,101 @@ global batch, and the batch normalisation uses the global batch's statistics
 
 Example::
 
-    python nnclr_train.py --data mocks/tidal.h5 --out runs/nnclr
-    python nnclr_train.py --data mocks/tidal.h5 --out runs/probe --load-encoder runs/nnclr/encoder.keras
-    python nnclr_train.py --data mocks/tidal.h5 --out runs/nnclr --strategy mirrored
+    python nnclr_train.py mocks/tidal.h5 --out-dir runs/nnclr
+    python nnclr_train.py mocks/tidal.h5 --out-dir runs/probe --load-encoder runs/nnclr/encoder.keras
+    python nnclr_train.py mocks/tidal.h5 --out-dir runs/nnclr --strategy mirrored
+    python nnclr_train.py mocks/tidal.h5 --out-dir runs/smoke --tiny    # minutes on a CPU
 """
+
+import common
+
+if __name__ == "__main__":
+    common.quiet_start()  # before TensorFlow loads: no start-up noise unless --verbose
 
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
-import os
 import pathlib
 import shutil
 
+import keras
 import numpy as np
 
-# Defaults (Desmons et al. 2023); every one can be set from the command line.
-BATCH_SIZE = 220  # unlabelled images per NNCLR step
-EPOCHS = 25  # NNCLR epochs
-SHUFFLE_BUFFER = 5000  # shuffle buffer of the unlabelled stream
-LEARNING_RATE = 1e-3  # Adam, encoder (Keras default, as the original)
-CLASSIFIER_BATCH_SIZE = 24  # labelled images per classifier step
-CLASSIFIER_EPOCHS = 50  # classifier epochs
-CLASSIFIER_LEARNING_RATE = 1e-3  # Adam, classifier
-SPLIT_SIZES = (300, 30, 50)  # classifier train / validation / test galaxies per class
-SEED = 0  # seeds the splits, the shuffling, the augmentations and the initial weights
-TFDS_UNLABELLED = "tidal_unlabelled"  # TFDS builder of the unlabelled set (config as name/config)
-TFDS_LABELLED = "tidal_labelled"  # TFDS builder of the labelled set
-STRATEGY = "default"  # tf.distribute strategy: default (one device), mirrored or multiworker
+import nnclr_model
+import plots
+import tidal_data
 
 logger = logging.getLogger("nnclr_train")
 
 
-def add_data_arguments(parser):
-    """Command-line options that choose the data (shared with nnclr_test.py)."""
-    group = parser.add_argument_group("data (one of --data or --tfds-dir)")
-    source = group.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", nargs="+", metavar="PATH", help="tidal HDF5 files or directories of them")
-    source.add_argument("--tfds-dir", metavar="DIR", help="TFDS data_dir holding the tidal builders")
-    group.add_argument("--tfds-unlabelled", default=TFDS_UNLABELLED, help="unlabelled builder (default %(default)s)")
-    group.add_argument("--tfds-labelled", default=TFDS_LABELLED, help="labelled builder (default %(default)s)")
+@dataclasses.dataclass(frozen=True)
+class NNCLRTrainConfig:
+    """Optimisation settings of one NNCLR run, encoder then classifier (defaults: Desmons et al. 2023)."""
+
+    batch_size: int = 220  # unlabelled images per NNCLR step (the global batch under a strategy)
+    epochs: int = 25  # NNCLR epochs
+    steps_per_epoch: int = None  # NNCLR steps per epoch (None: one pass over the data)
+    shuffle_buffer: int = 5000  # shuffle buffer of the unlabelled stream
+    learning_rate: float = 1e-3  # Adam step of the encoder (Keras default, as the original)
+    classifier_batch_size: int = 24  # labelled images per classifier step
+    classifier_epochs: int = 50  # classifier epochs
+    classifier_learning_rate: float = 1e-3  # Adam step of the classifier
+    fine_tune: bool = False  # train the encoder with the classifier (False: linear probe)
+    split_sizes: tuple = tidal_data.TIDAL_SPLIT_SIZES  # classifier galaxies per class: train, validation, test (HDF5 data)
+    seed: int = 0  # seeds the splits, the shuffling, the augmentations and the initial weights
+    strategy: str = "default"  # tf.distribute strategy: default (one device), mirrored or multiworker
+
+    def __post_init__(self):
+        object.__setattr__(self, "split_sizes", tuple(int(size) for size in self.split_sizes))
+        for name in ("batch_size", "epochs", "shuffle_buffer", "classifier_batch_size", "classifier_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1 or None, got {self.steps_per_epoch}")
+        if self.strategy not in common.STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(common.STRATEGIES)}, got {self.strategy!r}")
 
 
-def open_source(args):
-    """The :class:`tidal_data.TidalSource` the data options name."""
-    import data.tidal_datasets
-    import tidal_data
-
-    if args.data:
-        return tidal_data.tidal_source_from_hdf5(args.data)
-    return data.tidal_datasets.tidal_source_from_tfds(args.tfds_unlabelled, args.tfds_labelled, args.tfds_dir)
+#: A tiny run for tests: a few small batches, two epochs of each stage, 8/2/4 galaxies per class.
+TINY_TRAIN_CONFIG = NNCLRTrainConfig(
+    batch_size=16, epochs=2, shuffle_buffer=16, classifier_batch_size=8, classifier_epochs=2, split_sizes=(8, 2, 4)
+)
 
 
-def add_config_arguments(parser):
-    """One option per NNCLRConfig field (``--queue-size 100``), plus ``--config testing``."""
-    import nnclr_model
+def add_config_arguments(parser, group_title, config, tiny, skip=()):
+    """One option per field of the config dataclass ``config`` (``queue_size`` -> ``--queue-size``).
 
-    group = parser.add_argument_group("NNCLR architecture (defaults: Desmons et al. 2023)")
-    group.add_argument(
-        "--config", choices=("paper", "testing"), default="paper",
-        help="starting configuration: the paper's, or a tiny one for tests (default %(default)s)",
-    )
-    for field in dataclasses.fields(nnclr_model.NNCLRConfig):
-        option = "--" + field.name.replace("_", "-")
-        if field.name == "image_size":
-            continue  # set from the data
-        text = f"paper: {field.default}, testing: {getattr(nnclr_model.TESTING_CONFIG, field.name)}"
-        if isinstance(field.default, bool):
-            group.add_argument(option, dest=field.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
-        elif isinstance(field.default, tuple):
-            group.add_argument(
-                option, dest=field.name, type=float, nargs=2, metavar=("LOW", "HIGH"), default=argparse.SUPPRESS, help=text
-            )
+    The options default to nothing, so that :func:`config_changes` finds only what the command
+    line sets; the help gives the default of ``config`` and of ``tiny`` (``--tiny``).
+    """
+    group = parser.add_argument_group(group_title)
+    for field in dataclasses.fields(config):
+        if field.name in skip:
+            continue
+        default, tiny_default = getattr(config, field.name), getattr(tiny, field.name)
+        options = {"dest": field.name, "default": argparse.SUPPRESS,
+                   "help": f"default {default}" + (f", --tiny {tiny_default}" if tiny_default != default else "")}
+        if field.type is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple):
+            options.update(type=type(default[0]), nargs=len(default))
         else:
-            group.add_argument(option, dest=field.name, type=type(field.default), default=argparse.SUPPRESS, help=text)
+            options["type"] = field.type
+        if field.name == "strategy":
+            options["choices"] = common.STRATEGIES
+        group.add_argument("--" + field.name.replace("_", "-"), **options)
 
 
-def config_from_arguments(args, image_shape):
-    """NNCLRConfig from ``--config`` and the per-field options, sized to the data's images."""
-    import nnclr_model
-    import tidal_data
+def config_changes(args, config_class):
+    """The fields of ``config_class`` that the command line set, as a dict."""
+    return {field.name: getattr(args, field.name) for field in dataclasses.fields(config_class) if hasattr(args, field.name)}
 
-    base = nnclr_model.TESTING_CONFIG if args.config == "testing" else nnclr_model.NNCLRConfig()
-    changes = {
-        field.name: getattr(args, field.name)
-        for field in dataclasses.fields(base)
-        if getattr(args, field.name, None) is not None
-    }
+
+def model_config_from_arguments(args, image_shape):
+    """NNCLRConfig from ``--tiny`` and the per-field options, sized to the data's images."""
+    base = nnclr_model.TINY_CONFIG if args.tiny else nnclr_model.NNCLRConfig()
+    changes = config_changes(args, nnclr_model.NNCLRConfig)
     minimum = changes.get("crop_size", base.crop_size) + changes.get("jitter", base.jitter)
     tidal_data.check_tidal_shape(image_shape, minimum, changes.get("n_bands", base.n_bands))
     height, width = image_shape[:2]
@@ -122,100 +129,28 @@ def config_from_arguments(args, image_shape):
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Train the NNCLR tidal-feature encoder and its classifier (Desmons et al. 2023).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--out", required=True, help="output directory")
+    nnclr_model.add_source_arguments(parser)
+    parser.add_argument("--out-dir", required=True, metavar="DIR", help="run folder (created); rerun to resume")
     parser.add_argument("--load-encoder", metavar="PATH", help="train only the classifier on this trained encoder")
-    add_data_arguments(parser)
-    add_config_arguments(parser)
-    training = parser.add_argument_group("training")
-    training.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="unlabelled images per NNCLR step")
-    training.add_argument("--epochs", type=int, default=EPOCHS, help="NNCLR epochs")
-    training.add_argument("--steps-per-epoch", type=int, help="NNCLR steps per epoch (None: one pass over the data)")
-    training.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_BUFFER, help="shuffle buffer of the unlabelled stream")
-    training.add_argument("--learning-rate", type=float, default=LEARNING_RATE, help="Adam learning rate of NNCLR")
-    training.add_argument("--classifier-batch-size", type=int, default=CLASSIFIER_BATCH_SIZE, help="labelled images per step")
-    training.add_argument("--classifier-epochs", type=int, default=CLASSIFIER_EPOCHS, help="classifier epochs")
-    training.add_argument("--classifier-learning-rate", type=float, default=CLASSIFIER_LEARNING_RATE, help="Adam learning rate of the classifier")
-    training.add_argument("--fine-tune", action="store_true", help="train the encoder with the classifier (default: linear probe)")
-    training.add_argument(
-        "--split-sizes", type=int, nargs=3, default=SPLIT_SIZES, metavar=("TRAIN", "VAL", "TEST"),
-        help="classifier galaxies per class (HDF5 data; the TFDS labelled builder has its own splits)",
-    )
-    training.add_argument("--seed", type=int, default=SEED, help="seeds splits, shuffling, augmentation and weights")
-    training.add_argument(
-        "--strategy", choices=("default", "mirrored", "multiworker"), default=STRATEGY,
-        help="tf.distribute strategy: one device, all local GPUs, or several machines (TF_CONFIG)",
-    )
+    parser.add_argument("--tiny", action="store_true",
+                        help="start from the tiny architecture and training (24 px images, for tests and smoke runs)")
+    add_config_arguments(parser, "NNCLR architecture (nnclr_model.NNCLRConfig)", nnclr_model.NNCLRConfig(),
+                         nnclr_model.TINY_CONFIG, skip=("image_size",))  # image_size is set from the data
+    add_config_arguments(parser, "training (NNCLRTrainConfig)", NNCLRTrainConfig(), TINY_TRAIN_CONFIG)
+    common.add_verbose_argument(parser)
     return parser
-
-
-def save_array(path, array):
-    """np.save, atomically."""
-    import common
-
-    temporary = common.atomic_path(path)
-    with open(temporary, "wb") as handle:
-        np.save(handle, np.asarray(array))
-    os.replace(temporary, path)
-
-
-def save_json(path, values):
-    """JSON file, atomically."""
-    import common
-
-    temporary = common.atomic_path(path)
-    temporary.write_text(json.dumps(values, indent=2))
-    os.replace(temporary, path)
-
-
-def save_figure(figure, path):
-    """PNG of a matplotlib figure, atomically; closes the figure."""
-    import matplotlib.pyplot as plt
-
-    import common
-
-    temporary = common.atomic_path(path)
-    figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(temporary, path)
 
 
 def plot_classifier_loss(history, path):
     """Training and validation binary cross-entropy per epoch, as the original's plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5, 3.5))
+    figure, axes = plots.new_figure(figsize=(5, 3.5))
     epochs = np.arange(1, len(history["loss"]) + 1)
     axes.plot(epochs, history["loss"], label="train")
     axes.plot(epochs, history["val_loss"], label="validation")
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("binary cross-entropy")
-    axes.set_title("Classifier loss")
+    axes.set(xlabel="epoch", ylabel="binary cross-entropy", title="Classifier loss")
     axes.legend(loc="upper right")
-    save_figure(figure, path)
-
-
-def progress_callback(description):
-    """A tqdm bar over epochs (Keras's own per-step log is switched off)."""
-    import keras
-    from tqdm.auto import tqdm
-
-    class EpochBar(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.bar = tqdm(total=self.params.get("epochs"), desc=description, unit="epoch")
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.bar.update(1)
-            self.bar.set_postfix({key: f"{value:.3g}" for key, value in (logs or {}).items()})
-
-        def on_train_end(self, logs=None):
-            self.bar.close()
-
-    return EpochBar()
+    plots.save_figure(figure, path)
 
 
 @contextlib.contextmanager
@@ -225,8 +160,6 @@ def global_batch_norm(model, strategy):
     Only with more than one replica; the saved files keep the plain layers, so they load and
     behave the same whatever strategy trained them.
     """
-    import nnclr_model
-
     if strategy.num_replicas_in_sync < 2:
         yield
         return
@@ -237,68 +170,71 @@ def global_batch_norm(model, strategy):
         nnclr_model.synchronise_batch_norm(model, False)
 
 
-def train_encoder(source, config, band_scale, args, out, strategy):
-    """Train NNCLR on the unlabelled stream; returns the trained encoder (saved to out/encoder.keras).
+def train_encoder(source, config, train_config, band_scale, out_dir, strategy=None):
+    """Train NNCLR on the unlabelled stream; returns the trained encoder (saved to out_dir/encoder.keras).
 
-    The model is built and compiled inside ``strategy``'s scope; ``args.batch_size`` is the
-    global batch, split across the replicas.
+    Parameters
+    ----------
+    source : tidal_data.TidalSource
+    config : nnclr_model.NNCLRConfig
+    train_config : NNCLRTrainConfig
+        Its ``batch_size`` is the global batch, split across the replicas of ``strategy``.
+    band_scale : array of float, shape (bands,)
+        Per-band scale of the stretch (``tidal_data.tidal_band_scale``).
+    out_dir : pathlib.Path
+        Run folder: receives ``nnclr_history.json``, ``encoder.keras`` and, while training,
+        ``backup_nnclr/`` (from which a stopped run resumes).
+    strategy : tf.distribute.Strategy, optional
+        The model is built and compiled inside its scope (default: one device).
     """
-    import keras
-
-    import nnclr_model
-    import tidal_data
-
+    strategy = strategy or common.make_strategy()
     stream = tidal_data.tidal_unlabelled_dataset(
-        source.unlabelled(), band_scale, args.batch_size, args.shuffle_buffer, seed=args.seed, min_size=config.min_image_size
+        source.unlabelled(), band_scale, train_config.batch_size, train_config.shuffle_buffer, seed=train_config.seed,
+        min_size=config.min_image_size,
     )
-    if args.steps_per_epoch:
+    if train_config.steps_per_epoch:
         stream = stream.repeat()
     with strategy.scope():
-        model = nnclr_model.NNCLR(config, seed=args.seed)
-        model.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
+        model = nnclr_model.NNCLR(config, seed=train_config.seed)
+        model.compile(optimizer=keras.optimizers.Adam(train_config.learning_rate))
     with global_batch_norm(model.encoder, strategy):
         history = model.fit(
             stream,
-            epochs=args.epochs,
-            steps_per_epoch=args.steps_per_epoch,
+            epochs=train_config.epochs,
+            steps_per_epoch=train_config.steps_per_epoch,
             shuffle=False,
             verbose=0,
-            callbacks=[
-                keras.callbacks.BackupAndRestore(str(out / "backup_nnclr")),
-                progress_callback("NNCLR"),
-            ],
+            callbacks=[keras.callbacks.BackupAndRestore(str(out_dir / "backup_nnclr")), common.epoch_progress("NNCLR")],
         )
     if not history.history:
-        raise ValueError(
-            f"the unlabelled stream gave no batch of {args.batch_size} images; lower --batch-size"
-        )
-    save_json(out / "nnclr_history.json", {key: [float(v) for v in values] for key, values in history.history.items()})
-    nnclr_model.save_encoder(model.encoder, out / "encoder.keras")
+        raise ValueError(f"the unlabelled stream gave no batch of {train_config.batch_size} images; lower --batch-size")
+    common.write_json(out_dir / "nnclr_history.json", {key: [float(v) for v in values] for key, values in history.history.items()})
+    nnclr_model.save_encoder(model.encoder, out_dir / "encoder.keras")
     return model.encoder
 
 
-def train_classifier(encoder, source, splits, config, band_scale, args, out, strategy):
+def train_classifier(encoder, source, splits, config, train_config, band_scale, out_dir, strategy=None):
     """Train the classifier on the train set, validating on the validation set; saves its outputs.
 
-    The classifier is built and compiled inside ``strategy``'s scope (where ``encoder`` must
-    have been built or loaded too).
+    ``splits`` holds the indices of the classifier sets in ``source`` (``tidal_data.tidal_source_splits``);
+    the other parameters are those of :func:`train_encoder`. The classifier is built and compiled
+    inside ``strategy``'s scope, where ``encoder`` must have been built or loaded too. Writes
+    ``classifier.keras``, ``train_loss.npy``, ``val_loss.npy`` and ``classifier_loss.png`` to
+    ``out_dir``; returns the classifier and its Keras history (a dict of lists).
     """
-    import keras
-
-    import nnclr_model
-    import tidal_data
+    strategy = strategy or common.make_strategy()
 
     def dataset(name, shuffle):
         indices = splits[name]
         return tidal_data.tidal_labelled_dataset(
-            source.read_labelled(indices), source.labels[indices], band_scale, args.classifier_batch_size,
-            shuffle=shuffle, seed=args.seed, min_size=config.min_image_size,
+            source.read_labelled(indices), source.labels[indices], band_scale, train_config.classifier_batch_size,
+            shuffle=shuffle, seed=train_config.seed, min_size=config.min_image_size,
         )
 
     with strategy.scope():
-        classifier = nnclr_model.build_classifier(encoder, config, fine_tune=args.fine_tune, seed=args.seed)
+        classifier = nnclr_model.build_classifier(encoder, config, fine_tune=train_config.fine_tune, seed=train_config.seed)
         classifier.compile(
-            optimizer=keras.optimizers.Adam(args.classifier_learning_rate),
+            optimizer=keras.optimizers.Adam(train_config.classifier_learning_rate),
             loss=keras.losses.BinaryCrossentropy(),
             metrics=[keras.metrics.BinaryAccuracy(name="acc"), keras.metrics.AUC(name="auc")],
         )
@@ -306,84 +242,89 @@ def train_classifier(encoder, source, splits, config, band_scale, args, out, str
         history = classifier.fit(
             dataset("train", shuffle=True),
             validation_data=dataset("validation", shuffle=False),
-            epochs=args.classifier_epochs,
+            epochs=train_config.classifier_epochs,
             shuffle=False,
             verbose=0,
-            callbacks=[
-                keras.callbacks.BackupAndRestore(str(out / "backup_classifier")),
-                progress_callback("classifier"),
-            ],
+            callbacks=[keras.callbacks.BackupAndRestore(str(out_dir / "backup_classifier")),
+                       common.epoch_progress("classifier")],
         )
-    nnclr_model.save_model_file(classifier, out / "classifier.keras")
-    save_array(out / "train_loss.npy", np.asarray(history.history["loss"], dtype=np.float32))
-    save_array(out / "val_loss.npy", np.asarray(history.history["val_loss"], dtype=np.float32))
-    plot_classifier_loss(history.history, out / "classifier_loss.png")
+    nnclr_model.save_model_file(classifier, out_dir / "classifier.keras")
+    for name, key in (("train_loss", "loss"), ("val_loss", "val_loss")):
+        common.save_array(out_dir / f"{name}.npy", np.asarray(history.history[key], dtype=np.float32))
+    plot_classifier_loss(history.history, out_dir / "classifier_loss.png")
     return classifier, history.history
+
+
+def load_trained_encoder(path, config, image_shape, strategy):
+    """A trained encoder for ``--load-encoder``, with the config and band scale of its run.
+
+    Returns ``(encoder, config, band_scale)``: the config and band scale of the run folder
+    holding ``path`` when it has a ``config.json`` (the architecture and the stretch the encoder
+    learnt with), else ``config`` and None.
+    """
+    band_scale = None
+    encoder_run = pathlib.Path(path).with_name("config.json")
+    if encoder_run.is_file():
+        config, extra = nnclr_model.load_config(encoder_run)
+        band_scale = np.asarray(extra["band_scale"], dtype=np.float32)
+        logger.info("using the config and band scale of %s", encoder_run)
+    if tuple(image_shape) != config.input_shape:
+        raise ValueError(f"the data's images are {tuple(image_shape)}, the encoder's run used {config.input_shape}")
+    with strategy.scope():
+        return nnclr_model.load_encoder(path, config), config, band_scale
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import keras
-
-    import nnclr_model
-    import tidal_data
-    import train
-
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # MultiWorkerMirroredStrategy must exist before any other TensorFlow work.
-    strategy = train.make_strategy(args.strategy)
-    logger.info("strategy %s: %d replicas in sync", args.strategy, strategy.num_replicas_in_sync)
-    keras.utils.set_random_seed(args.seed)
     try:
-        source = open_source(args)
-        config = config_from_arguments(args, source.image_shape)
+        train_config = dataclasses.replace(TINY_TRAIN_CONFIG if args.tiny else NNCLRTrainConfig(),
+                                           **config_changes(args, NNCLRTrainConfig))
+    except ValueError as error:
+        parser.error(str(error))
+    out_dir = pathlib.Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # MultiWorkerMirroredStrategy must exist before any other TensorFlow work.
+    strategy = common.make_strategy(train_config.strategy)
+    logger.info("strategy %s: %d replicas in sync", train_config.strategy, strategy.num_replicas_in_sync)
+    keras.utils.set_random_seed(train_config.seed)
+    try:
+        source = nnclr_model.open_tidal_source(args.inputs, args.tfds_dir, args.tfds_unlabelled, args.tfds_labelled)
+        config = model_config_from_arguments(args, source.image_shape)
         band_scale = None
         if args.load_encoder:
-            # A run directory's config.json fixes the architecture and the stretch the encoder learnt with.
-            encoder_run = pathlib.Path(args.load_encoder).with_name("config.json")
-            if encoder_run.is_file():
-                config, extra = nnclr_model.load_config(encoder_run)
-                band_scale = np.asarray(extra["band_scale"], dtype=np.float32)
-                logger.info("using the config and band scale of %s", encoder_run)
-            if tuple(source.image_shape) != config.input_shape:
-                raise ValueError(
-                    f"the data's images are {tuple(source.image_shape)}, the encoder's run used {config.input_shape}"
-                )
-            with strategy.scope():
-                encoder = nnclr_model.load_encoder(args.load_encoder, config)
-        splits = tidal_data.tidal_source_splits(source, args.split_sizes, seed=args.seed)
+            encoder, config, band_scale = load_trained_encoder(args.load_encoder, config, source.image_shape, strategy)
+        splits = tidal_data.tidal_source_splits(source, train_config.split_sizes, seed=train_config.seed)
         if band_scale is None:
             first = list(source.unlabelled().take(tidal_data.TIDAL_SCALE_IMAGES).as_numpy_iterator())
             band_scale = tidal_data.tidal_band_scale(np.stack(first))
     except (ValueError, OSError) as error:
         parser.exit(2, f"error: {error}\n")
     logger.info("data: %s; %d labelled galaxies; band scale %s", source.description, len(source.labels), band_scale)
-    save_json(out / "splits.json", {name: [str(i) for i in source.ids[indices]] for name, indices in splits.items()})
-    settings = {key: value for key, value in vars(args).items() if key not in {f.name for f in dataclasses.fields(config)}}
+    common.write_json(out_dir / "splits.json", {name: [str(i) for i in source.ids[indices]] for name, indices in splits.items()})
     nnclr_model.save_config(
-        config, out / "config.json", band_scale=[float(value) for value in band_scale],
-        softening=tidal_data.TIDAL_STRETCH_SOFTENING, data=source.description, settings=settings,
+        config, out_dir / "config.json", band_scale=[float(value) for value in band_scale],
+        softening=tidal_data.TIDAL_STRETCH_SOFTENING, data=source.description,
+        settings={**dataclasses.asdict(train_config), "load_encoder": args.load_encoder},
     )
 
     if not args.load_encoder:
-        encoder_path = out / "encoder.keras"
-        if encoder_path.is_file() and not (out / "backup_nnclr").exists():
+        encoder_path = out_dir / "encoder.keras"
+        if encoder_path.is_file() and not (out_dir / "backup_nnclr").exists():
             logger.info("%s exists: the encoder stage of this run finished, loading it", encoder_path)
             with strategy.scope():
                 encoder = nnclr_model.load_encoder(encoder_path, config)
         else:
-            encoder = train_encoder(source, config, band_scale, args, out, strategy)
-    elif not (out / "encoder.keras").exists():
-        nnclr_model.save_encoder(encoder, out / "encoder.keras")
-    _, history = train_classifier(encoder, source, splits, config, band_scale, args, out, strategy)
+            encoder = train_encoder(source, config, train_config, band_scale, out_dir, strategy)
+    elif not (out_dir / "encoder.keras").exists():
+        nnclr_model.save_encoder(encoder, out_dir / "encoder.keras")
+    _, history = train_classifier(encoder, source, splits, config, train_config, band_scale, out_dir, strategy)
     for backup in ("backup_nnclr", "backup_classifier"):
-        shutil.rmtree(out / backup, ignore_errors=True)
+        shutil.rmtree(out_dir / backup, ignore_errors=True)
     print(
         f"classifier: final train loss {history['loss'][-1]:.4f}, validation loss {history['val_loss'][-1]:.4f}; "
-        f"outputs in {out}"
+        f"outputs in {out_dir}"
     )
     return 0
 

@@ -1,4 +1,5 @@
-"""Figures shared by the scripts: predicted against true ICL fractions, training curves.
+"""Figures shared by the scripts: predicted against true ICL fractions, training curves,
+galleries of tidal galaxies.
 
 Figures are built with matplotlib's object API (``matplotlib.figure.Figure``), never through
 ``pyplot``, so writing a plot neither switches nor needs a user's backend (a notebook keeps
@@ -75,4 +76,29 @@ def plot_scatter(labels, summary, path, title=None, label_name="measured $f_{ICL
     top = max(float(labels.max()), float(np.asarray(summary["p85"]).max())) * 1.05
     axis.plot([0, top], [0, top], "k--", lw=1)
     axis.set(xlim=(0, top), ylim=(0, top), xlabel=label_name, ylabel="predicted $f_{ICL}$ (mode, 15-85%)", title=title)
+    save_figure(figure, path)
+
+
+def display_rgb(image):
+    """RGB (i, r, g) of a stretched 5-band tidal cutout, each band scaled to its 99.5th percentile."""
+    rgb = np.stack([image[..., 2], image[..., 1], image[..., 0]], axis=-1)
+    rgb = rgb - np.percentile(rgb, 1, axis=(0, 1))
+    return np.clip(rgb / np.maximum(np.percentile(rgb, 99.5, axis=(0, 1)), 1e-6), 0, 1)
+
+
+def plot_gallery(images, result, path, columns=6):
+    """The query galaxy and its most similar galaxies (``nnclr_model.similarity_search``'s result).
+
+    Each panel is titled with the galaxy's id and cosine similarity; tidal galaxies in red.
+    """
+    panels = [(result["query_index"], f"query {result['query']['id']}", result["query"]["has_tidal"])]
+    panels += [(row["index"], f"{row['id']}\ncos {row['similarity']:.3f}", row["has_tidal"]) for row in result["top"]]
+    rows = int(np.ceil(len(panels) / columns))
+    figure, axes = new_figure(rows, columns, figsize=(1.8 * columns, 2.0 * rows))
+    axes = np.asarray(axes).ravel()
+    for axis in axes:
+        axis.axis("off")
+    for axis, (index, title, tidal) in zip(axes, panels):
+        axis.imshow(display_rgb(images[index]), origin="lower")
+        axis.set_title(title + ("\ntidal" if tidal else ""), fontsize=7, color="C3" if tidal else "k")
     save_figure(figure, path)

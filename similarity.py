@@ -16,18 +16,14 @@ Two kinds of index:
   a query scans the codes, keeps the ``k * refine_factor`` best estimates and re-ranks them with the
   exact float32 vectors, so the similarities returned are exact. Builds in seconds; recall
   depends little on how the catalogue is structured.
-* ``"hnsw"``: an approximate hierarchical navigable small-world graph (faiss
-  ``IndexHNSWFlat`` with the inner-product metric). Queries cost roughly logarithmically in N
-  on structured (clustered) catalogues; ``ef_search`` (the breadth of the graph search at
-  query time) trades speed for recall. The graph is slow to build (561 s for 10^6 vectors on
-  2 shared cores) and needs a very broad search on unstructured data.
 
 ``kind="auto"`` uses the exact index up to :data:`AUTO_EXACT_MAX_VECTORS` vectors and
 ``"rabitq"`` above. On 10^6 uniform random 128-d unit vectors (the hardest case,
 ``bench/bench_similarity.py``), RaBitQ with the default ``refine_factor`` reached recall@10
-0.978 at a third of the exact scan's single-query time, built in 7.5 s; HNSW reached 0.93 at
-the broadest search tried. Below 10^5 vectors an exact scan takes a few milliseconds per
-query and needs no build.
+0.978 at a third of the exact scan's single-query time, built in 7.5 s; an HNSW graph (faiss
+``IndexHNSWFlat``, measured before it was dropped) took 561 s to build and reached 0.93 at the
+broadest search tried. Below 10^5 vectors an exact scan takes a few milliseconds per query
+and needs no build.
 
 Library use::
 
@@ -49,7 +45,6 @@ import csv
 import functools
 import json
 import logging
-import os
 import pathlib
 import sys
 import time
@@ -57,7 +52,7 @@ import zipfile
 
 import numpy as np
 
-from common import atomic_path
+import common
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +61,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_K = 10
 #: ``kind="auto"`` builds an exact index up to this many vectors and a RaBitQ index above.
 AUTO_EXACT_MAX_VECTORS = 100_000
-#: HNSW graph degree (faiss ``M``): links per node on the upper layers, twice that on layer 0.
-HNSW_M = 32
-#: Breadth of the candidate list while inserting a vector into the graph.
-HNSW_EF_CONSTRUCTION = 64
-#: Breadth of the candidate list at query time (raised to ``k`` when smaller). Enough for
-#: recall@10 >= 0.95 on 2 * 10^4 uniform random 128-d vectors; 10^6 need over 4096.
-HNSW_EF_SEARCH = 256
 #: RaBitQ: candidates re-ranked exactly per query = k * REFINE_FACTOR (capped at N). The
 #: smallest swept value (10, 30, 100, 300, 1000) giving recall@10 >= 0.95 on 10^6 uniform
 #: random 128-d vectors; clustered catalogues reach it with far fewer (see the benchmark).
@@ -84,7 +72,7 @@ EXACT_QUERY_BATCH = 256
 #: Searches of fewer queries than this run on one thread (see _one_thread).
 SINGLE_THREAD_MAX_QUERIES = 32
 
-KINDS = ("auto", "exact", "rabitq", "hnsw")
+KINDS = ("auto", "exact", "rabitq")
 #: Value of the ``format`` field of a saved index.
 FILE_FORMAT = "similarity-index"
 FILE_VERSION = 1
@@ -235,7 +223,7 @@ class Index:
     Attributes
     ----------
     kind : str
-        ``"exact"``, ``"rabitq"`` or ``"hnsw"``.
+        ``"exact"`` or ``"rabitq"``.
     ids : ndarray of str, shape (N,)
         One id per catalogue row.
     dimension : int
@@ -279,9 +267,8 @@ class Index:
         k : int
             Neighbours per query, 1 <= k <= N.
         **search_options
-            ``ef_search``: HNSW candidate-list breadth; ``refine_factor``: RaBitQ candidates
-            re-ranked per neighbour (defaults: the index's). Options of other kinds are
-            accepted and ignored, so callers need not know the kind.
+            ``refine_factor``: RaBitQ candidates re-ranked per neighbour (default: the
+            index's). The exact index accepts and ignores it, so callers need not know the kind.
 
         Returns
         -------
@@ -357,8 +344,6 @@ class Index:
             Destination; written to a temporary sibling first and renamed, so a reader
             never sees a half-written index.
         """
-        path = pathlib.Path(path)
-        temporary = atomic_path(path)
         arrays = {
             "format": np.array(FILE_FORMAT),
             "version": np.array(FILE_VERSION),
@@ -367,14 +352,9 @@ class Index:
             "ids": self.ids,
         }
         arrays.update(self._arrays())
-        try:
-            # A file object stops numpy from appending ".npz" to the temporary name.
-            with open(temporary, "wb") as handle:
-                np.savez(handle, **arrays)
-            os.replace(temporary, path)
-        finally:
-            if temporary.exists():
-                temporary.unlink()
+        # A file object stops numpy from appending ".npz" to the temporary name.
+        with common.atomic_write(path) as temporary, open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
         logger.info("saved %s to %s", self, path)
 
     def _parameters(self):
@@ -392,8 +372,8 @@ class ExactIndex(Index):
         self.chunk_rows = int(chunk_rows)
         self.query_batch = int(query_batch)
 
-    def _search(self, queries, k, ef_search=None, refine_factor=None):
-        _check_search_options(ef_search, refine_factor)
+    def _search(self, queries, k, refine_factor=None):
+        _check_refine_factor(refine_factor)
         return exact_search(self.vectors, queries, k, self.chunk_rows, self.query_batch)
 
     def _vector_at(self, position):
@@ -401,59 +381,6 @@ class ExactIndex(Index):
 
     def _arrays(self):
         return {"vectors": self.vectors}
-
-
-class HNSWIndex(Index):
-    """Approximate cosine search on a faiss HNSW graph (``IndexHNSWFlat``, inner product).
-
-    Parameters
-    ----------
-    faiss_index : faiss.IndexHNSWFlat
-        Holds the L2-normalised vectors.
-    ids : ndarray of str
-    ef_search : int
-        Default breadth of the graph search at query time.
-    """
-
-    kind = "hnsw"
-
-    def __init__(self, faiss_index, ids, ef_search=HNSW_EF_SEARCH):
-        super().__init__(ids, faiss_index.d)
-        self.faiss_index = faiss_index
-        self.ef_search = _positive_int(ef_search, "ef_search")
-
-    def _search(self, queries, k, ef_search=None, refine_factor=None):
-        import faiss
-
-        _check_search_options(ef_search, refine_factor)
-        ef_search = self.ef_search if ef_search is None else ef_search
-        # The graph search cannot return more than ef_search candidates.
-        parameters = faiss.SearchParametersHNSW(efSearch=max(ef_search, k))
-        similarities, positions = self.faiss_index.search(queries, k, params=parameters)
-        missing = positions < 0
-        if missing.any():
-            logger.warning(
-                "the HNSW search found fewer than k=%d neighbours for %d queries; "
-                "their missing entries are position -1, similarity NaN",
-                k, int(missing.any(axis=1).sum()),
-            )
-            similarities = np.where(missing, np.float32(np.nan), similarities)
-        return positions.astype(np.int64), similarities.astype(np.float32)
-
-    def _vector_at(self, position):
-        return self.faiss_index.reconstruct(int(position))
-
-    def _parameters(self):
-        return {
-            "m": int(self.faiss_index.hnsw.nb_neighbors(1)),
-            "ef_construction": int(self.faiss_index.hnsw.efConstruction),
-            "ef_search": self.ef_search,
-        }
-
-    def _arrays(self):
-        import faiss
-
-        return {"faiss_index": faiss.serialize_index(self.faiss_index)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -503,10 +430,10 @@ class RaBitQIndex(Index):
         self.faiss_index = faiss_index
         self.refine_factor = _positive_int(refine_factor, "refine_factor")
 
-    def _search(self, queries, k, ef_search=None, refine_factor=None):
+    def _search(self, queries, k, refine_factor=None):
         import faiss
 
-        _check_search_options(ef_search, refine_factor)
+        _check_refine_factor(refine_factor)
         refine_factor = self.refine_factor if refine_factor is None else refine_factor
         # Asking the first stage for more candidates than vectors would return empty slots.
         refine_factor = max(1, min(refine_factor, len(self) // k))
@@ -526,9 +453,7 @@ class RaBitQIndex(Index):
         return {"faiss_index": faiss.serialize_index(self.faiss_index)}
 
 
-def _check_search_options(ef_search, refine_factor):
-    if ef_search is not None:
-        _positive_int(ef_search, "ef_search")
+def _check_refine_factor(refine_factor):
     if refine_factor is not None:
         _positive_int(refine_factor, "refine_factor")
 
@@ -539,9 +464,8 @@ def _positive_int(value, name):
     return int(value)
 
 
-def build_index(vectors, ids=None, kind="auto", seed=None, m=HNSW_M, ef_construction=HNSW_EF_CONSTRUCTION,
-                ef_search=HNSW_EF_SEARCH, refine_factor=RABITQ_REFINE_FACTOR, chunk_rows=EXACT_CHUNK_ROWS,
-                query_batch=EXACT_QUERY_BATCH):
+def build_index(vectors, ids=None, kind="auto", seed=None, refine_factor=RABITQ_REFINE_FACTOR,
+                chunk_rows=EXACT_CHUNK_ROWS, query_batch=EXACT_QUERY_BATCH):
     """Build a cosine-similarity index over a catalogue of vectors.
 
     Parameters
@@ -551,18 +475,10 @@ def build_index(vectors, ids=None, kind="auto", seed=None, m=HNSW_M, ef_construc
         inside (a copy); they must be finite and non-zero.
     ids : sequence of str, shape (N,), optional
         Unique id of each row; row numbers ("0", "1", ...) when omitted.
-    kind : {"auto", "exact", "rabitq", "hnsw"}
+    kind : {"auto", "exact", "rabitq"}
         ``"auto"``: exact up to :data:`AUTO_EXACT_MAX_VECTORS` vectors, RaBitQ above.
     seed : int or None
-        Seeds the RaBitQ random rotation, or the HNSW level assignment (which layers each
-        vector joins; faiss inserts in parallel, so graphs built with several threads may
-        still differ slightly between runs).
-    m : int
-        HNSW graph degree.
-    ef_construction : int
-        HNSW candidate-list breadth while building.
-    ef_search : int
-        Default HNSW candidate-list breadth at query time (overridable per query).
+        Seeds the RaBitQ random rotation.
     refine_factor : int
         Default RaBitQ candidates re-ranked per requested neighbour (overridable per query).
     chunk_rows, query_batch : int
@@ -571,7 +487,7 @@ def build_index(vectors, ids=None, kind="auto", seed=None, m=HNSW_M, ef_construc
     Returns
     -------
     Index
-        An :class:`ExactIndex`, :class:`RaBitQIndex` or :class:`HNSWIndex`.
+        An :class:`ExactIndex` or :class:`RaBitQIndex`.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
@@ -586,36 +502,18 @@ def build_index(vectors, ids=None, kind="auto", seed=None, m=HNSW_M, ef_construc
 
     import faiss
 
-    rng = np.random.default_rng(seed)
-    if kind == "rabitq":
-        refine_factor = _positive_int(refine_factor, "refine_factor")
-        # 1-bit codes estimate inner products best when the components are spread evenly;
-        # a random rotation ensures that whatever axes the representations favour.
-        rotation = faiss.RandomRotationMatrix(unit_vectors.shape[1], unit_vectors.shape[1])
-        rotation.init(int(rng.integers(2**31 - 1)))
-        codes = faiss.IndexRaBitQ(unit_vectors.shape[1], faiss.METRIC_INNER_PRODUCT)
-        faiss_index = faiss.IndexRefineFlat(faiss.IndexPreTransform(rotation, codes))
-        start = time.perf_counter()
-        faiss_index.train(unit_vectors)
-        faiss_index.add(unit_vectors)
-        logger.info("built a RaBitQ index over %d vectors in %.1f s", unit_vectors.shape[0],
-                    time.perf_counter() - start)
-        return RaBitQIndex(faiss_index, ids, refine_factor=refine_factor)
-
-    m = _positive_int(m, "m")
-    ef_construction = _positive_int(ef_construction, "ef_construction")
-    ef_search = _positive_int(ef_search, "ef_search")
-    faiss_index = faiss.IndexHNSWFlat(unit_vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT)
-    faiss_index.hnsw.efConstruction = ef_construction
-    faiss_index.hnsw.rng = faiss.RandomGenerator(int(rng.integers(2**31 - 1)))
+    refine_factor = _positive_int(refine_factor, "refine_factor")
+    # 1-bit codes estimate inner products best when the components are spread evenly;
+    # a random rotation ensures that whatever axes the representations favour.
+    rotation = faiss.RandomRotationMatrix(unit_vectors.shape[1], unit_vectors.shape[1])
+    rotation.init(int(np.random.default_rng(seed).integers(2**31 - 1)))
+    codes = faiss.IndexRaBitQ(unit_vectors.shape[1], faiss.METRIC_INNER_PRODUCT)
+    faiss_index = faiss.IndexRefineFlat(faiss.IndexPreTransform(rotation, codes))
     start = time.perf_counter()
+    faiss_index.train(unit_vectors)
     faiss_index.add(unit_vectors)
-    logger.info(
-        "built an HNSW graph over %d vectors (m=%d, ef_construction=%d) in %.1f s",
-        unit_vectors.shape[0], m, ef_construction, time.perf_counter() - start,
-    )
-    return HNSWIndex(faiss_index, ids, ef_search=ef_search)
-
+    logger.info("built a RaBitQ index over %d vectors in %.1f s", unit_vectors.shape[0], time.perf_counter() - start)
+    return RaBitQIndex(faiss_index, ids, refine_factor=refine_factor)
 
 def load_index(path):
     """Read an index written by :meth:`Index.save`.
@@ -649,11 +547,6 @@ def load_index(path):
         if kind == "exact":
             vectors = archive["vectors"]
             return ExactIndex(vectors, ids)
-        if kind == "hnsw":
-            import faiss
-
-            faiss_index = faiss.deserialize_index(archive["faiss_index"])
-            return HNSWIndex(faiss_index, ids, ef_search=parameters["ef_search"])
         if kind == "rabitq":
             import faiss
 
@@ -669,18 +562,11 @@ def read_ids(path):
 
 
 def _write_matches_csv(path, ids, similarities):
-    path = pathlib.Path(path)
-    temporary = atomic_path(path)
-    try:
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["rank", "id", "similarity"])
-            for rank, (id_, similarity) in enumerate(zip(ids, similarities), start=1):
-                writer.writerow([rank, id_, f"{similarity:.6f}"])
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    with common.atomic_write(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["rank", "id", "similarity"])
+        for rank, (id_, similarity) in enumerate(zip(ids, similarities), start=1):
+            writer.writerow([rank, id_, f"{similarity:.6f}"])
 
 
 def parse_args(argv=None):
@@ -695,14 +581,9 @@ def parse_args(argv=None):
     build.add_argument("--out", dest="out_path", required=True, help="index file to write (.npz)")
     build.add_argument("--kind", choices=KINDS, default="auto",
                        help=f"index kind; auto = exact up to {AUTO_EXACT_MAX_VECTORS} vectors (default: auto)")
-    build.add_argument("--m", type=int, default=HNSW_M, help=f"HNSW graph degree (default: {HNSW_M})")
-    build.add_argument("--ef-construction", type=int, default=HNSW_EF_CONSTRUCTION,
-                       help=f"HNSW build breadth (default: {HNSW_EF_CONSTRUCTION})")
-    build.add_argument("--ef-search", type=int, default=HNSW_EF_SEARCH,
-                       help=f"HNSW default query breadth stored with the index (default: {HNSW_EF_SEARCH})")
     build.add_argument("--refine-factor", type=int, default=RABITQ_REFINE_FACTOR,
                        help=f"RaBitQ default candidates re-ranked per neighbour (default: {RABITQ_REFINE_FACTOR})")
-    build.add_argument("--seed", type=int, default=None, help="seed of the RaBitQ rotation or HNSW levels")
+    build.add_argument("--seed", type=int, default=None, help="seed of the RaBitQ rotation")
 
     query = commands.add_parser("query", help="print the catalogue entries most similar to one example")
     query.add_argument("index_path", metavar="INDEX", help="index file written by 'build'")
@@ -710,7 +591,6 @@ def parse_args(argv=None):
     target.add_argument("--vector-of", dest="vector_of", metavar="ID", help="query with the catalogue's vector of ID")
     target.add_argument("--vector", dest="vector_path", metavar="NPY", help="query with a (D,) vector saved as .npy")
     query.add_argument("--k", type=int, default=DEFAULT_K, help=f"number of matches (default: {DEFAULT_K})")
-    query.add_argument("--ef-search", type=int, default=None, help="HNSW query breadth (default: the index's)")
     query.add_argument("--refine-factor", type=int, default=None,
                        help="RaBitQ candidates re-ranked per neighbour (default: the index's)")
     query.add_argument("--include-self", action="store_true",
@@ -727,21 +607,18 @@ def main(argv=None):
     if args.command == "build":
         vectors = np.load(args.vectors_path, mmap_mode="r", allow_pickle=False)
         ids = read_ids(args.ids_path) if args.ids_path else None
-        index = build_index(vectors, ids=ids, kind=args.kind, seed=args.seed, m=args.m,
-                            ef_construction=args.ef_construction, ef_search=args.ef_search,
-                            refine_factor=args.refine_factor)
+        index = build_index(vectors, ids=ids, kind=args.kind, seed=args.seed, refine_factor=args.refine_factor)
         index.save(args.out_path)
         print(f"wrote {index} to {args.out_path}")
         return 0
 
     index = load_index(args.index_path)
-    search_options = {"ef_search": args.ef_search, "refine_factor": args.refine_factor}
     if args.vector_of is not None:
         positions, similarities = index.similar_to(args.vector_of, args.k, include_self=args.include_self,
-                                                   **search_options)
+                                                   refine_factor=args.refine_factor)
     else:
         vector = np.load(args.vector_path, allow_pickle=False)
-        positions, similarities = index.query(vector.reshape(-1), args.k, **search_options)
+        positions, similarities = index.query(vector.reshape(-1), args.k, refine_factor=args.refine_factor)
     matched_ids = index.ids[positions]
     print("rank,id,similarity")
     for rank, (id_, similarity) in enumerate(zip(matched_ids, similarities), start=1):

@@ -11,18 +11,24 @@ Example::
     python bench/bench_nnclr.py --batch-size 32 --steps 3 --out bench/nnclr_cpu.json
 """
 
-import argparse
-import json
-import os
 import pathlib
-import platform
 import sys
-import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+# Benchmarks run as scripts from anywhere; the project's modules live one folder up.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
+
+if __name__ == "__main__":
+    common.quiet_start()  # before TensorFlow loads: no start-up noise unless --verbose
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
 
 # Defaults; every one can be set from the command line.
-CONFIG = "paper"  # NNCLR configuration: "paper" (128 px, N = 2, queue 10,000) or "testing"
 BATCH_SIZE = 220  # images per NNCLR step (Desmons et al. 2023)
 STEPS = 5  # timed NNCLR steps
 INFERENCE_BATCH_SIZE = 256  # images per classifier forward pass
@@ -42,13 +48,14 @@ def device_description():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", choices=("paper", "testing"), default=CONFIG)
+    parser.add_argument("--tiny", action="store_true", help="the tiny NNCLR configuration instead of the paper's")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--inference-batch-size", type=int, default=INFERENCE_BATCH_SIZE)
     parser.add_argument("--inference-batches", type=int, default=INFERENCE_BATCHES)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--out", help="also write the results to this JSON file")
+    common.add_verbose_argument(parser)
     args = parser.parse_args(argv)
     import keras
     import numpy as np
@@ -57,7 +64,7 @@ def main(argv=None):
     import nnclr_model
 
     keras.utils.set_random_seed(args.seed)
-    config = nnclr_model.TESTING_CONFIG if args.config == "testing" else nnclr_model.NNCLRConfig()
+    config = nnclr_model.TINY_CONFIG if args.tiny else nnclr_model.NNCLRConfig()
     rng = np.random.default_rng(args.seed)
     model = nnclr_model.NNCLR(config, seed=args.seed)
     model.compile(optimizer=keras.optimizers.Adam())
@@ -82,7 +89,7 @@ def main(argv=None):
 
     results = {
         "device": device_description(),
-        "config": args.config,
+        "config": "tiny" if args.tiny else "paper",
         "image_shape": list(config.input_shape),
         "train_batch_size": args.batch_size,
         "train_steps": args.steps,
@@ -92,12 +99,9 @@ def main(argv=None):
         "inference_images_per_second": args.inference_batch_size * args.inference_batches / inference_seconds,
         "tensorflow": tf.__version__,
     }
-    text = json.dumps(results, indent=2)
-    print(text)
+    print(json.dumps(results, indent=2))
     if args.out:
-        import common
-
-        common.write_text(args.out, text)
+        common.write_json(args.out, results)
     return 0
 
 

@@ -1,13 +1,13 @@
-"""Benchmark cosine-similarity search: exact NumPy scan against the approximate indexes.
+"""Benchmark cosine-similarity search: exact NumPy scan against the approximate RaBitQ index.
 
 Draws N random unit vectors in D dimensions (seeded), builds the index kinds of
 ``similarity.py``, and reports for each: build time, resident memory added, query latency
-(one query at a time and in one batch) and, for the approximate kinds, recall@k against the
-exact answer along a sweep of their speed/recall knob (RaBitQ ``refine_factor``, HNSW
-``ef_search``), stopped at the first value that reaches the target recall. The exact search
-of the same run is the baseline, so the ratios survive a busy machine.
+(one query at a time and in one batch) and, for RaBitQ, recall@k against the exact answer
+along a sweep of its speed/recall knob ``refine_factor``, stopped at the first value that
+reaches the target recall. The exact search of the same run is the baseline, so the ratios
+survive a busy machine.
 
-Uniform random directions (the default) are the hardest case for every approximate index:
+Uniform random directions (the default) are the hardest case for an approximate index:
 in 128 dimensions the cosine between unrelated directions has standard deviation
 1/sqrt(128) = 0.088, and a query's tenth neighbour among 10^6 is only about four of those
 above zero (the script prints the mean k-th similarity), with no structure to exploit.
@@ -20,7 +20,6 @@ Examples (the first is the issue's workload)::
 """
 
 import argparse
-import json
 import os
 import pathlib
 import platform
@@ -34,10 +33,10 @@ from tqdm import tqdm
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import machine  # noqa: E402
 
 import similarity  # noqa: E402
-from common import atomic_path  # noqa: E402
 
 # Defaults; every one can be set from the command line.
 N_VECTORS = 1_000_000
@@ -47,12 +46,7 @@ N_QUERIES = 1000
 N_SINGLE_QUERIES = 50
 K = 10
 TARGET_RECALL = 0.95
-HNSW_M = similarity.HNSW_M
-HNSW_EF_CONSTRUCTION = similarity.HNSW_EF_CONSTRUCTION
-# Approximate kinds measured against the exact scan.
-KINDS = ("rabitq", "hnsw")
 # Swept in order until the target recall is met.
-EF_SEARCH_VALUES = (64, 128, 256, 512, 1024, 2048, 4096)
 REFINE_FACTORS = (10, 30, 100, 300, 1000, 3000)
 SEED = 0
 # 0: uniform random directions (the issue's workload). Otherwise points around this many centres.
@@ -108,19 +102,15 @@ def single_query_latency(index, queries, k, **search_options):
     return float(np.median(times)), float(np.mean(times))
 
 
-def benchmark_approximate(kind, catalogue, queries, single, truth, k, target_recall, seed, m, ef_construction,
-                          sweep_values):
+def benchmark_approximate(kind, catalogue, queries, single, truth, k, target_recall, seed, sweep_values):
     """Build one approximate index, sweep its speed/recall knob until the target, time single queries."""
-    knob = "ef_search" if kind == "hnsw" else "refine_factor"
+    knob = "refine_factor"
     before = resident_bytes()
     start = time.perf_counter()
-    index = similarity.build_index(catalogue, kind=kind, seed=seed, m=m, ef_construction=ef_construction)
+    index = similarity.build_index(catalogue, kind=kind, seed=seed)
     figures = {"build_s": time.perf_counter() - start, "memory_mb": (resident_bytes() - before) / 2**20,
                "knob": knob}
-    if kind == "hnsw":
-        figures["m"], figures["ef_construction"] = m, ef_construction
-    settings = f" (m={m}, ef_construction={ef_construction})" if kind == "hnsw" else ""
-    print(f"{kind}{settings}: build {figures['build_s']:.1f} s, +{figures['memory_mb']:.0f} MB", flush=True)
+    print(f"{kind}: build {figures['build_s']:.1f} s, +{figures['memory_mb']:.0f} MB", flush=True)
     sweep = []
     for value in sweep_values:
         start = time.perf_counter()
@@ -145,8 +135,8 @@ def benchmark_approximate(kind, catalogue, queries, single, truth, k, target_rec
     return figures
 
 
-def run(n_vectors, dimension, n_queries, n_single_queries, k, target_recall, kinds, m, ef_construction,
-        ef_search_values, refine_factors, seed, n_clusters=0, cluster_spread=CLUSTER_SPREAD):
+def run(n_vectors, dimension, n_queries, n_single_queries, k, target_recall, refine_factors, seed, n_clusters=0,
+        cluster_spread=CLUSTER_SPREAD):
     """Run the benchmark and return its figures as a dictionary (also printed)."""
     rng = np.random.default_rng(seed)
     centres = random_unit_vectors(n_clusters, dimension, rng) if n_clusters else None
@@ -175,10 +165,9 @@ def run(n_vectors, dimension, n_queries, n_single_queries, k, target_recall, kin
           f"mean similarity of the {k}th neighbour {results['exact_kth_similarity_mean']:.3f}", flush=True)
     del exact
 
-    for kind in kinds:
+    for kind in ("rabitq",):
         results[kind] = benchmark_approximate(kind, catalogue, queries, single, truth, k, target_recall, seed,
-                                              m=m, ef_construction=ef_construction,
-                                              sweep_values=ef_search_values if kind == "hnsw" else refine_factors)
+                                              sweep_values=refine_factors)
         results[kind]["speedup_single"] = (results["exact_single_s_per_query_median"]
                                            / results[kind]["single_s_per_query_median"])
         results[kind]["speedup_batch"] = results["exact_batch_s_per_query"] / results[kind]["batch_s_per_query"]
@@ -198,16 +187,7 @@ def parse_args(argv=None):
                         help=f"queries timed one at a time (default: {N_SINGLE_QUERIES})")
     parser.add_argument("--k", type=int, default=K, help=f"neighbours per query (default: {K})")
     parser.add_argument("--target-recall", type=float, default=TARGET_RECALL,
-                        help=f"stop the ef_search sweep at this recall@k (default: {TARGET_RECALL})")
-    parser.add_argument("--m", type=int, default=HNSW_M, help=f"HNSW graph degree (default: {HNSW_M})")
-    parser.add_argument("--ef-construction", type=int, default=HNSW_EF_CONSTRUCTION,
-                        help=f"HNSW build breadth (default: {HNSW_EF_CONSTRUCTION})")
-    parser.add_argument("--ef-search", type=lambda text: tuple(int(value) for value in text.split(",")),
-                        default=EF_SEARCH_VALUES,
-                        help="comma-separated ef_search values to sweep "
-                             f"(default: {','.join(map(str, EF_SEARCH_VALUES))})")
-    parser.add_argument("--kinds", type=lambda text: tuple(text.split(",")), default=KINDS,
-                        help=f"comma-separated approximate kinds to measure (default: {','.join(KINDS)})")
+                        help=f"stop the refine_factor sweep at this recall@k (default: {TARGET_RECALL})")
     parser.add_argument("--refine-factor", type=lambda text: tuple(int(value) for value in text.split(",")),
                         default=REFINE_FACTORS,
                         help="comma-separated RaBitQ refine factors to sweep "
@@ -224,9 +204,6 @@ def parse_args(argv=None):
         parser.error("need --n >= --k, --queries >= 1 and --single-queries >= 1")
     if args.clusters < 0 or args.cluster_spread < 0:
         parser.error("--clusters and --cluster-spread must be >= 0")
-    unknown = sorted(set(args.kinds) - {"rabitq", "hnsw"})
-    if unknown:
-        parser.error(f"--kinds must name rabitq and/or hnsw, got {','.join(unknown)}")
     args.single_queries = min(args.single_queries, args.queries)
     return args
 
@@ -235,14 +212,10 @@ def main(argv=None):
     args = parse_args(argv)
     command = "python bench/bench_similarity.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results = run(args.n, args.dimension, args.queries, args.single_queries, args.k, args.target_recall,
-                  args.kinds, args.m, args.ef_construction, args.ef_search, args.refine_factor, args.seed,
-                  n_clusters=args.clusters, cluster_spread=args.cluster_spread)
+                  args.refine_factor, args.seed, n_clusters=args.clusters, cluster_spread=args.cluster_spread)
     results["command"] = command
     if args.out_path:
-        path = pathlib.Path(args.out_path)
-        temporary = atomic_path(path)
-        temporary.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(temporary, path)
+        common.write_json(args.out_path, results)
     return 0
 
 

@@ -32,7 +32,7 @@ def tiny_nnclr_run(run_dir):
     """An untrained NNCLR run folder in nnclr_train.py's layout, for the 128 px example galaxies."""
     import nnclr_model
 
-    config = dataclasses.replace(nnclr_model.TESTING_CONFIG, image_size=128)
+    config = dataclasses.replace(nnclr_model.TINY_CONFIG, image_size=128)
     encoder = nnclr_model.build_encoder(config)
     classifier = nnclr_model.build_classifier(encoder, config, seed=0)
     run_dir.mkdir(parents=True)
@@ -119,8 +119,8 @@ def test_tidal_step_is_skipped_without_a_run(tmp_path):
 def test_nnclr_test_all_scores_every_example_galaxy(tmp_path):
     run_dir = tiny_nnclr_run(tmp_path / "run")
     out = tmp_path / "test"
-    command = [sys.executable, str(ROOT / "nnclr_test.py"), "--run", str(run_dir), "--data", str(GALAXIES), "--test-all",
-               "--out", str(out)]
+    command = [sys.executable, str(ROOT / "nnclr_test.py"), str(GALAXIES), "--run-dir", str(run_dir), "--test-all",
+               "--out-dir", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import nnclr_model
-from nnclr_model import TESTING_CONFIG
+from nnclr_model import TINY_CONFIG
 
 
 def _unit_rows(rng, shape):
@@ -80,19 +80,19 @@ def test_loss_gradient_reaches_both_views():
 
 
 def test_queue_is_a_fifo_of_the_last_projections():
-    model = nnclr_model.NNCLR(TESTING_CONFIG, seed=0)
+    model = nnclr_model.NNCLR(TINY_CONFIG, seed=0)
     rng = np.random.default_rng(4)
     initial = model.queue.numpy().copy()
     np.testing.assert_allclose(np.linalg.norm(initial, axis=1), 1.0, rtol=1e-5)
-    first = _unit_rows(rng, (10, TESTING_CONFIG.projection_dim))
-    second = _unit_rows(rng, (5, TESTING_CONFIG.projection_dim))
+    first = _unit_rows(rng, (10, TINY_CONFIG.projection_dim))
+    second = _unit_rows(rng, (5, TINY_CONFIG.projection_dim))
     model.push_to_queue(first)
     model.push_to_queue(second)
     queue = model.queue.numpy()
-    assert queue.shape == (TESTING_CONFIG.queue_size, TESTING_CONFIG.projection_dim)
+    assert queue.shape == (TINY_CONFIG.queue_size, TINY_CONFIG.projection_dim)
     np.testing.assert_array_equal(queue[:5], second)
     np.testing.assert_array_equal(queue[5:15], first)
-    np.testing.assert_array_equal(queue[15:], initial[: TESTING_CONFIG.queue_size - 15])
+    np.testing.assert_array_equal(queue[15:], initial[: TINY_CONFIG.queue_size - 15])
 
 
 def _patterns(count, seed):
@@ -111,7 +111,7 @@ def _patterns(count, seed):
 
 def test_train_step_pushes_the_first_view_into_the_queue():
     keras.utils.set_random_seed(0)
-    model = nnclr_model.NNCLR(TESTING_CONFIG, seed=0)
+    model = nnclr_model.NNCLR(TINY_CONFIG, seed=0)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     before = model.queue.numpy().copy()
     logs = {name: float(value) for name, value in model.train_step(tf.constant(_patterns(8, 0))).items()}
@@ -125,7 +125,7 @@ def test_train_step_pushes_the_first_view_into_the_queue():
 
 def test_tiny_model_contrastive_accuracy_rises():
     keras.utils.set_random_seed(0)
-    model = nnclr_model.NNCLR(TESTING_CONFIG, seed=0)
+    model = nnclr_model.NNCLR(TINY_CONFIG, seed=0)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     dataset = tf.data.Dataset.from_tensor_slices(_patterns(32, 0)).batch(16, drop_remainder=True)
     accuracy = model.fit(dataset, epochs=8, verbose=0, shuffle=False).history["c_acc"]
@@ -134,63 +134,63 @@ def test_tiny_model_contrastive_accuracy_rises():
 
 
 def test_encoder_save_load_round_trip(tmp_path):
-    encoder = nnclr_model.build_encoder(TESTING_CONFIG)
+    encoder = nnclr_model.build_encoder(TINY_CONFIG)
     path = tmp_path / "encoder.keras"
     nnclr_model.save_encoder(encoder, path)
-    loaded = nnclr_model.load_encoder(path, TESTING_CONFIG)
+    loaded = nnclr_model.load_encoder(path, TINY_CONFIG)
     views = np.random.default_rng(0).normal(size=(3, 16, 16, 5)).astype(np.float32)
     np.testing.assert_allclose(loaded(views, training=False), encoder(views, training=False), rtol=1e-6)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
 def test_nnclr_weights_with_queue_round_trip(tmp_path):
-    model = nnclr_model.NNCLR(TESTING_CONFIG, seed=1)
-    model.push_to_queue(_unit_rows(np.random.default_rng(0), (7, TESTING_CONFIG.projection_dim)))
+    model = nnclr_model.NNCLR(TINY_CONFIG, seed=1)
+    model.push_to_queue(_unit_rows(np.random.default_rng(0), (7, TINY_CONFIG.projection_dim)))
     model.save_weights(tmp_path / "nnclr.weights.h5")
-    restored = nnclr_model.NNCLR(TESTING_CONFIG, seed=2)
+    restored = nnclr_model.NNCLR(TINY_CONFIG, seed=2)
     restored.load_weights(tmp_path / "nnclr.weights.h5")
     np.testing.assert_array_equal(restored.queue.numpy(), model.queue.numpy())
 
 
 def test_classifier_save_load_round_trip(tmp_path):
-    classifier = nnclr_model.build_classifier(nnclr_model.build_encoder(TESTING_CONFIG), TESTING_CONFIG)
+    classifier = nnclr_model.build_classifier(nnclr_model.build_encoder(TINY_CONFIG), TINY_CONFIG)
     path = tmp_path / "classifier.keras"
     nnclr_model.save_model_file(classifier, path)
-    loaded = nnclr_model.load_classifier(path, TESTING_CONFIG)
+    loaded = nnclr_model.load_classifier(path, TINY_CONFIG)
     images = np.random.default_rng(0).normal(size=(4, 24, 24, 5)).astype(np.float32)
     np.testing.assert_allclose(loaded.predict(images, verbose=0), classifier.predict(images, verbose=0), rtol=1e-6)
     assert loaded.output_shape == (None, 1)
 
 
 def test_encoder_file_of_a_different_architecture_is_rejected(tmp_path):
-    other = dataclasses.replace(TESTING_CONFIG, representation_dim=8)
+    other = dataclasses.replace(TINY_CONFIG, representation_dim=8)
     path = tmp_path / "encoder.keras"
     nnclr_model.save_encoder(nnclr_model.build_encoder(other), path)
     with pytest.raises(ValueError, match=r"encoder\.keras has a different architecture from the NNCLR config: weighted layer .* should be Dense \(\(.*, 16\),\) but is Dense \(\(.*, 8\),\)"):
-        nnclr_model.load_encoder(path, TESTING_CONFIG)
+        nnclr_model.load_encoder(path, TINY_CONFIG)
 
 
 def test_encoder_file_with_another_input_is_rejected(tmp_path):
-    other = dataclasses.replace(TESTING_CONFIG, crop_size=12)
+    other = dataclasses.replace(TINY_CONFIG, crop_size=12)
     path = tmp_path / "encoder.keras"
     nnclr_model.save_encoder(nnclr_model.build_encoder(other), path)
     with pytest.raises(ValueError, match=r"input shape should be input \(16, 16, 5\) but is input \(12, 12, 5\)"):
-        nnclr_model.load_encoder(path, TESTING_CONFIG)
+        nnclr_model.load_encoder(path, TINY_CONFIG)
 
 
 def test_encoder_file_that_is_not_a_model_is_rejected(tmp_path):
     path = tmp_path / "encoder.keras"
     path.write_text("not a model")
     with pytest.raises(ValueError, match=r"cannot read encoder file .*encoder\.keras as a Keras model"):
-        nnclr_model.load_encoder(path, TESTING_CONFIG)
+        nnclr_model.load_encoder(path, TINY_CONFIG)
     with pytest.raises(FileNotFoundError, match=r"encoder file .*missing\.keras does not exist"):
-        nnclr_model.load_encoder(tmp_path / "missing.keras", TESTING_CONFIG)
+        nnclr_model.load_encoder(tmp_path / "missing.keras", TINY_CONFIG)
 
 
 def test_linear_probe_trains_only_the_dense_layer():
-    encoder = nnclr_model.build_encoder(TESTING_CONFIG)
-    classifier = nnclr_model.build_classifier(encoder, TESTING_CONFIG, fine_tune=False)
-    assert [tuple(w.shape) for w in classifier.trainable_weights] == [(TESTING_CONFIG.representation_dim, 1), (1,)]
+    encoder = nnclr_model.build_encoder(TINY_CONFIG)
+    classifier = nnclr_model.build_classifier(encoder, TINY_CONFIG, fine_tune=False)
+    assert [tuple(w.shape) for w in classifier.trainable_weights] == [(TINY_CONFIG.representation_dim, 1), (1,)]
     before = [w.copy() for w in encoder.get_weights()]
     classifier.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
     images = np.random.default_rng(0).normal(size=(8, 24, 24, 5)).astype(np.float32)
@@ -200,8 +200,8 @@ def test_linear_probe_trains_only_the_dense_layer():
 
 
 def test_fine_tuning_trains_the_encoder_too():
-    encoder = nnclr_model.build_encoder(TESTING_CONFIG)
-    classifier = nnclr_model.build_classifier(encoder, TESTING_CONFIG, fine_tune=True)
+    encoder = nnclr_model.build_encoder(TINY_CONFIG)
+    classifier = nnclr_model.build_classifier(encoder, TINY_CONFIG, fine_tune=True)
     assert len(classifier.trainable_weights) == len(encoder.trainable_weights) + 2
 
 
@@ -215,7 +215,7 @@ def test_paper_configuration_shapes():
 
 
 def test_binned_encoder_reads_full_resolution_views_and_averages_pixels(tmp_path):
-    binned = dataclasses.replace(TESTING_CONFIG, binning=2)
+    binned = dataclasses.replace(TINY_CONFIG, binning=2)
     encoder = nnclr_model.build_encoder(binned)
     assert encoder.input_shape == (None, 16, 16, 5) and encoder.output_shape == (None, 16)
     backbone = encoder.get_layer("resnet")
@@ -226,9 +226,9 @@ def test_binned_encoder_reads_full_resolution_views_and_averages_pixels(tmp_path
     path = tmp_path / "encoder.keras"
     nnclr_model.save_encoder(encoder, path)
     with pytest.raises(ValueError, match="different architecture from the NNCLR config"):
-        nnclr_model.load_encoder(path, TESTING_CONFIG)
+        nnclr_model.load_encoder(path, TINY_CONFIG)
     with pytest.raises(ValueError, match="crop_size 16 must be a multiple of binning 3"):
-        dataclasses.replace(TESTING_CONFIG, binning=3)
+        dataclasses.replace(TINY_CONFIG, binning=3)
 
 
 def test_config_rejects_images_smaller_than_the_crop():
@@ -237,13 +237,13 @@ def test_config_rejects_images_smaller_than_the_crop():
 
 
 def test_config_json_round_trip(tmp_path):
-    nnclr_model.save_config(TESTING_CONFIG, tmp_path / "config.json", band_scale=[1.0, 2.0])
+    nnclr_model.save_config(TINY_CONFIG, tmp_path / "config.json", band_scale=[1.0, 2.0])
     config, extra = nnclr_model.load_config(tmp_path / "config.json")
-    assert config == TESTING_CONFIG and extra == {"band_scale": [1.0, 2.0]}
+    assert config == TINY_CONFIG and extra == {"band_scale": [1.0, 2.0]}
 
 
 def test_model_names_the_expected_image_shape():
-    model = nnclr_model.NNCLR(TESTING_CONFIG, seed=0)
+    model = nnclr_model.NNCLR(TINY_CONFIG, seed=0)
     model.compile(optimizer=keras.optimizers.Adam())
     with pytest.raises(ValueError, match=r"images must be \(batch, 24, 24, 5\) as the NNCLR config gives \(H, W, bands\), got shape \(2, 24, 24, 3\)"):
         model.train_step(tf.zeros((2, 24, 24, 3)))
@@ -259,7 +259,7 @@ def test_replica_share_on_one_device_is_the_whole_loss():
 
 
 def test_synchronise_batch_norm_switches_every_layer_and_keeps_the_weights():
-    encoder = nnclr_model.build_encoder(TESTING_CONFIG)
+    encoder = nnclr_model.build_encoder(TINY_CONFIG)
     weights = encoder.get_weights()
     norms = [layer for layer in encoder.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert nnclr_model.synchronise_batch_norm(encoder) == len(norms) > 0
@@ -283,13 +283,13 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
-import nnclr_model, train
+import common, nnclr_model
 keras.config.set_floatx("float64")
-config = nnclr_model.TESTING_CONFIG
+config = nnclr_model.TINY_CONFIG
 images = np.random.default_rng(0).normal(0, 1, (16, 24, 24, 5))
 runs = {}
 for name, strategy_name in (("one", "default"), ("mirrored", "mirrored")):
-    strategy = train.make_strategy(strategy_name)
+    strategy = common.make_strategy(strategy_name)
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model = nnclr_model.NNCLR(config, seed=0)

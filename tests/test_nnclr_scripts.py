@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from astropy.stats import mad_std
 
+import common
 import data.tidal_datasets
 import nnclr_model
 import nnclr_test
@@ -17,8 +18,6 @@ import nnclr_train
 import prep_data
 import tidal_data
 
-SMALL = ["--config", "testing", "--batch-size", "16", "--epochs", "2", "--shuffle-buffer", "16",
-         "--classifier-epochs", "2", "--classifier-batch-size", "8", "--split-sizes", "8", "2", "4"]
 
 
 def _tidal_images(count, size=24, bands=5, seed=0):
@@ -63,14 +62,14 @@ def trained_run(tidal_file, tmp_path_factory):
     import keras
 
     out = tmp_path_factory.mktemp("run")
-    argv = ["--data", str(tidal_file), "--out", str(out), *SMALL]
+    argv = [str(tidal_file), "--out-dir", str(out), "--tiny"]
 
     class StopAfterFirstEpoch(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             raise _Interrupted()
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nnclr_train, "progress_callback", lambda description: StopAfterFirstEpoch())
+        patch.setattr(common, "epoch_progress", lambda description: StopAfterFirstEpoch())
         with pytest.raises(_Interrupted):
             nnclr_train.main(argv)
     assert (out / "backup_nnclr").is_dir() and not (out / "encoder.keras").exists()
@@ -176,12 +175,12 @@ def test_completeness_under_both_contamination_definitions():
     # Scores in decreasing order: T T F T F F T F (T = tidal).
     labels = np.array([1, 1, 0, 1, 0, 0, 1, 0])
     scores = np.linspace(1, 0.1, 8)
-    result = nnclr_test.completeness_at_contamination(labels, scores, 0.25)
+    result = nnclr_model.completeness_at_contamination(labels, scores, 0.25)
     # FPR <= 0.25 allows one false positive of four: the top 4 -> 3 of 4 tidal found.
     assert result["fpr"] == pytest.approx(0.75)
     # 1 - precision <= 0.25: the top 4 hold 3 tidal and 1 false (exactly 0.25).
     assert result["one_minus_precision"] == pytest.approx(0.75)
-    strict = nnclr_test.completeness_at_contamination(labels, scores, 0.1)
+    strict = nnclr_model.completeness_at_contamination(labels, scores, 0.1)
     assert strict["fpr"] == pytest.approx(0.5) and strict["one_minus_precision"] == pytest.approx(0.5)
 
 
@@ -194,7 +193,8 @@ def test_help(script, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
     assert exit_info.value.code == 0
-    assert "--data" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "INPUT" in out and "--tfds-dir" in out and "--out-dir" in out and "--verbose" in out
 
 
 def test_train_writes_every_promised_file(trained_run):
@@ -217,7 +217,7 @@ def test_train_writes_every_promised_file(trained_run):
 
 def test_evaluation_writes_every_promised_file(trained_run, tidal_file, tmp_path):
     out = tmp_path / "test"
-    argv = ["--run", str(trained_run), "--data", str(tidal_file), "--out", str(out), "--label-efficiency",
+    argv = [str(tidal_file), "--run-dir", str(trained_run), "--out-dir", str(out), "--label-efficiency",
             "--label-counts", "4", "--label-seeds", "1", "--baseline-epochs", "1",
             "--similar-to", "g3", "--top-k", "5"]
     assert nnclr_test.main(argv) == 0
@@ -245,7 +245,7 @@ def test_evaluation_writes_every_promised_file(trained_run, tidal_file, tmp_path
 def test_independent_test_data_is_the_whole_test_set(trained_run, tidal_file, tmp_path):
     independent = _write(tmp_path / "independent.h5", count=12, id_prefix="new")
     out = tmp_path / "test"
-    argv = ["--run", str(trained_run), "--data", str(tidal_file), "--test-data", str(independent), "--out", str(out),
+    argv = [str(tidal_file), "--run-dir", str(trained_run), "--test-data", str(independent), "--out-dir", str(out),
             "--label-efficiency", "--label-counts", "3", "--label-seeds", "1", "--baseline-epochs", "1"]
     assert nnclr_test.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -284,12 +284,12 @@ def test_detection_by_feature_separates_bright_from_faint_features():
 
 
 def test_test_data_overlapping_the_training_set_is_refused(trained_run, tidal_file, tmp_path, capsys):
-    argv = ["--run", str(trained_run), "--data", str(tidal_file), "--test-data", str(tidal_file), "--out", str(tmp_path)]
+    argv = [str(tidal_file), "--run-dir", str(trained_run), "--test-data", str(tidal_file), "--out-dir", str(tmp_path)]
     with pytest.raises(SystemExit) as exit_info:
         nnclr_test.main(argv)
     assert exit_info.value.code == 2 and "shares" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        nnclr_test.main(["--run", str(trained_run), "--data", str(tidal_file), "--label-efficiency", "--label-counts", "1"])
+        nnclr_test.main([str(tidal_file), "--run-dir", str(trained_run), "--label-efficiency", "--label-counts", "1"])
     assert exit_info.value.code == 2 and "--label-counts must all be >= 2" in capsys.readouterr().err
 
 
@@ -315,8 +315,8 @@ def test_linear_probe_finds_a_signal_spread_over_the_representation():
 
 def test_classifier_only_from_a_trained_encoder(trained_run, tidal_file, tmp_path):
     out = tmp_path / "probe"
-    argv = ["--data", str(tidal_file), "--out", str(out), "--load-encoder", str(trained_run / "encoder.keras"),
-            *SMALL[:-4], "--classifier-epochs", "1", "--split-sizes", "8", "2", "4"]
+    argv = [str(tidal_file), "--out-dir", str(out), "--load-encoder", str(trained_run / "encoder.keras"), "--tiny",
+            "--classifier-epochs", "1"]
     assert nnclr_train.main(argv) == 0
     assert (out / "classifier.keras").is_file() and np.load(out / "train_loss.npy").shape == (1,)
     assert not (out / "nnclr_history.json").exists()
@@ -328,10 +328,10 @@ def test_classifier_only_from_a_trained_encoder(trained_run, tidal_file, tmp_pat
 def test_encoder_of_another_architecture_is_refused(tidal_file, tmp_path, capsys):
     encoder_path = tmp_path / "other" / "encoder.keras"
     encoder_path.parent.mkdir()
-    deeper = dataclasses.replace(nnclr_model.TESTING_CONFIG, n_blocks=2)
+    deeper = dataclasses.replace(nnclr_model.TINY_CONFIG, n_blocks=2)
     nnclr_model.save_encoder(nnclr_model.build_encoder(deeper), encoder_path)
     with pytest.raises(SystemExit) as exit_info:
-        nnclr_train.main(["--data", str(tidal_file), "--out", str(tmp_path / "out"), "--load-encoder", str(encoder_path), *SMALL])
+        nnclr_train.main([str(tidal_file), "--out-dir", str(tmp_path / "out"), "--load-encoder", str(encoder_path), "--tiny"])
     assert exit_info.value.code == 2
     assert "has a different architecture from the NNCLR config" in capsys.readouterr().err
 
@@ -346,7 +346,7 @@ def test_encoder_of_another_architecture_is_refused(tidal_file, tmp_path, capsys
 def test_train_refuses_bad_data(tmp_path, capsys, size, has_tidal, message):
     path = _write(tmp_path / "bad.h5", size=size, has_tidal=has_tidal)
     with pytest.raises(SystemExit) as exit_info:
-        nnclr_train.main(["--data", str(path), "--out", str(tmp_path / "out"), *SMALL])
+        nnclr_train.main([str(path), "--out-dir", str(tmp_path / "out"), "--tiny"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -363,7 +363,7 @@ def test_tfds_source_joins_the_tidal_galaxies_to_the_unlabelled_stream(monkeypat
     def load(name, data_dir, split="all"):
         return tf.data.Dataset.from_tensor_slices(stored[name, split])
 
-    monkeypatch.setattr(prep_data, "_load_tfds", load)
+    monkeypatch.setattr(data.tidal_datasets, "_load_tfds", load)
     source = data.tidal_datasets.tidal_source_from_tfds(data_dir="unused")
     assert list(source.ids) == [f"l{i}" for i in range(6)] and list(source.labels) == list(has_tidal)
     np.testing.assert_array_equal(source.read_labelled([4, 1]), images[[4, 1]])
@@ -381,7 +381,7 @@ def test_bench_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    assert bench.main(["--config", "testing", "--batch-size", "4", "--steps", "1", "--inference-batch-size", "4",
+    assert bench.main(["--tiny", "--batch-size", "4", "--steps", "1", "--inference-batch-size", "4",
                        "--inference-batches", "1", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["train_images_per_second"] > 0 and results["inference_images_per_second"] > 0
@@ -401,7 +401,7 @@ def test_train_with_mirrored_strategy_on_two_devices(tidal_file, tmp_path):
     import keras
 
     out = tmp_path / "mirrored"
-    argv = ["--data", str(tidal_file), "--out", str(out), *SMALL, "--epochs", "1", "--classifier-epochs", "1",
+    argv = [str(tidal_file), "--out-dir", str(out), "--tiny", "--epochs", "1", "--classifier-epochs", "1",
             "--strategy", "mirrored"]
     result = subprocess.run([sys.executable, "-c", MIRRORED_TRAINING, *argv], capture_output=True, text=True, timeout=600,
                             cwd=pathlib.Path(__file__).resolve().parents[1])
@@ -418,5 +418,16 @@ def test_train_with_mirrored_strategy_on_two_devices(tidal_file, tmp_path):
 
 def test_unknown_strategy_is_refused(capsys):
     with pytest.raises(SystemExit):
-        nnclr_train.main(["--data", "x.h5", "--out", "o", "--strategy", "tpu"])
+        nnclr_train.main(["x.h5", "--out-dir", "o", "--strategy", "tpu"])
     assert "invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+def test_data_come_from_inputs_or_tfds_and_settings_are_checked(tmp_path, capsys):
+    for inputs in ([], ["x.h5", "--tfds-dir", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exit_info:
+            nnclr_train.main([*inputs, "--out-dir", str(tmp_path / "out"), "--tiny"])
+        assert exit_info.value.code == 2
+        assert "either as INPUT files or folders, or as --tfds-dir, not both or neither" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        nnclr_train.main(["x.h5", "--out-dir", str(tmp_path / "out"), "--batch-size", "0"])
+    assert "batch_size must be >= 1, got 0" in capsys.readouterr().err
