@@ -15,7 +15,6 @@ one FITS file per cluster with IMAGE, MASK (and VARIANCE) HDUs, readable by :mod
 import argparse
 import dataclasses
 import logging
-import os
 import pathlib
 import sys
 import warnings
@@ -26,6 +25,7 @@ import common
 import data.files
 import hsc
 import prep_data
+from data import profiles
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +155,7 @@ def read_catalogue(path):
 
 def cutout_side_pixels(z, pixel_scale, cosmology=MEASUREMENT_COSMOLOGY):
     """Odd side (pixels) of the +-300 kpc cutout at redshift ``z`` on a grid of ``pixel_scale`` arcsec/px."""
-    from data.clusters import _cosmology
-
-    kpc_per_arcsec = float(_cosmology(*cosmology).kpc_proper_per_arcmin(z).value) / 60.0
+    kpc_per_arcsec = profiles.kpc_per_arcsec(z, cosmology)
     # Odd, so that the cluster falls on the centre pixel, (side - 1) / 2.
     return 2 * int(round(hsc.CUTOUT_HALF_WIDTH_KPC / kpc_per_arcsec / pixel_scale)) + 1
 
@@ -246,11 +244,9 @@ def write_fits_cutouts(cutouts, folder):
         if cutout.variance is not None:
             hdus.append(fits.ImageHDU(cutout.variance, name="VARIANCE"))
         path = folder / f"{cutout.id}.fits"
-        partial = common.atomic_path(path)
-        with warnings.catch_warnings():
+        with common.atomic_write(path) as temporary, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fits.HDUList(hdus).writeto(partial, overwrite=True, output_verify="silentfix")
-        os.replace(partial, path)
+            fits.HDUList(hdus).writeto(temporary, output_verify="silentfix")
         paths.append(str(path))
     return paths
 
