@@ -258,10 +258,14 @@ def main(argv=None):
     )
     parser.add_argument("coadd", help="coadd FITS file with a WCS (IMAGE, MASK, VARIANCE HDUs or image first)")
     parser.add_argument("catalogue", help="cluster catalogue (CSV, ECSV or FITS table) with id, ra, dec, z")
-    parser.add_argument("--out", required=True, help="FILE.h5 (groups layout) or a folder for one FITS per cluster")
+    output = parser.add_mutually_exclusive_group(required=True)
+    output.add_argument("--out", metavar="FILE", help="one HDF5 file, FILE.h5, in the groups layout")
+    output.add_argument("--out-dir", metavar="DIR", help="a folder of FITS files, one per cluster")
     parser.add_argument("--h0", type=float, default=MEASUREMENT_COSMOLOGY[0], help="Hubble constant (default 68.4)")
     parser.add_argument("--om0", type=float, default=MEASUREMENT_COSMOLOGY[1], help="matter density (default 0.301)")
     args = parser.parse_args(argv)
+    if args.out and pathlib.Path(args.out).suffix.lower() not in prep_data.HDF5_SUFFIXES:
+        parser.error(f"--out {args.out}: --out names one HDF5 file (FILE.h5); a folder of FITS files is --out-dir DIR")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         coadd = read_coadd(args.coadd)
@@ -269,15 +273,15 @@ def main(argv=None):
     except (OSError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
     cutouts, report = cut_clusters(coadd, catalogue, (args.h0, args.om0))
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(args.out or args.out_dir)
     try:
-        if out.suffix.lower() in prep_data.HDF5_SUFFIXES:
-            if cutouts:
-                data.files.write_groups_hdf5(out, [cutout.as_cutout(out) for cutout in cutouts])
-        else:
+        if args.out and cutouts:
+            data.files.write_groups_hdf5(out, [cutout.as_cutout(out) for cutout in cutouts])
+        elif args.out_dir:
             write_fits_cutouts(cutouts, out)
     except OSError as error:
-        parser.exit(2, f"error: --out {out}: cannot write ({error.strerror or error})\n")
+        option = "--out" if args.out else "--out-dir"
+        parser.exit(2, f"error: {option} {out}: cannot write ({error.strerror or error})\n")
     print(f"wrote {len(cutouts)} cutouts to {out}")
     if report.partial:
         print(f"off the coadd edge (kept, missing part NO_DATA): {', '.join(report.partial)}")
