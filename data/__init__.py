@@ -7,8 +7,6 @@ profiles
     Building blocks of the mocks: Sersic profiles, the Moffat PSF, the cosmology, previews.
 clusters
     Mock r-band cluster cutouts (and ICL-free backgrounds) with their truth.
-tidal, tidal_streams
-    Mock five-band galaxies, some with tidal features, and the stream library they draw on.
 injection
     The ICL injection of Canepa et al. 2025 into any cutout.
 survey_cutouts
@@ -17,8 +15,6 @@ shards
     Mock cutouts rendered by worker processes into HDF5 shards.
 generate
     The command line ``python -m data.generate`` (on :mod:`data.shards`).
-icl_datasets, tidal_datasets
-    TFDS builders ``icl_artificial``, ``icl_real_like``, ``tidal_unlabelled`` and ``tidal_labelled``.
-files
-    Writers of this project's HDF5 layouts.
+icl_datasets
+    TFDS builders ``icl_artificial`` and ``icl_real_like``.
 """

@@ -265,11 +265,6 @@ def _schechter_magnitudes(rng, count, m_star, alpha, bright, faint):
     return np.interp(rng.uniform(size=count), cdf, grid)
 
 
-def _power_law_magnitudes(rng, count, slope, bright, faint):
-    low, high = 10.0 ** (slope * bright), 10.0 ** (slope * faint)
-    return np.log10(low + rng.uniform(size=count) * (high - low)) / slope
-
-
 def _apparent_magnitude(absolute, z, cosmology):
     return absolute + float(profiles.cosmology(*cosmology).distmod(z).value) + float(hsc.k_correction(z))
 
@@ -373,7 +368,7 @@ def draw_parameters(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z
         )
     field = _draw_field(rng, d, frame)
     star_count = int(rng.poisson(d.star_density_per_arcmin2 * _canvas_arcmin2(frame)))
-    stars = dict(mag=_power_law_magnitudes(rng, star_count, 0.25, *d.star_mag_range))
+    stars = dict(mag=profiles.power_law_magnitudes(rng, star_count, 0.25, *d.star_mag_range))
     stars["x"], stars["y"] = rng.uniform(-0.5, frame.canvas_size - 0.5, (2, star_count))
     # The noise is drawn here, in its place in the random stream, so that a seed gives the same
     # mock as it always has.
@@ -419,7 +414,7 @@ def _draw_field(rng, d, frame):
     """Field galaxies over the canvas: counts rising 0.3 dex/mag, mostly discs."""
     density = d.field_density_per_arcmin2 * 10.0 ** (0.3 * (d.field_mag_range[1] - 25.0))
     count = int(rng.poisson(density * _canvas_arcmin2(frame)))
-    mag = _power_law_magnitudes(rng, count, 0.3, *d.field_mag_range)
+    mag = profiles.power_law_magnitudes(rng, count, 0.3, *d.field_mag_range)
     r_eff = 0.6 * 10.0 ** (-0.1 * (mag - 22.0) + rng.normal(0.0, 0.2, count)) / frame.fine_scale
     disk = rng.uniform(size=count) < 0.7
     n = np.where(disk, rng.uniform(0.7, 1.5, count), rng.uniform(2.0, 4.0, count))
@@ -524,8 +519,7 @@ def _render_icl(p, galaxies):
     The ICL flux is set so that the rendered ICL makes the drawn fraction of the aperture light.
     """
     frame = p.frame
-    yy, xx = np.ogrid[: frame.canvas_size, : frame.canvas_size]
-    aperture = (xx - frame.centre) ** 2 + (yy - frame.centre) ** 2 <= (frame.fine_size / 2.0) ** 2
+    aperture = profiles.disc_mask(galaxies.shape, frame.centre, frame.centre, frame.fine_size / 2.0)
     galaxy_light = float(galaxies[aperture].sum(dtype=np.float64))
     icl_image = np.zeros_like(galaxies)
     if p.icl is None:
@@ -547,13 +541,12 @@ def _mask(p, image):
     mask = np.zeros(image.shape, np.int32)
     output_scale = frame.fine_size / size  # fine pixels per output pixel
     bright = stars["mag"] < BRIGHT_STAR_MAG
-    out_yy, out_xx = np.ogrid[:size, :size]
     for x, y, mag in zip(stars["x"][bright], stars["y"][bright], stars["mag"][bright]):
         radius_arcsec = BRIGHT_STAR_MASK_RADIUS_ARCSEC * 10.0 ** (0.2 * (BRIGHT_STAR_MAG - mag))
         cx = (x - CANVAS_MARGIN + 0.5) / output_scale - 0.5
         cy = (y - CANVAS_MARGIN + 0.5) / output_scale - 0.5
         radius = radius_arcsec / frame.fine_scale / output_scale
-        mask[(out_xx - cx) ** 2 + (out_yy - cy) ** 2 <= radius**2] |= 1 << hsc.DEFAULT_MASK_BITS["BRIGHT_OBJECT"]
+        mask[profiles.disc_mask(image.shape, cx, cy, radius)] |= 1 << hsc.DEFAULT_MASK_BITS["BRIGHT_OBJECT"]
     if p.no_data is not None:
         edge, width = _EDGES.index(p.no_data["edge"]), p.no_data["width_px"]
         strip = [slice(None), slice(None)]
@@ -579,9 +572,7 @@ def sb_threshold_counts(z, mu_rest=SB_THRESHOLD_REST):
 
 def aperture_mask(size=hsc.ICL_IMAGE_SIZE):
     """Boolean (size, size) map of the 300 kpc aperture: the circle of radius size/2 about the centre."""
-    yy, xx = np.ogrid[:size, :size]
-    centre = (size - 1) / 2.0
-    return (xx - centre) ** 2 + (yy - centre) ** 2 <= (size / 2.0) ** 2
+    return profiles.disc_mask((size, size), (size - 1) / 2.0, (size - 1) / 2.0, size / 2.0)
 
 
 def sb_threshold_fraction(image, z, mu_rest=SB_THRESHOLD_REST):

@@ -243,7 +243,7 @@ def inject_icl(image, z, mask=None, mask_bits=None, seed=None, quantile=None):
     injected = image * (1.0 - profile / threshold) + profile + noise
     injected = np.where(galaxies, image, injected).astype(np.float32)
 
-    aperture = _aperture(image.shape)
+    aperture = profiles.disc_mask(image.shape, (width - 1) / 2.0, (height - 1) / 2.0, min(height, width) / 2.0)
     usable = aperture & ~bad
     injected_flux = float(profile[usable].sum(dtype=np.float64))
     total_flux = float(np.clip(injected[usable], 0.0, None).sum(dtype=np.float64))
@@ -274,13 +274,6 @@ def _hull_distances(rows, cols, x0, y0):
     except Exception:  # degenerate (collinear) blobs have no 2-D hull: all their pixels bound them
         vertices = points
     return np.hypot(vertices[:, 0] - x0, vertices[:, 1] - y0)
-
-
-def _aperture(shape):
-    height, width = shape
-    yy, xx = np.ogrid[:height, :width]
-    radius = min(height, width) / 2.0
-    return (xx - (width - 1) / 2.0) ** 2 + (yy - (height - 1) / 2.0) ** 2 <= radius**2
 
 
 def resize_cutout(cutout, size=hsc.ICL_IMAGE_SIZE):

@@ -296,6 +296,12 @@ def add_points(canvas, x, y, flux):
         np.add.at(canvas, (r[keep], c[keep]), (flux * weight)[keep].astype(canvas.dtype))
 
 
+def disc_mask(shape, x0, y0, radius):
+    """Boolean map of the pixels of ``shape`` whose centres lie within ``radius`` of (x0, y0)."""
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    return (xx - x0) ** 2 + (yy - y0) ** 2 <= radius**2
+
+
 # ----------------------------------------------------------------------------------------
 # The Moffat PSF
 
@@ -338,6 +344,12 @@ def moffat_psf(fwhm, beta, radius=None, supersampling=5):
     fine = moffat(coords[None, :] ** 2 + coords[:, None] ** 2, fwhm, beta)
     kernel = fine.reshape(side, supersampling, side, supersampling).sum(axis=(1, 3))
     return (kernel / kernel.sum()).astype(np.float32)
+
+
+def power_law_magnitudes(rng, count, slope, bright, faint):
+    """``count`` magnitudes between ``bright`` and ``faint`` with counts N(<m) ~ 10^(slope m) (by inverse transform)."""
+    low, high = 10.0 ** (slope * bright), 10.0 ** (slope * faint)
+    return np.log10(low + rng.uniform(size=count) * (high - low)) / slope
 
 
 # ----------------------------------------------------------------------------------------

@@ -9,12 +9,7 @@ is complete; a rerun with the same settings keeps them and renders only the miss
 * :func:`generate_shards` leaves the shards in a folder, as ``KIND-00000-of-00012.h5``;
 * :func:`generate_file` builds them in ``FILE.h5.shards/`` and, once all exist, merges them
   into FILE.h5 (the shard folder is then removed unless ``keep_shards``).
-
-Layouts (see ``prep_data`` and ``data/README.md``): clusters and backgrounds use the *stacked*
-ICL layout (``image`` (N, 224, 224) float16 counts, ``mask`` int32, ``id``, ``z``,
-``f_icl_true``, ``f_icl_sb_ideal``, ``f_icl_sb_ideal_scene``, ``params`` JSON); tidal galaxies
-``image`` (N, 128, 128, 5) float32 counts in g, r, i, z, y with ``id``, ``has_tidal``,
-``feature_type``, ``feature_sb``, ``params``.
+The layouts of the files: :func:`write_shard` and ``data/README.md``.
 """
 
 import glob
@@ -129,7 +124,14 @@ def _run_attributes(kind, seed, n, shard_size, distribution, measure_sb=False):
 
 
 def write_shard(path, kind, images, masks, truths, ids, attributes):
-    """Write one shard in the stacked layout of its kind, atomically; ``attributes`` go to the file's attributes."""
+    """Write one shard atomically; ``attributes`` go to the file's attributes.
+
+    Clusters and backgrounds use the stacked ICL layout of ``prep_data`` (``image`` (N, 224, 224)
+    float16 counts, ``mask`` int32, ``id``, ``z``, ``f_icl_true``, ``f_icl_sb_ideal``,
+    ``f_icl_sb_ideal_scene``, optionally ``f_icl_sb``, ``params`` JSON); tidal galaxies the tidal
+    layout (``image`` (N, 128, 128, 5) float32 counts in g, r, i, z, y, ``id`` and the columns of
+    :func:`data.tidal.truth_columns`).
+    """
     if kind == "tidal":
         from data import tidal
 
@@ -272,26 +274,13 @@ def _make_writable_folder(folder, option):
 
 def generate_shards(kind, n, seed, folder, workers=WORKERS, shard_size=SHARD_SIZE, distribution="training",
                     progress=True, measure_sb=False, start_method=None):
-    """Generate ``n`` cutouts of ``kind`` as HDF5 shards in ``folder``; returns the shard paths.
+    """Generate ``n`` cutouts of ``kind`` (:data:`KINDS`) as HDF5 shards in ``folder``; returns the shard paths.
 
-    Parameters
-    ----------
-    kind : {"clusters", "backgrounds", "tidal"}
-    n, seed : int
-        Number of cutouts (>= 1) and the seed of their random streams (>= 0).
-    folder : str or path-like
-        Created if needed; complete shards of the same run already there are kept.
-    workers, shard_size : int
-        Worker processes, and cutouts per shard.
-    distribution : {"training", "real-like"}
-        Parameter distribution of the clusters (``data.clusters``).
-    progress : bool
-        Show a progress bar (on standard error).
-    measure_sb : bool
-        Also measure the SB-method label ``f_icl_sb`` on each noisy cluster (needs ``measure_sb_cut``).
-    start_method : {"fork", "forkserver", "spawn"}, optional
-        How worker processes start; by default "fork", or "forkserver" when TensorFlow is
-        loaded in this process.
+    ``folder`` is created if needed; complete shards of the same run already there are kept.
+    ``distribution`` (:data:`DISTRIBUTIONS`) picks the clusters' parameters; ``measure_sb`` also
+    measures the SB-method label ``f_icl_sb`` on each noisy cluster (needs ``measure_sb_cut``);
+    ``progress`` shows a bar on standard error; ``start_method`` ("fork", "forkserver", "spawn")
+    is how worker processes start, by default "fork", or "forkserver" when TensorFlow is loaded.
 
     Raises
     ------
@@ -380,40 +369,23 @@ def _run_pool(todo, plan, paths, kind, seed, distribution, attributes, workers, 
 # Preview
 
 
-def read_examples(paths, count):
-    """The first ``count`` images, masks (or None) and truths stored in ``paths``."""
-    images, masks, truths = [], [], []
-    for path in paths:
-        with h5py.File(path, "r") as f:
-            take = min(count - len(images), f["id"].shape[0])
-            images.extend(np.asarray(f["image"][:take], dtype=np.float32))
-            masks.extend(f["mask"][:take] if "mask" in f else [None] * take)
-            columns = [k for k in f.keys() if k not in ("image", "mask", "id") and f[k].ndim == 1]
-            values = {k: f[k][:take] for k in columns}
-            for row in range(take):
-                truth = {}
-                for key, column in values.items():
-                    value = column[row]
-                    value = value.decode() if isinstance(value, bytes) else value
-                    truth[key] = json.loads(value) if key == "params" else (value.item() if hasattr(value, "item") else value)
-                truths.append(truth)
-        if len(images) >= count:
-            break
-    return images, masks, truths
-
-
 def preview_shards(kind, paths, preview_path, count=PREVIEW_COUNT):
     """Draw a PNG grid of the first ``count`` cutouts of ``kind`` stored in ``paths``, with their truth."""
     from data import profiles
 
-    images, masks, truths = read_examples(paths, count)
     if kind == "tidal":
+        import tidal_data
         from data import tidal
 
-        panels = [tidal.preview_panel(image, truth) for image, truth in zip(images, truths)]
+        catalogue = tidal_data.index_tidal_hdf5(paths)
+        shown = np.arange(min(count, len(catalogue)))
+        truths = [dict(has_tidal=catalogue.has_tidal[i], feature_type=catalogue.feature_type[i],
+                       feature_sb=catalogue.feature_sb[i]) for i in shown]
+        panels = [tidal.preview_panel(image, truth) for image, truth in zip(tidal_data.read_tidal_images(catalogue, shown), truths)]
         profiles.draw_preview(panels, preview_path, columns=6, title=tidal.PREVIEW_TITLE)
     else:
         from data import clusters
 
-        panels = [clusters.preview_panel(image, truth, mask) for image, mask, truth in zip(images, masks, truths)]
-        profiles.draw_preview(panels, preview_path, columns=8)
+        refs, _ = prep_data.index_cutouts(paths)
+        cutouts = [prep_data.read_cutout(ref) for ref in refs[:count]]
+        profiles.draw_preview([clusters.preview_panel(c.image, c.meta, c.mask) for c in cutouts], preview_path, columns=8)

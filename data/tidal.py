@@ -337,10 +337,7 @@ def _draw_neighbours(rng, host):
     faint, bright = GALAXY_MAG_RANGE[1], GALAXY_MAG_RANGE[0]
     expected = density_25 * (10.0 ** (slope * (faint - 25.0)) - 10.0 ** (slope * (bright - 25.0)))
     count = rng.poisson(expected * _canvas_area_arcmin2())
-    # Inverse transform of N(<m) ~ 10^(slope m) between the magnitude limits.
-    u = rng.uniform(size=count)
-    low, high = 10.0 ** (slope * bright), 10.0 ** (slope * faint)
-    mags = np.log10(low + u * (high - low)) / slope
+    mags = profiles.power_law_magnitudes(rng, count, slope, bright, faint)
     spheroid = rng.uniform(size=count) < 0.3
     r_e_arcsec = 10.0 ** (np.log10(0.6) - 0.1 * (mags - 22.0) + rng.normal(0.0, 0.2, count))
     n = np.where(spheroid, rng.uniform(2.5, 4.0, count), rng.uniform(0.7, 1.3, count))
