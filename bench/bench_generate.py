@@ -1,6 +1,6 @@
 """Throughput of the mock generator on this machine: clusters/s (and tidal galaxies/s) with one
-process and with all cores, in the same run, through ``data.generate.generate`` (rendering and
-writing the HDF5 shards included).
+process and with all cores, in the same run, through ``data.shards.generate_shards`` (rendering
+and writing the HDF5 shards included).
 
 ``--compare-tensorflow`` also times the core of the cluster renderer (two full-frame Sersic
 profiles, a few hundred point sources, an FFT convolution with a Moffat PSF, noise, and the
@@ -30,38 +30,39 @@ CORE_REPEATS = 5
 
 def time_generation(kind, n, workers, shard_size):
     """Seconds to generate ``n`` cutouts of ``kind`` with ``workers`` processes (into a temporary folder)."""
-    from data import generate
+    from data import shards
 
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        generate.generate(kind, n, SEED, pathlib.Path(folder) / kind, workers=workers, shard_size=shard_size, progress=False)
+        shards.generate_shards(kind, n, SEED, pathlib.Path(folder) / kind, workers=workers, shard_size=shard_size,
+                               progress=False)
         return time.perf_counter() - started
 
 
 def cpu_seconds_per_cutout(kind, n):
     """Mean CPU seconds to render one cutout in this process (no writing): less sensitive than
     wall-clock rates to other jobs sharing the cores."""
-    from data import generate
+    from data import shards
 
-    generate.render_one(kind, SEED, n)  # imports and caches
+    shards.render_one(kind, SEED, n)  # imports and caches
     started = time.process_time()
     for index in range(n):
-        generate.render_one(kind, SEED, index)
+        shards.render_one(kind, SEED, index)
     return (time.process_time() - started) / n
 
 
 def numpy_core(size, rng):
     """The renderer's heavy steps in NumPy/SciPy (as data.clusters does them)."""
     import prep_data
-    from data import clusters
+    from data import clusters, profiles
 
     canvas = np.zeros((size, size), np.float32)
     centre = (size - 1) / 2
-    clusters.add_sersic(canvas, centre, centre, 5000.0, size / 20, 4.0, 0.8, 0.3)
-    clusters.add_sersic(canvas, centre, centre, 2000.0, size / 6, 1.0, 0.7, 0.4)
+    profiles.add_sersic(canvas, centre, centre, 5000.0, size / 20, 4.0, 0.8, 0.3)
+    profiles.add_sersic(canvas, centre, centre, 2000.0, size / 6, 1.0, 0.7, 0.4)
     x, y = rng.uniform(0, size - 1, (2, 300))
-    clusters.add_points(canvas, x, y, rng.uniform(1, 50, 300))
-    (convolved,) = clusters.convolve_fft([canvas], clusters.moffat_psf(3.0, 3.0))
+    profiles.add_points(canvas, x, y, rng.uniform(1, 50, 300))
+    (convolved,) = clusters.convolve_fft([canvas], profiles.moffat_psf(3.0, 3.0))
     convolved += rng.standard_normal(convolved.shape, dtype=np.float32) * np.float32(0.03)
     return prep_data.resize_image(convolved)
 

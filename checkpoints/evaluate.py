@@ -130,12 +130,12 @@ def main(argv=None):
 
     try:
         if args.generate:
-            from data import generate
+            from data import shards
 
             n, seed = args.generate
             with tempfile.TemporaryDirectory() as folder:
                 heldout = pathlib.Path(folder) / "heldout.h5"
-                generate.generate("clusters", n, seed, heldout)
+                shards.generate_file("clusters", n, seed, heldout)
                 result = evaluate(args.checkpoint, [heldout], args.out_dir, args.batch_size, heldout_seed=seed)
         else:
             result = evaluate(args.checkpoint, args.inputs, args.out_dir, args.batch_size)

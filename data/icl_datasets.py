@@ -54,9 +54,9 @@ LABEL_COLUMNS = {"sb": "f_icl_sb", "ideal": "f_icl_sb_ideal", "ideal_scene": "f_
 SMALL_SIZE = 8
 
 _MANUAL_INSTRUCTIONS = """\
-Optional. Put HDF5 shards made by `python -m data.generate clusters --out DIR ...` (or a merged
-FILE.h5) in the manual directory to build from them; without them the builder generates the
-cutouts itself.
+Optional. Put HDF5 shards made by `python -m data.generate clusters --out-dir DIR ...` (or the
+one file of `--out FILE.h5`) in the manual directory to build from them; without them the builder
+generates the cutouts itself.
 """
 
 
@@ -124,7 +124,7 @@ def read_shard_examples(paths, label_column):
                 image = np.asarray(f["image"][row], dtype=np.float32)
                 mask = np.asarray(f["mask"][row]) if "mask" in f else np.zeros(image.shape, np.int32)
                 if measure:
-                    from data.generate import measure_sb_label
+                    from data.shards import measure_sb_label
 
                     label = measure_sb_label(image, mask, float(redshifts[row]))
                 else:
@@ -166,13 +166,13 @@ class _IclBuilder(tfds.core.GeneratorBasedBuilder):
         except (AssertionError, ValueError):
             paths = []
         if not paths:
-            from data import generate
+            from data import shards
 
             config = self.builder_config
             folder = os.path.join(str(dl_manager.download_dir), f"{self.name}-{config.name}-shards")
             measure = config.label_column == "f_icl_sb"
-            paths = generate.generate("clusters", config.size, config.seed, folder, workers=os.cpu_count() or 1,
-                                      distribution=config.distribution, measure_sb=measure)
+            paths = shards.generate_shards("clusters", config.size, config.seed, folder, workers=os.cpu_count() or 1,
+                                           distribution=config.distribution, measure_sb=measure)
         return {"train": self._generate_examples(paths)}
 
     def _generate_examples(self, paths):

@@ -35,6 +35,7 @@ import numpy as np
 import data.files
 import hsc
 import prep_data
+from data import profiles
 
 logger = logging.getLogger(__name__)
 
@@ -110,15 +111,10 @@ def exponential_profile(shape, x0, y0, amplitude, r_eff, ellipticity, position_a
     position_angle : float
         Major axis angle from +x towards +y (radians).
     """
-    from data.clusters import sersic_b
-
     yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
-    dx, dy = xx - x0, yy - y0
-    cos, sin = np.cos(position_angle), np.sin(position_angle)
-    major = dx * cos + dy * sin
-    minor = (-dx * sin + dy * cos) / (1.0 - ellipticity)
-    radius = np.hypot(major, minor)
-    return (amplitude * np.exp(-float(sersic_b(1.0)) * (radius / r_eff - 1.0))).astype(np.float32)
+    r2 = profiles.elliptical_radius_squared(xx - x0, yy - y0, 1.0 - ellipticity, position_angle)
+    b = float(profiles.sersic_b(1.0))
+    return profiles.sersic_intensity(r2 * (1.0 / r_eff**2), amplitude, 1.0, b, dtype=np.float64).astype(np.float32)
 
 
 def segment_sources(image, threshold, bad=None, min_pixels=MIN_SOURCE_PIXELS, erosion_steps=EROSION_STEPS):
@@ -247,7 +243,7 @@ def inject_icl(image, z, mask=None, mask_bits=None, seed=None, quantile=None):
     injected = image * (1.0 - profile / threshold) + profile + noise
     injected = np.where(galaxies, image, injected).astype(np.float32)
 
-    aperture = _aperture(image.shape)
+    aperture = profiles.disc_mask(image.shape, (width - 1) / 2.0, (height - 1) / 2.0, min(height, width) / 2.0)
     usable = aperture & ~bad
     injected_flux = float(profile[usable].sum(dtype=np.float64))
     total_flux = float(np.clip(injected[usable], 0.0, None).sum(dtype=np.float64))
@@ -278,13 +274,6 @@ def _hull_distances(rows, cols, x0, y0):
     except Exception:  # degenerate (collinear) blobs have no 2-D hull: all their pixels bound them
         vertices = points
     return np.hypot(vertices[:, 0] - x0, vertices[:, 1] - y0)
-
-
-def _aperture(shape):
-    height, width = shape
-    yy, xx = np.ogrid[:height, :width]
-    radius = min(height, width) / 2.0
-    return (xx - (width - 1) / 2.0) ** 2 + (yy - (height - 1) / 2.0) ** 2 <= radius**2
 
 
 def resize_cutout(cutout, size=hsc.ICL_IMAGE_SIZE):

@@ -15,7 +15,6 @@ one FITS file per cluster with IMAGE, MASK (and VARIANCE) HDUs, readable by :mod
 import argparse
 import dataclasses
 import logging
-import os
 import pathlib
 import sys
 import warnings
@@ -26,6 +25,7 @@ import common
 import data.files
 import hsc
 import prep_data
+from data import profiles
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +155,7 @@ def read_catalogue(path):
 
 def cutout_side_pixels(z, pixel_scale, cosmology=MEASUREMENT_COSMOLOGY):
     """Odd side (pixels) of the +-300 kpc cutout at redshift ``z`` on a grid of ``pixel_scale`` arcsec/px."""
-    from data.clusters import _cosmology
-
-    kpc_per_arcsec = float(_cosmology(*cosmology).kpc_proper_per_arcmin(z).value) / 60.0
+    kpc_per_arcsec = profiles.kpc_per_arcsec(z, cosmology)
     # Odd, so that the cluster falls on the centre pixel, (side - 1) / 2.
     return 2 * int(round(hsc.CUTOUT_HALF_WIDTH_KPC / kpc_per_arcsec / pixel_scale)) + 1
 
@@ -246,11 +244,9 @@ def write_fits_cutouts(cutouts, folder):
         if cutout.variance is not None:
             hdus.append(fits.ImageHDU(cutout.variance, name="VARIANCE"))
         path = folder / f"{cutout.id}.fits"
-        partial = common.atomic_path(path)
-        with warnings.catch_warnings():
+        with common.atomic_write(path) as temporary, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fits.HDUList(hdus).writeto(partial, overwrite=True, output_verify="silentfix")
-        os.replace(partial, path)
+            fits.HDUList(hdus).writeto(temporary, output_verify="silentfix")
         paths.append(str(path))
     return paths
 
@@ -262,10 +258,14 @@ def main(argv=None):
     )
     parser.add_argument("coadd", help="coadd FITS file with a WCS (IMAGE, MASK, VARIANCE HDUs or image first)")
     parser.add_argument("catalogue", help="cluster catalogue (CSV, ECSV or FITS table) with id, ra, dec, z")
-    parser.add_argument("--out", required=True, help="FILE.h5 (groups layout) or a folder for one FITS per cluster")
+    output = parser.add_mutually_exclusive_group(required=True)
+    output.add_argument("--out", metavar="FILE", help="one HDF5 file, FILE.h5, in the groups layout")
+    output.add_argument("--out-dir", metavar="DIR", help="a folder of FITS files, one per cluster")
     parser.add_argument("--h0", type=float, default=MEASUREMENT_COSMOLOGY[0], help="Hubble constant (default 68.4)")
     parser.add_argument("--om0", type=float, default=MEASUREMENT_COSMOLOGY[1], help="matter density (default 0.301)")
     args = parser.parse_args(argv)
+    if args.out and pathlib.Path(args.out).suffix.lower() not in prep_data.HDF5_SUFFIXES:
+        parser.error(f"--out {args.out}: --out names one HDF5 file (FILE.h5); a folder of FITS files is --out-dir DIR")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         coadd = read_coadd(args.coadd)
@@ -273,15 +273,15 @@ def main(argv=None):
     except (OSError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
     cutouts, report = cut_clusters(coadd, catalogue, (args.h0, args.om0))
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(args.out or args.out_dir)
     try:
-        if out.suffix.lower() in prep_data.HDF5_SUFFIXES:
-            if cutouts:
-                data.files.write_groups_hdf5(out, [cutout.as_cutout(out) for cutout in cutouts])
-        else:
+        if args.out and cutouts:
+            data.files.write_groups_hdf5(out, [cutout.as_cutout(out) for cutout in cutouts])
+        elif args.out_dir:
             write_fits_cutouts(cutouts, out)
     except OSError as error:
-        parser.exit(2, f"error: --out {out}: cannot write ({error.strerror or error})\n")
+        option = "--out" if args.out else "--out-dir"
+        parser.exit(2, f"error: {option} {out}: cannot write ({error.strerror or error})\n")
     print(f"wrote {len(cutouts)} cutouts to {out}")
     if report.partial:
         print(f"off the coadd edge (kept, missing part NO_DATA): {', '.join(report.partial)}")

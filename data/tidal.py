@@ -50,15 +50,13 @@ sources just outside the cutout spill light into it and the FFT convolution does
 import functools
 import json
 import logging
-import os
-import pathlib
 
 import numpy as np
 import scipy.fft
 import scipy.special
 
 import hsc
-from data import tidal_streams
+from data import profiles, tidal_streams
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +108,7 @@ HOST_Z_RANGE = (0.02, 0.4)
 #: Absolute i magnitude of the Sun (AB).
 SUN_ABSOLUTE_MAG_I = 4.53
 #: Flat Lambda-CDM cosmology (H0 in km/s/Mpc, Omega_m).
-COSMOLOGY = (70.0, 0.3)
+COSMOLOGY = profiles.MOCK_COSMOLOGY
 
 #: Field galaxies per arcmin^2 brighter than 25 mag (i) and the slope of the counts (dex/mag).
 GALAXY_DENSITY = (40.0, 0.3)
@@ -125,6 +123,9 @@ COMPANION_PROBABILITY = 0.15
 #: Sersic stamps extend to where the i-band profile falls to this intensity (counts per pixel,
 #: a fortieth of the i-band noise): what lies beyond is lost below the noise.
 STAMP_THRESHOLD = 0.0005
+#: Sampling of the galaxy stamps (:func:`data.profiles.add_sersic`): the 5 x 5 pixels about the
+#: centre sub-sampled 7 x 7, without the cusp correction.
+STAMP_SAMPLING = dict(supersampling=7, box_half_size=2, cusp_correction=False)
 #: Sources fainter than this (i counts, about 22.8 mag) have their cores sub-sampled 3 x 3, not 7 x 7.
 OVERSAMPLE_MIN_FLUX = 50.0
 
@@ -136,129 +137,13 @@ _CENTRE = (_CANVAS - 1) / 2.0
 # Profiles
 
 
-def sersic_b(n):
-    """Sersic b_n, so that the effective radius holds half the light: gamma(2n, b_n) = Gamma(2n) / 2.
-
-    Parameters
-    ----------
-    n : float
-        Sersic index.
-    """
-    return float(scipy.special.gammaincinv(2.0 * n, 0.5))
-
-
-def sersic_total_flux(intensity_at_r_e, r_e, n, q):
-    """Total flux of a Sersic profile (Graham & Driver 2005, eq. 4, with axis ratio q).
-
-    F = 2 pi q r_e^2 n e^b b^(-2n) Gamma(2n) I_e, with r_e along the major axis.
-    """
-    b = sersic_b(n)
-    return 2.0 * np.pi * q * r_e**2 * n * np.exp(b) * b ** (-2.0 * n) * scipy.special.gamma(2.0 * n) * intensity_at_r_e
-
-
-def sersic_image(shape, x0, y0, flux, r_e, n, q=1.0, theta=0.0, oversample=7, oversample_radius=2):
-    """Image of a Sersic profile, sampled at pixel centres with the core sub-sampled.
-
-    Parameters
-    ----------
-    shape : tuple of int
-        (rows, columns) of the image.
-    x0, y0 : float
-        Centre in pixel coordinates (column, row; pixel centres at integers).
-    flux : float
-        Total flux of the untruncated profile (counts).
-    r_e : float
-        Half-light radius along the major axis, pixels (> 0).
-    n : float
-        Sersic index, 0.4 <= n <= 8.
-    q : float
-        Axis ratio b/a in (0, 1].
-    theta : float
-        Position angle of the major axis, radians counter-clockwise from the x axis.
-    oversample : int
-        Sub-pixels per axis in the core, where the profile is too steep for one sample.
-    oversample_radius : int
-        Half-width (pixels) of the sub-sampled box around the pixel nearest the centre.
-
-    Returns
-    -------
-    ndarray, shape ``shape``, float32
-        Counts per pixel. When the image holds the whole profile its sum is ``flux`` within
-        1% for a minor-axis half-light radius ``q * r_e`` >= 2 pixels; barely resolved
-        profiles (q r_e below 1 pixel, n >= 2.5) can miss a few per cent in their core.
-    """
-    if r_e <= 0:
-        raise ValueError(f"r_e must be > 0, got {r_e}")
-    if not 0.4 <= n <= 8.0:
-        raise ValueError(f"n must be in [0.4, 8], got {n}")
-    if not 0 < q <= 1:
-        raise ValueError(f"q must be in (0, 1], got {q}")
-    b = sersic_b(n)
-    intensity_at_r_e = flux / sersic_total_flux(1.0, r_e, n, q)
-    cos_t, sin_t = np.cos(theta), np.sin(theta)
-
-    def profile(dx, dy):
-        major = dx * cos_t + dy * sin_t
-        minor = (-dx * sin_t + dy * cos_t) / q
-        r_squared = (major * major + minor * minor) / np.float32(r_e * r_e)
-        return np.exp(np.float32(-b) * (np.power(r_squared, np.float32(0.5 / n)) - np.float32(1.0)))
-
-    def offsets(factor):
-        return ((np.arange(factor, dtype=np.float32) + 0.5) / factor - 0.5).astype(np.float32)
-
-    rows, columns = shape
-    dy = (np.arange(rows, dtype=np.float32) - np.float32(y0))[:, None]
-    dx = (np.arange(columns, dtype=np.float32) - np.float32(x0))[None, :]
-    image = profile(dx, dy)
-    i0, j0 = int(round(y0)), int(round(x0))
-    row_lo, row_hi = max(i0 - oversample_radius, 0), min(i0 + oversample_radius + 1, rows)
-    col_lo, col_hi = max(j0 - oversample_radius, 0), min(j0 + oversample_radius + 1, columns)
-    if oversample > 1 and row_lo < row_hi and col_lo < col_hi:
-        sub = offsets(oversample)
-        sub_dy = dy[row_lo:row_hi, :, None, None] + sub[None, None, :, None]
-        sub_dx = dx[:, col_lo:col_hi, None, None] + sub[None, None, None, :]
-        image[row_lo:row_hi, col_lo:col_hi] = profile(sub_dx, sub_dy).mean(axis=(2, 3))
-    image *= np.float32(intensity_at_r_e)
-    return image
-
-
-def moffat_fwhm_to_alpha(fwhm, beta):
-    """Moffat core width alpha from the FWHM: FWHM = 2 alpha sqrt(2^(1/beta) - 1) (Moffat 1969)."""
-    return fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
-
-
 @functools.lru_cache(maxsize=640)
 def _psf_transform(fwhm_pixels, beta, size=_CANVAS):
     """Real FFT of a unit-sum Moffat PSF centred on pixel (0, 0) of a periodic size x size grid."""
-    alpha = moffat_fwhm_to_alpha(fwhm_pixels, beta)
     offsets = np.fft.fftfreq(size, 1.0 / size).astype(np.float32)
-    r_squared = offsets[:, None] ** 2 + offsets[None, :] ** 2
-    kernel = (1.0 + r_squared / np.float32(alpha**2)) ** np.float32(-beta)
+    kernel = profiles.moffat(offsets[:, None] ** 2 + offsets[None, :] ** 2, fwhm_pixels, beta)
     kernel /= kernel.sum()
     return scipy.fft.rfft2(kernel)
-
-
-def moffat_psf(size, fwhm_pixels, beta):
-    """Unit-sum Moffat PSF image, centred at the centre of an odd-sized ``size`` x ``size`` grid.
-
-    Parameters
-    ----------
-    size : int
-        Side in pixels (odd).
-    fwhm_pixels : float
-        Full width at half maximum, pixels.
-    beta : float
-        Moffat index (> 1).
-    """
-    if size % 2 != 1:
-        raise ValueError(f"size must be odd, got {size}")
-    if beta <= 1:
-        raise ValueError(f"beta must be > 1, got {beta}")
-    alpha = moffat_fwhm_to_alpha(fwhm_pixels, beta)
-    offsets = np.arange(size) - size // 2
-    r_squared = offsets[:, None] ** 2 + offsets[None, :] ** 2
-    kernel = (1.0 + r_squared / alpha**2) ** (-beta)
-    return kernel / kernel.sum()
 
 
 def _gaussian_transform(sigma, size=_CANVAS):
@@ -269,35 +154,11 @@ def _gaussian_transform(sigma, size=_CANVAS):
 
 
 def bin_points(x, y, weights, shape):
-    """Bilinear (cloud-in-cell) binning of weighted points onto a pixel grid.
-
-    Parameters
-    ----------
-    x, y : ndarray, shape (N,)
-        Positions in pixel coordinates (pixel centres at integers).
-    weights : ndarray, shape (N,)
-    shape : tuple of int
-
-    Returns
-    -------
-    ndarray, shape ``shape``, float32
-        Each point's weight shared among the four nearest pixel centres; points falling
-        off the grid lose their share.
-    """
-    rows, columns = shape
-    x0 = np.floor(x).astype(np.int64)
-    y0 = np.floor(y).astype(np.int64)
-    fx = x - x0
-    fy = y - y0
-    image = np.zeros(rows * columns, dtype=np.float64)
-    for dy, wy in ((0, 1.0 - fy), (1, fy)):
-        for dx, wx in ((0, 1.0 - fx), (1, fx)):
-            xi, yi = x0 + dx, y0 + dy
-            inside = (xi >= 0) & (xi < columns) & (yi >= 0) & (yi < rows)
-            image += np.bincount(
-                yi[inside] * columns + xi[inside], weights=(weights * wx * wy)[inside], minlength=rows * columns
-            )
-    return image.reshape(shape).astype(np.float32)
+    """A float32 image of ``shape`` holding weighted points, each shared bilinearly among the four
+    nearest pixel centres (:func:`data.profiles.add_points`, summed in float64); light off it is lost."""
+    image = np.zeros(shape)
+    profiles.add_points(image, x, y, weights)
+    return image.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -307,9 +168,7 @@ def bin_points(x, y, weights, shape):
 @functools.lru_cache(maxsize=1)
 def _distance_table():
     """Redshift grid with luminosity distance (Mpc), angular scale (kpc/arcsec) and comoving volume element."""
-    from astropy.cosmology import FlatLambdaCDM
-
-    cosmology = FlatLambdaCDM(H0=COSMOLOGY[0], Om0=COSMOLOGY[1])
+    cosmology = profiles.cosmology(*COSMOLOGY)
     z = np.linspace(0.005, 1.0, 400)
     luminosity_distance = cosmology.luminosity_distance(z).value
     kpc_per_arcsec = cosmology.kpc_proper_per_arcmin(z).value / 60.0
@@ -478,10 +337,7 @@ def _draw_neighbours(rng, host):
     faint, bright = GALAXY_MAG_RANGE[1], GALAXY_MAG_RANGE[0]
     expected = density_25 * (10.0 ** (slope * (faint - 25.0)) - 10.0 ** (slope * (bright - 25.0)))
     count = rng.poisson(expected * _canvas_area_arcmin2())
-    # Inverse transform of N(<m) ~ 10^(slope m) between the magnitude limits.
-    u = rng.uniform(size=count)
-    low, high = 10.0 ** (slope * bright), 10.0 ** (slope * faint)
-    mags = np.log10(low + u * (high - low)) / slope
+    mags = profiles.power_law_magnitudes(rng, count, slope, bright, faint)
     spheroid = rng.uniform(size=count) < 0.3
     r_e_arcsec = 10.0 ** (np.log10(0.6) - 0.1 * (mags - 22.0) + rng.normal(0.0, 0.2, count))
     n = np.where(spheroid, rng.uniform(2.5, 4.0, count), rng.uniform(0.7, 1.3, count))
@@ -746,8 +602,8 @@ def _stamp_half_width(component):
     """Half-width (pixels) of the stamp of a Sersic component: out to where its i-band
     intensity falls to :data:`STAMP_THRESHOLD` counts, within [4, canvas] pixels."""
     r_e, n, q = component["r_e"], component["n"], component["q"]
-    b = sersic_b(n)
-    intensity_at_r_e = component["flux"][2] / sersic_total_flux(1.0, r_e, n, q)
+    b = profiles.sersic_b(n)
+    intensity_at_r_e = profiles.sersic_surface_brightness_at_r_eff(component["flux"][2], r_e, n, q)
     if intensity_at_r_e <= STAMP_THRESHOLD:
         return 4
     # I(r) = I_e exp(-b ((r / r_e)^(1/n) - 1)) = threshold, solved for r.
@@ -764,18 +620,9 @@ def _add_component(scene, component):
     if col_lo >= col_hi or row_lo >= row_hi:
         return
     # A faint source's core holds too little light above the noise to be worth fine sampling.
-    oversample = 7 if component["flux"][2] > OVERSAMPLE_MIN_FLUX else 3
-    profile = sersic_image(
-        (row_hi - row_lo, col_hi - col_lo),
-        x - col_lo,
-        y - row_lo,
-        1.0,
-        component["r_e"],
-        component["n"],
-        component["q"],
-        component["theta"],
-        oversample=oversample,
-    )
+    sampling = STAMP_SAMPLING if component["flux"][2] > OVERSAMPLE_MIN_FLUX else dict(STAMP_SAMPLING, supersampling=3)
+    profile = profiles.render_sersic((row_hi - row_lo, col_hi - col_lo), x - col_lo, y - row_lo, 1.0, component["r_e"],
+                                     component["n"], component["q"], component["theta"], **sampling)
     scene[:, row_lo:row_hi, col_lo:col_hi] += np.asarray(component["flux"], np.float32)[:, None, None] * profile
 
 
@@ -911,50 +758,15 @@ def _display(image):
     return np.stack(channels, axis=-1)
 
 
-def draw_preview(images, truths, path, columns=6):
-    """Draw a PNG grid of cutouts with their truth (feature type and mean SB).
+def preview_panel(image, truth):
+    """A panel of :func:`data.profiles.draw_preview`: the cutout in gri (:func:`_display`) captioned
+    with its feature type and mean SB (i, mag/arcsec^2), in red when it has a feature."""
+    caption = f"{truth['feature_type']} {truth['feature_sb']:.1f}" if truth.get("has_tidal") else "no feature"
+    return _display(np.asarray(image)), caption, "C3" if truth.get("has_tidal") else "black"
 
-    Parameters
-    ----------
-    images : sequence of ndarray, shape (128, 128, 5)
-        Cutouts in counts (g, r, i, z, y).
-    truths : sequence of dict
-        Truth dicts as returned by :func:`render_tidal_galaxy` (``params`` is optional).
-    path : str or path-like
-        Output PNG, written atomically.
-    columns : int
-        Panels per row.
-    """
-    import matplotlib
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    import common
-
-    if len(images) != len(truths):
-        raise ValueError(f"images and truths must have the same length, got {len(images)} and {len(truths)}")
-    if len(images) == 0:
-        raise ValueError("images must hold at least one cutout")
-    rows = int(np.ceil(len(images) / columns))
-    columns = min(columns, len(images))
-    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
-    for axis in axes.ravel():
-        axis.axis("off")
-    for axis, image, truth in zip(axes.ravel(), images, truths):
-        axis.imshow(_display(np.asarray(image)), origin="lower", interpolation="nearest")
-        if truth.get("has_tidal"):
-            title = f"{truth['feature_type']} {truth['feature_sb']:.1f}"
-        else:
-            title = "no feature"
-        axis.set_title(title, fontsize=8, color="C3" if truth.get("has_tidal") else "black")
-    figure.suptitle("gri; title: feature type, mean SB (i, mag/arcsec$^2$)", fontsize=9)
-    figure.tight_layout()
-    path = pathlib.Path(path)
-    temporary = common.atomic_path(path)
-    figure.savefig(temporary, format="png", dpi=80)
-    plt.close(figure)
-    os.replace(temporary, path)
+#: Title of a preview of tidal galaxies.
+PREVIEW_TITLE = "gri; title: feature type, mean SB (i, mag/arcsec$^2$)"
 
 
 # ----------------------------------------------------------------------------------------
@@ -969,8 +781,7 @@ def write_tidal_hdf5(path, images, truths, ids):
     """Write tidal cutouts in the stacked HDF5 layout, atomically (temporary file, then rename).
 
     Layout: ``image`` (N, 128, 128, 5) float32 counts in g, r, i, z, y (file attribute
-    ``bands = "grizy"``), ``id`` (N,) text, and the columns ``has_tidal`` (int), ``feature_type``
-    (text), ``feature_sb`` (float, NaN without a feature) and ``params`` (JSON text).
+    ``bands = "grizy"``), ``id`` (N,) text, and the columns of :func:`truth_columns`.
 
     Parameters
     ----------
@@ -989,10 +800,15 @@ def write_tidal_hdf5(path, images, truths, ids):
         raise ValueError(
             f"images, truths and ids must have the same length, got {len(images)}, {len(truths)} and {len(ids)}"
         )
-    columns = {
+    tidal_data.write_tidal_hdf5(path, images, ids, truth_columns(truths))
+
+
+def truth_columns(truths):
+    """The columns of the tidal layout from truth dicts of :func:`render_tidal_galaxy`: ``has_tidal``
+    (int), ``feature_type`` (text), ``feature_sb`` (float, NaN without a feature), ``params`` (JSON text)."""
+    return {
         "has_tidal": np.asarray([int(t["has_tidal"]) for t in truths], dtype=np.int64),
-        "feature_type": [t["feature_type"] for t in truths],
-        "feature_sb": np.asarray([t["feature_sb"] for t in truths], dtype=np.float64),
-        "params": [json.dumps(t["params"]) for t in truths],
+        "feature_type": [str(t["feature_type"]) for t in truths],
+        "feature_sb": np.asarray([float(t["feature_sb"]) for t in truths], dtype=np.float64),
+        "params": [json.dumps(t["params"], sort_keys=True) for t in truths],
     }
-    tidal_data.write_tidal_hdf5(path, images, ids, columns)

@@ -21,8 +21,8 @@ remake them.
 """
 
 import argparse
+import gzip
 import json
-import os
 import pathlib
 import sys
 
@@ -45,14 +45,15 @@ def write_example_clusters(out_dir, n=N_CLUSTERS, seed=SEED):
     import pandas as pd
     from astropy.io import fits
 
+    import common
     import hsc
-    from data import clusters, generate
+    from data import clusters, shards
 
     folder = pathlib.Path(out_dir) / "clusters"
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for index in range(n):
-        rng = generate.cutout_rng("clusters", seed, index)
+        rng = shards.cutout_rng("clusters", seed, index)
         image, mask, truth = clusters.render_cluster(rng, clusters.REAL_LIKE_DISTRIBUTION)
         name = f"example{index:02d}"
         noise = float(truth["params"]["noise_sigma_native"])
@@ -68,10 +69,9 @@ def write_example_clusters(out_dir, n=N_CLUSTERS, seed=SEED):
                 fits.ImageHDU(np.full(image.shape, noise**2, np.float32), name="VARIANCE"),
             ]
         )
-        path = folder / f"{name}.fits.gz"
-        temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
-        hdus.writeto(temporary, overwrite=True)
-        os.replace(temporary, path)
+        # Compressed through gzip: astropy would choose the compression from the temporary name.
+        with common.atomic_write(folder / f"{name}.fits.gz") as temporary, gzip.open(temporary, "wb") as handle:
+            hdus.writeto(handle)
         rows.append({"id": name, "z": truth["z"], "f_icl_true": truth["f_icl_true"], "f_icl_sb_ideal": truth["f_icl_sb_ideal"],
                      "f_icl_sb_ideal_scene": truth["f_icl_sb_ideal_scene"],
                      "params": json.dumps(truth["params"], default=float)})
@@ -90,7 +90,7 @@ def write_example_galaxies(out_dir, n_per_class=N_GALAXIES_PER_CLASS, seed=GALAX
     n_per_class : int
         Galaxies with a tidal feature, and galaxies without; >= 1.
     seed : int
-        Galaxy ``i`` is rendered from ``data.generate.cutout_rng("tidal", seed, i)``, the
+        Galaxy ``i`` is rendered from ``data.shards.cutout_rng("tidal", seed, i)``, the
         generator's own seeding, so one galaxy can be remade alone. Even ``i`` have a tidal
         feature, odd ``i`` none.
 
@@ -104,7 +104,7 @@ def write_example_galaxies(out_dir, n_per_class=N_GALAXIES_PER_CLASS, seed=GALAX
     import data.files
     import hsc
     import tidal_data
-    from data import generate, tidal
+    from data import shards, tidal
 
     if n_per_class < 1:
         raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
@@ -112,18 +112,12 @@ def write_example_galaxies(out_dir, n_per_class=N_GALAXIES_PER_CLASS, seed=GALAX
     folder.mkdir(parents=True, exist_ok=True)
     images, ids, truths = [], [], []
     for index in range(2 * n_per_class):
-        image, truth = tidal.render_tidal_galaxy(generate.cutout_rng("tidal", seed, index), has_tidal=index % 2 == 0)
+        image, truth = tidal.render_tidal_galaxy(shards.cutout_rng("tidal", seed, index), has_tidal=index % 2 == 0)
         images.append(image)
         truths.append(truth)
         ids.append(f"galaxy{index:02d}")
-    columns = {
-        "has_tidal": np.asarray([truth["has_tidal"] for truth in truths], dtype=np.int64),
-        "feature_type": [truth["feature_type"] for truth in truths],
-        "feature_sb": np.asarray([truth["feature_sb"] for truth in truths], dtype=np.float64),
-        "params": [json.dumps(truth["params"], sort_keys=True, default=float) for truth in truths],
-    }
     path = folder / GALAXIES_FILE
-    data.files.write_stacked_hdf5(path, np.stack(images).astype(np.float16), ids=ids, columns=columns,
+    data.files.write_stacked_hdf5(path, np.stack(images).astype(np.float16), ids=ids, columns=tidal.truth_columns(truths),
                                  pixel_scale=hsc.PIXEL_SCALE, attributes={"bands": tidal_data.TIDAL_BANDS})
     return path
 
@@ -147,7 +141,7 @@ def write_finetune_clusters(out_dir, n=N_FINETUNE_CLUSTERS, seed=FINETUNE_SEED, 
 
     import data.files
     import hsc
-    from data import generate
+    from data import shards
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -156,8 +150,8 @@ def write_finetune_clusters(out_dir, n=N_FINETUNE_CLUSTERS, seed=FINETUNE_SEED, 
     n_rendered = n + max(2, n // 5)  # about one cluster in 15 fails the SB measurement
     with tempfile.TemporaryDirectory() as scratch:
         rendered = pathlib.Path(scratch) / FINETUNE_FILE
-        generate.generate("clusters", n_rendered, seed, rendered, workers=workers, distribution="real-like",
-                          measure_sb=True, progress=False)
+        shards.generate_file("clusters", n_rendered, seed, rendered, workers=workers, distribution="real-like",
+                             measure_sb=True, progress=False)
         with h5py.File(rendered, "r") as f:
             measured = np.flatnonzero(np.isfinite(f["f_icl_sb"][()]))
             if measured.size < n:
@@ -185,7 +179,7 @@ def main(argv=None):
                         help=f"real-like clusters of the fine-tuning notebook (default {N_FINETUNE_CLUSTERS}; 0: none)")
     parser.add_argument("--finetune-seed", type=int, default=FINETUNE_SEED, help=f"their seed (default {FINETUNE_SEED})")
     parser.add_argument("--workers", type=int, default=2, help="processes rendering the fine-tuning clusters (default 2)")
-    parser.add_argument("--out", default=str(OUT_DIR), help="output folder (default demos/data)")
+    parser.add_argument("--out-dir", default=str(OUT_DIR), help="output folder (default demos/data)")
     args = parser.parse_args(argv)
     for option, value in (("--n", args.n), ("--galaxies-per-class", args.galaxies_per_class),
                           ("--finetune-clusters", args.finetune_clusters)):
@@ -194,13 +188,13 @@ def main(argv=None):
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
     if args.n:
-        path = write_example_clusters(args.out, args.n, args.seed)
-        print(f"wrote {args.n} example clusters to {pathlib.Path(args.out) / 'clusters'} (truth in {path})")
+        path = write_example_clusters(args.out_dir, args.n, args.seed)
+        print(f"wrote {args.n} example clusters to {pathlib.Path(args.out_dir) / 'clusters'} (truth in {path})")
     if args.galaxies_per_class:
-        path = write_example_galaxies(args.out, args.galaxies_per_class, args.galaxy_seed)
+        path = write_example_galaxies(args.out_dir, args.galaxies_per_class, args.galaxy_seed)
         print(f"wrote {2 * args.galaxies_per_class} example galaxies to {path}")
     if args.finetune_clusters:
-        path = write_finetune_clusters(args.out, args.finetune_clusters, args.finetune_seed, args.workers)
+        path = write_finetune_clusters(args.out_dir, args.finetune_clusters, args.finetune_seed, args.workers)
         print(f"wrote {args.finetune_clusters} real-like clusters for fine-tuning to {path}")
 
 

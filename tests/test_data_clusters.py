@@ -9,7 +9,7 @@ import scipy.special
 
 import hsc
 import prep_data
-from data import clusters
+from data import clusters, profiles
 
 # ----------------------------------------------------------------------------------------
 # Photometric conversions of hsc.py against the formulas of SPEC Part A
@@ -55,17 +55,17 @@ def test_magnitude_to_counts():
 def test_rendered_sersic_holds_its_analytic_flux_inside_the_truncation(n, r_eff, axis_ratio):
     # Tolerance 0.75%: the worst case measured is 0.41% (n = 1, minor axis 1.2 px).
     truncation = 40.0
-    image = clusters.render_sersic((129, 129), 64.2, 63.7, 1000.0, r_eff, n, axis_ratio, 0.3, truncation)
-    expected = 1000.0 * float(scipy.special.gammainc(2 * n, clusters.sersic_b(n) * (truncation / r_eff) ** (1 / n)))
+    image = profiles.render_sersic((129, 129), 64.2, 63.7, 1000.0, r_eff, n, axis_ratio, 0.3, truncation)
+    expected = 1000.0 * float(scipy.special.gammainc(2 * n, profiles.sersic_b(n) * (truncation / r_eff) ** (1 / n)))
     assert image.sum(dtype=np.float64) == pytest.approx(expected, rel=0.0075)
 
 
 def test_half_the_light_lies_inside_r_eff():
     n, r_eff, q = 4.0, 12.0, 0.6
-    image = clusters.render_sersic((401, 401), 200.0, 200.0, 1000.0, r_eff, n, q, 0.0)
+    image = profiles.render_sersic((401, 401), 200.0, 200.0, 1000.0, r_eff, n, q, 0.0)
     yy, xx = np.mgrid[:401, :401]
     inside = (xx - 200.0) ** 2 + ((yy - 200.0) / q) ** 2 <= r_eff**2
-    total_expected = 1000.0 * float(clusters.sersic_enclosed_fraction(200.0 * q, r_eff, n))
+    total_expected = 1000.0 * float(profiles.sersic_enclosed_fraction(200.0 * q, r_eff, n))
     assert image[inside].sum() == pytest.approx(500.0, rel=0.01)
     assert image.sum() >= total_expected * 0.99
 
@@ -73,7 +73,7 @@ def test_half_the_light_lies_inside_r_eff():
 def test_surface_brightness_at_r_eff():
     # I_e from F = 2 pi q r_e^2 n e^b b^-2n Gamma(2n) I_e; the pixel r_e away along the major axis holds I_e.
     flux, r_eff, n, q = 5000.0, 20.0, 4.0, 0.7
-    image = clusters.render_sersic((161, 161), 80.0, 80.0, flux, r_eff, n, q, 0.0)
+    image = profiles.render_sersic((161, 161), 80.0, 80.0, flux, r_eff, n, q, 0.0)
     b = scipy.special.gammaincinv(2 * n, 0.5)
     expected = flux / (2 * np.pi * q * r_eff**2 * n * np.exp(b) * b ** (-2 * n) * scipy.special.gamma(2 * n))
     assert image[80, 100] == pytest.approx(expected, rel=0.01)
@@ -84,9 +84,9 @@ def test_surface_brightness_at_r_eff():
 
 def test_render_sersic_rejects_bad_parameters():
     with pytest.raises(ValueError, match="r_eff must be positive, got -1"):
-        clusters.render_sersic((10, 10), 5, 5, 1.0, -1.0, 1.0)
+        profiles.render_sersic((10, 10), 5, 5, 1.0, -1.0, 1.0)
     with pytest.raises(ValueError, match=r"axis_ratio must be in \(0, 1\], got 1.5"):
-        clusters.render_sersic((10, 10), 5, 5, 1.0, 1.0, 1.0, 1.5)
+        profiles.render_sersic((10, 10), 5, 5, 1.0, 1.0, 1.0, 1.5)
 
 
 def test_batched_profiles_keep_their_truncated_flux():
@@ -98,13 +98,13 @@ def test_batched_profiles_keep_their_truncated_flux():
     r_eff = rng.uniform(0.5, 4, count)
     n = rng.uniform(0.7, 4, count)
     truncation = rng.uniform(0.5, 20, count)
-    enclosed = clusters.add_sersic_batch(canvas, x, y, flux, r_eff, n, rng.uniform(0.3, 1, count), rng.uniform(0, 3, count), truncation)
+    enclosed = profiles.add_sersic_batch(canvas, x, y, flux, r_eff, n, rng.uniform(0.3, 1, count), rng.uniform(0, 3, count), truncation)
     assert canvas.sum(dtype=np.float64) == pytest.approx(enclosed.sum(), rel=1e-5)
     assert (canvas >= 0).all()
 
 
 def test_moffat_psf_is_normalised_with_the_requested_fwhm():
-    psf = clusters.moffat_psf(4.0, 3.0, supersampling=9)
+    psf = profiles.moffat_psf(4.0, 3.0, supersampling=9)
     assert psf.sum() == pytest.approx(1.0, abs=1e-6)
     centre = psf.shape[0] // 2
     profile = psf[centre, centre:]
@@ -115,8 +115,8 @@ def test_moffat_psf_is_normalised_with_the_requested_fwhm():
 def test_fft_convolution_conserves_flux_and_keeps_position():
     image = np.zeros((64, 64), np.float32)
     image[30, 20] = 10.0
-    (convolved,) = clusters.convolve_fft([image], clusters.moffat_psf(3.0, 3.5))
-    assert convolved.sum() == pytest.approx(10.0 * clusters.moffat_psf(3.0, 3.5).sum(), rel=1e-4)
+    (convolved,) = clusters.convolve_fft([image], profiles.moffat_psf(3.0, 3.5))
+    assert convolved.sum() == pytest.approx(10.0 * profiles.moffat_psf(3.0, 3.5).sum(), rel=1e-4)
     assert np.unravel_index(np.argmax(convolved), convolved.shape) == (30, 20)
 
 
@@ -220,9 +220,29 @@ def test_sb_threshold_fraction_of_a_flat_image():
 
 def test_preview_png(tmp_path, cluster_mock):
     image, mask, truth = cluster_mock
+    rgb, caption, _ = clusters.preview_panel(image, truth, mask)
+    assert rgb.shape == (224, 224, 3) and caption.startswith("z=0.45 true=")
+    masked = (mask & hsc.mask_value(hsc.DEFAULT_MASK_BITS)) != 0
+    assert (rgb[masked, 0] >= rgb[masked, 1]).all()  # masked pixels tinted red
     path = tmp_path / "preview.png"
-    clusters.draw_preview([image, image], [truth, truth], str(path), masks=[mask, mask])
+    profiles.draw_preview([(rgb, caption, "black")] * 2, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="panels must hold at least one cutout"):
+        profiles.draw_preview([], str(path))
+
+
+def test_drawn_parameters_render_the_mock_of_the_seed():
+    parameters = clusters.draw_parameters(np.random.default_rng(13), clusters.REAL_LIKE_DISTRIBUTION, z=0.2)
+    again = clusters.draw_parameters(np.random.default_rng(13), clusters.REAL_LIKE_DISTRIBUTION, z=0.2)
+    np.testing.assert_array_equal(parameters.members["x"], again.members["x"])
+    assert parameters.frame == again.frame and parameters.icl == again.icl
+    assert parameters.frame.fine_size == parameters.frame.native_size  # z >= 0.185: the native grid
+    image, mask, truth = clusters.render_parameters(parameters)
+    expected = clusters.render_cluster(np.random.default_rng(13), clusters.REAL_LIKE_DISTRIBUTION, z=0.2)
+    np.testing.assert_array_equal(image, expected[0])
+    np.testing.assert_array_equal(mask, expected[1])
+    assert truth == expected[2]
+    assert truth["params"]["member_count"] == len(parameters.members["x"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -246,8 +266,8 @@ def _galsim_scene(components, size, psf_fwhm, psf_beta):
 def _numpy_scene(components, size, psf_fwhm, psf_beta):
     canvas = np.zeros((size, size), np.float32)
     for flux, x0, y0, r_eff, n, q, angle, truncation in components:
-        clusters.add_sersic(canvas, x0, y0, flux, r_eff, n, q, angle, truncation)
-    (convolved,) = clusters.convolve_fft([canvas], clusters.moffat_psf(psf_fwhm, psf_beta))
+        profiles.add_sersic(canvas, x0, y0, flux, r_eff, n, q, angle, truncation)
+    (convolved,) = clusters.convolve_fft([canvas], profiles.moffat_psf(psf_fwhm, psf_beta))
     return convolved.astype(np.float64)
 
 
@@ -292,8 +312,8 @@ def test_fast_resize_equals_prep_data_resize(size_in):
 
 
 def test_centred_profile_uses_its_symmetry_without_changing_values():
-    centred = clusters.render_sersic((101, 101), 50.0, 50.0, 100.0, 6.0, 3.0, 0.6, 0.7)
-    nudged = clusters.render_sersic((101, 101), 50.0 + 1e-9, 50.0, 100.0, 6.0, 3.0, 0.6, 0.7)
+    centred = profiles.render_sersic((101, 101), 50.0, 50.0, 100.0, 6.0, 3.0, 0.6, 0.7)
+    nudged = profiles.render_sersic((101, 101), 50.0 + 1e-9, 50.0, 100.0, 6.0, 3.0, 0.6, 0.7)
     np.testing.assert_allclose(centred, nudged, rtol=1e-5, atol=1e-9)
     np.testing.assert_array_equal(centred, centred[::-1, ::-1])
 

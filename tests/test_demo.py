@@ -53,7 +53,7 @@ def test_example_clusters_are_readable_hsc_style_fits():
 
 
 def test_example_galaxies_are_balanced_and_reproducible():
-    from data import generate, tidal
+    from data import shards, tidal
 
     make_example_data = load_script("make_example_data")
     catalogue = tidal_data.index_tidal_hdf5([GALAXIES])
@@ -65,7 +65,7 @@ def test_example_galaxies_are_balanced_and_reproducible():
         assert f["image"].dtype == np.float16 and f.attrs["bands"] == "grizy"
     # Galaxy i is the generator's galaxy i of the seed: remade alone, it matches to float16 rounding.
     stored = tidal_data.read_tidal_images(catalogue, [2])[0]
-    image, truth = tidal.render_tidal_galaxy(generate.cutout_rng("tidal", make_example_data.GALAXY_SEED, 2), has_tidal=True)
+    image, truth = tidal.render_tidal_galaxy(shards.cutout_rng("tidal", make_example_data.GALAXY_SEED, 2), has_tidal=True)
     np.testing.assert_allclose(stored, image, rtol=1e-3, atol=1e-4)
     assert truth["feature_type"] == catalogue.feature_type[2]
 
@@ -86,7 +86,7 @@ def test_make_example_data_help():
 
 def test_make_example_data_writes_fits_and_truth(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "demos" / "make_example_data.py"), "--n", "1", "--galaxies-per-class", "1",
-                             "--finetune-clusters", "1", "--workers", "1", "--out", str(tmp_path)],
+                             "--finetune-clusters", "1", "--workers", "1", "--out-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     with fits.open(tmp_path / "clusters" / "example00.fits.gz") as hdus:
@@ -102,7 +102,7 @@ def test_make_example_data_writes_fits_and_truth(tmp_path):
 
 def test_make_example_data_rejects_negative_counts(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "demos" / "make_example_data.py"), "--galaxies-per-class", "-1",
-                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+                             "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--galaxies-per-class must be >= 0" in result.stderr
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import prep_data
-from data import generate
+from data import generate, shards, tidal
 
 
 def _shards(folder):
@@ -20,13 +20,13 @@ def _shards(folder):
 @pytest.fixture(scope="module")
 def one_worker_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("one_worker") / "backgrounds"
-    generate.generate("backgrounds", 3, 5, folder, workers=1, shard_size=2, progress=False)
+    shards.generate_shards("backgrounds", 3, 5, folder, workers=1, shard_size=2, progress=False)
     return folder
 
 
 def test_same_seed_gives_identical_files_with_one_and_two_workers(one_worker_run, tmp_path):
     two = tmp_path / "two"
-    generate.generate("backgrounds", 3, 5, two, workers=2, shard_size=2, progress=False)
+    shards.generate_shards("backgrounds", 3, 5, two, workers=2, shard_size=2, progress=False)
     assert _shards(one_worker_run) == _shards(two) == ["backgrounds-00000-of-00002.h5", "backgrounds-00001-of-00002.h5"]
     for name in _shards(two):
         assert (one_worker_run / name).read_bytes() == (two / name).read_bytes()
@@ -54,7 +54,7 @@ def test_rerun_fills_only_missing_shards(one_worker_run, tmp_path):
     os.utime(folder / kept, (1, 1))
     # What an interrupted writer leaves behind never counts as a shard.
     (folder / f".{missing}.partial-12345").write_bytes(b"truncated")
-    generate.generate("backgrounds", 3, 5, folder, workers=1, shard_size=2, progress=False)
+    shards.generate_shards("backgrounds", 3, 5, folder, workers=1, shard_size=2, progress=False)
     assert sorted(os.listdir(folder)) == [kept, missing]
     assert os.stat(folder / kept).st_mtime == 1  # untouched
     assert (folder / missing).read_bytes() == (one_worker_run / missing).read_bytes()
@@ -65,10 +65,10 @@ def test_rerun_with_other_settings_is_refused(one_worker_run, tmp_path):
     folder.mkdir()
     name = _shards(one_worker_run)[0]
     (folder / name).write_bytes((one_worker_run / name).read_bytes())
-    with pytest.raises(generate.GenerationError, match="was made with seed=5, not 6"):
-        generate.generate("backgrounds", 3, 6, folder, workers=1, shard_size=2, progress=False)
-    with pytest.raises(generate.GenerationError, match="holds shards of another run"):
-        generate.generate("backgrounds", 5, 5, folder, workers=1, shard_size=2, progress=False)
+    with pytest.raises(shards.GenerationError, match="was made with seed=5, not 6"):
+        shards.generate_shards("backgrounds", 3, 6, folder, workers=1, shard_size=2, progress=False)
+    with pytest.raises(shards.GenerationError, match="holds shards of another run"):
+        shards.generate_shards("backgrounds", 5, 5, folder, workers=1, shard_size=2, progress=False)
 
 
 def test_command_line_merges_into_one_file_and_draws_a_preview(tmp_path):
@@ -98,7 +98,7 @@ def test_command_line_merges_into_one_file_and_draws_a_preview(tmp_path):
 )
 def test_impossible_arguments_get_a_one_line_error(arguments, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        generate.main(arguments + ["--out", str(tmp_path / "x")])
+        generate.main(arguments + ["--out-dir", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == message + "\n"
 
@@ -110,6 +110,45 @@ def test_unwritable_output_gets_a_one_line_error(tmp_path, capsys):
         generate.main(["clusters", "--n", "1", "--out", str(blocker / "x.h5")])
     error = capsys.readouterr().err
     assert error.startswith(f"error: --out {blocker / 'x.h5'}: cannot write there") and error.count("\n") == 1
+    with pytest.raises(SystemExit):
+        generate.main(["clusters", "--n", "1", "--out-dir", str(blocker / "x")])
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: --out-dir {blocker / 'x'}: cannot write there") and error.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ([], "one of the arguments --out --out-dir is required"),
+        (["--out", "a.h5", "--out-dir", "b"], "argument --out-dir: not allowed with argument --out"),
+        (["--out-dir", "b", "--keep-shards"], "--keep-shards goes with --out FILE; with --out-dir the shards are the output"),
+        (["--out", "a.h5", "--preview-count", "0"], "--preview-count must be at least 1, got 0"),
+    ],
+)
+def test_wrong_output_options_are_refused_by_the_parser(options, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["clusters", "--n", "1", *options])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(message)
+
+
+def test_out_names_one_hdf5_file(tmp_path, capsys):
+    for out in (tmp_path, tmp_path / "clusters"):
+        with pytest.raises(SystemExit) as exit_info:
+            generate.main(["clusters", "--n", "1", "--out", str(out)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == (f"error: --out {out}: --out names one HDF5 file (FILE.h5); "
+                                           "a folder of shards is --out-dir DIR\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_dir_keeps_the_shards(one_worker_run, tmp_path):
+    folder = tmp_path / "shards"
+    assert generate.main(["backgrounds", "--n", "3", "--seed", "5", "--shard-size", "2", "--workers", "1",
+                          "--out-dir", str(folder), "--quiet"]) == 0
+    assert _shards(folder) == _shards(one_worker_run)
+    for name in _shards(folder):
+        assert (folder / name).read_bytes() == (one_worker_run / name).read_bytes()
 
 
 def test_help():
@@ -119,10 +158,10 @@ def test_help():
 
 
 def test_cutout_streams_depend_on_kind_seed_and_index_only():
-    first = generate.cutout_rng("clusters", 3, 10).uniform(size=4)
-    np.testing.assert_array_equal(first, generate.cutout_rng("clusters", 3, 10).uniform(size=4))
-    assert not np.array_equal(first, generate.cutout_rng("backgrounds", 3, 10).uniform(size=4))
-    assert not np.array_equal(first, generate.cutout_rng("clusters", 3, 11).uniform(size=4))
+    first = shards.cutout_rng("clusters", 3, 10).uniform(size=4)
+    np.testing.assert_array_equal(first, shards.cutout_rng("clusters", 3, 10).uniform(size=4))
+    assert not np.array_equal(first, shards.cutout_rng("backgrounds", 3, 10).uniform(size=4))
+    assert not np.array_equal(first, shards.cutout_rng("clusters", 3, 11).uniform(size=4))
 
 
 # ----------------------------------------------------------------------------------------
@@ -140,12 +179,15 @@ def stand_in_tidal(monkeypatch):
                      feature_sb=26.0 if has_tidal else float("nan"), params={"seed_draw": float(image[0, 0, 0])})
         return image, truth
 
-    def draw_preview(images, truths, path):
-        with open(path, "wb") as handle:
-            handle.write(b"\x89PNG stand-in %d" % len(images))
+    def preview_panel(image, truth):
+        module.panels += 1
+        return np.zeros((128, 128, 3)), truth["feature_type"], "black"
 
     module.render_tidal_galaxy = render_tidal_galaxy
-    module.draw_preview = draw_preview
+    module.preview_panel = preview_panel
+    module.truth_columns = tidal.truth_columns
+    module.panels = 0
+    module.PREVIEW_TITLE = "stand-in"
     monkeypatch.setitem(sys.modules, "data.tidal", module)
     import data
 
@@ -156,8 +198,8 @@ def stand_in_tidal(monkeypatch):
 def test_tidal_kind_writes_the_tidal_layout(stand_in_tidal, tmp_path):
     out, preview = tmp_path / "tidal.h5", tmp_path / "tidal.png"
     # fork, so that the workers see the stand-in module.
-    paths = generate.generate("tidal", 5, 2, out, workers=2, shard_size=2, progress=False, start_method="fork")
-    generate.draw_preview("tidal", paths, str(preview))
+    path = shards.generate_file("tidal", 5, 2, out, workers=2, shard_size=2, progress=False, start_method="fork")
+    shards.preview_shards("tidal", [path], str(preview))
     with h5py.File(out, "r") as f:
         assert f["image"].shape == (5, 128, 128, 5) and f["image"].dtype == np.float32
         assert f.attrs["bands"] == "grizy"
@@ -166,9 +208,9 @@ def test_tidal_kind_writes_the_tidal_layout(stand_in_tidal, tmp_path):
         types_ = [v.decode() for v in f["feature_type"][()]]
         assert [t != "none" for t in types_] == [bool(h) for h in has_tidal]
         assert np.isnan(f["feature_sb"][()][has_tidal == 0]).all()
-        single = generate.render_one("tidal", 2, 3)[0]
+        single = shards.render_one("tidal", 2, 3)[0]
         np.testing.assert_array_equal(f["image"][3], single)
-    assert preview.read_bytes() == b"\x89PNG stand-in 5"
+    assert preview.read_bytes()[:4] == b"\x89PNG" and stand_in_tidal.panels == 5
 
 
 def test_tidal_kind_through_the_command_line(stand_in_tidal, tmp_path):
@@ -188,7 +230,7 @@ def test_measure_sb_stores_the_label_of_measure_sb_cut(tmp_path, monkeypatch):
 
     module.measure_icl_fraction = measure_icl_fraction
     monkeypatch.setitem(sys.modules, "measure_sb_cut", module)
-    paths = generate.generate("clusters", 1, 4, tmp_path / "sb", workers=1, progress=False, measure_sb=True)
+    paths = shards.generate_shards("clusters", 1, 4, tmp_path / "sb", workers=1, progress=False, measure_sb=True)
     with h5py.File(paths[0], "r") as f:
         assert f["f_icl_sb"][0] == pytest.approx(0.125 + f["z"][0])
     assert calls[0][:2] == ((224, 224), (224, 224))
@@ -210,7 +252,7 @@ def test_benchmark_script_runs(capsys):
 def test_measure_sb_label_is_the_measurement_of_the_stored_cutout(tmp_path):
     import measure_sb_cut
 
-    paths = generate.generate("clusters", 1, 8, tmp_path / "sb", workers=1, progress=False, measure_sb=True)
+    paths = shards.generate_shards("clusters", 1, 8, tmp_path / "sb", workers=1, progress=False, measure_sb=True)
     with h5py.File(paths[0], "r") as f:
         image, mask, z, label = f["image"][0].astype(np.float32), f["mask"][0], f["z"][0], f["f_icl_sb"][0]
     direct = measure_sb_cut.measure_icl_fraction(image, z, mask=mask, reestimate_box_sizes=()).f_icl
@@ -226,7 +268,7 @@ def test_unmeasurable_cutout_gets_nan_label_that_training_refuses(tmp_path, monk
 
     module.measure_icl_fraction = measure_icl_fraction
     monkeypatch.setitem(sys.modules, "measure_sb_cut", module)
-    paths = generate.generate("clusters", 1, 9, tmp_path / "nan", workers=1, progress=False, measure_sb=True)
+    paths = shards.generate_shards("clusters", 1, 9, tmp_path / "nan", workers=1, progress=False, measure_sb=True)
     refs, _ = prep_data.index_cutouts(paths)
     with pytest.raises(prep_data.CutoutError, match="label 'f_icl_sb' is nan"):
         prep_data.read_labels(refs, "f_icl_sb")

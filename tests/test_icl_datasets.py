@@ -10,13 +10,13 @@ import pytest
 import tensorflow_datasets as tfds
 
 import prep_data
-from data import clusters, generate, icl_datasets
+from data import clusters, icl_datasets, shards
 
 SHARD_COUNT = 3
 
 
 def _make_shards(folder):
-    generate.generate("clusters", SHARD_COUNT, 9, folder, workers=1, shard_size=2, progress=False)
+    shards.generate_shards("clusters", SHARD_COUNT, 9, folder, workers=1, shard_size=2, progress=False)
     return folder
 
 

@@ -5,7 +5,7 @@ import pytest
 
 import hsc
 import prep_data
-from data import clusters, injection
+from data import clusters, injection, profiles
 
 Z = 0.3
 
@@ -13,9 +13,9 @@ Z = 0.3
 def _background(seed=0, size=224, noise=0.01):
     """A central galaxy, a neighbour touching it, a distant galaxy and sky noise."""
     rng = np.random.default_rng(seed)
-    image = clusters.render_sersic((size, size), (size - 1) / 2, (size - 1) / 2, 1500.0, 5.0, 4.0, 0.6, 0.4)
-    image += clusters.render_sersic((size, size), size / 2 + 12, size / 2 + 3, 500.0, 2.0, 2.0, 0.7, 1.0)
-    image += clusters.render_sersic((size, size), 30, 180, 600.0, 3.0, 1.0, 0.5, 0.2)
+    image = profiles.render_sersic((size, size), (size - 1) / 2, (size - 1) / 2, 1500.0, 5.0, 4.0, 0.6, 0.4)
+    image += profiles.render_sersic((size, size), size / 2 + 12, size / 2 + 3, 500.0, 2.0, 2.0, 0.7, 1.0)
+    image += profiles.render_sersic((size, size), 30, 180, 600.0, 3.0, 1.0, 0.5, 0.2)
     return (image + noise * rng.standard_normal((size, size))).astype(np.float32)
 
 

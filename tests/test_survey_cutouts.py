@@ -113,7 +113,7 @@ def test_command_line_writes_groups_hdf5_and_reports_the_edge(tmp_path, coadd, c
 def test_command_line_writes_fits_files(tmp_path, coadd):
     coadd_path, catalogue_path = _write_inputs(tmp_path, coadd)
     out = tmp_path / "fits_cutouts"
-    assert survey_cutouts.main([str(coadd_path), str(catalogue_path), "--out", str(out)]) == 0
+    assert survey_cutouts.main([str(coadd_path), str(catalogue_path), "--out-dir", str(out)]) == 0
     refs, errors = prep_data.index_cutouts(str(out))
     assert sorted(ref.id for ref in refs) == ["centre", "edge"] and not errors
     cutout = prep_data.read_cutout(next(ref for ref in refs if ref.id == "edge"))
@@ -121,6 +121,14 @@ def test_command_line_writes_fits_files(tmp_path, coadd):
     assert (cutout.mask & NO_DATA).any()
     with fits.open(out / "edge.fits") as hdus:
         assert [hdu.name for hdu in hdus] == ["PRIMARY", "IMAGE", "MASK", "VARIANCE"]
+    assert sorted(p.name for p in out.iterdir()) == ["centre.fits", "edge.fits"]  # no temporary files left
+
+
+def test_command_line_out_names_an_hdf5_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        survey_cutouts.main(["coadd.fits", "clusters.csv", "--out", str(tmp_path / "folder")])
+    assert exit_info.value.code == 2
+    assert "--out names one HDF5 file (FILE.h5); a folder of FITS files is --out-dir DIR" in capsys.readouterr().err
 
 
 def test_catalogue_without_redshift_is_a_clear_error(tmp_path, coadd, capsys):
