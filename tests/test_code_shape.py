@@ -16,7 +16,7 @@ import console
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 #: Library modules that also offer a small command line; they may be imported like any library.
-LIBRARIES_WITH_A_COMMAND = {"prep_data", "similarity"}
+LIBRARIES_WITH_A_COMMAND = {"prep_data", "similarity", "measure_sb_cut.validate"}
 
 
 def project_modules():
