@@ -139,12 +139,13 @@ class EncodedClusters:
         augmentation = icl_model.get_layer("augmentation")
         normalisation = icl_model.get_layer("normalisation")
         encoder = icl_model.get_layer(model.ENCODER_NAME)
+        pooling = icl_model.get_layer(model.POOLING_NAME)
 
         @tf.function(reduce_retracing=True)
         def encode(batch, augment):
             if augment:
                 batch = augmentation(batch, training=True)
-            return encoder(normalisation(batch), training=False)
+            return pooling(encoder(normalisation(batch), training=False))
 
         def encode_all(augment):
             parts = [encode(tf.constant(images[i : i + batch_size]), augment) for i in range(0, len(images), batch_size)]

@@ -9,6 +9,10 @@ Beta distributions over the ICL fraction:
 The model's output is the raw parameter vector; the distribution, its negative
 log-likelihood and its summaries (mode = the estimate, 15th and 85th percentiles = the
 uncertainty, mean) are pure functions of that vector, vectorised over a batch and a grid.
+
+The encoder ends at its last convolutional feature map and the ICL model pools it with a layer
+of its own, so the feature map is a tensor of the model's graph (:func:`feature_map`) and
+GradCAM (:func:`gradcam_heatmaps`) needs no surgery on the network.
 """
 
 import dataclasses
@@ -32,8 +36,15 @@ LABEL_CEILING = 1.0 - 1e-6
 GRID_STEP = 1e-3
 #: Percentiles reported as the uncertainty.
 PERCENTILES = (0.15, 0.85)
-#: Name of the nested encoder model inside the ICL model (freeze it by this structure).
+#: Name of the nested encoder model inside the ICL model (freeze it by this structure); its
+#: output is the last convolutional feature map.
 ENCODER_NAME = "encoder"
+#: Name of the global average pooling layer that reads the feature map (GradCAM finds the map here).
+POOLING_NAME = "global_pool"
+#: Folder of the shipped checkpoints.
+CHECKPOINT_DIR = pathlib.Path(__file__).resolve().parent / "checkpoints"
+#: Shipped ICL checkpoints, tried in this order by :func:`default_checkpoint`.
+SHIPPED_CHECKPOINTS = ("icl_finetuned.weights.h5", "icl_trained.weights.h5")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,18 +101,61 @@ def build_icl_model(config=PAPER, augment=False, seed=None):
     Returns
     -------
     keras.Model
-        Input (batch, S, S, 1) prepared images; output (batch, 3 K) mixture parameters.
+        Input (batch, S, S, 1) prepared images; output (batch, 3 K) mixture parameters. Layers:
+        the encoder :data:`ENCODER_NAME` (feature map), the pooling :data:`POOLING_NAME`, then
+        ``hidden`` and ``mixture_params``.
     """
     inputs = keras.Input((config.image_size, config.image_size, 1), name="image")
     x = augmentations.icl_augmentation(seed=seed)(inputs) if augment else inputs
     x = augmentations.icl_normalisation()(x)
     encoder = resnet_cifar10_v2.build_resnet_v2(
-        (config.image_size, config.image_size, 1), n_blocks=config.n_blocks, name=ENCODER_NAME
+        (config.image_size, config.image_size, 1), n_blocks=config.n_blocks, pooling=False, name=ENCODER_NAME
     )
-    x = encoder(x)
+    # Pooling outside the encoder holds no weights, so checkpoints of the encoder that pooled
+    # inside load unchanged, and the feature map stays a tensor of this graph.
+    x = keras.layers.GlobalAveragePooling2D(name=POOLING_NAME)(encoder(x))
     x = keras.layers.Dense(config.hidden_units, activation="relu", name="hidden")(x)
     outputs = keras.layers.Dense(3 * config.n_components, name="mixture_params")(x)
     return keras.Model(inputs, outputs, name="icl_regressor")
+
+
+def feature_map(icl_model):
+    """The last convolutional feature map of an ICL model, a tensor of its graph, (B, h, w, C).
+
+    It is the encoder's output, read by the pooling layer; ``keras.Model(icl_model.input,
+    [feature_map(icl_model), icl_model.output])`` returns it with the model's output.
+
+    Raises
+    ------
+    ValueError
+        If the model has no layer :data:`POOLING_NAME` (a whole model saved before the pooling
+        left the encoder: load it with :func:`load_icl_model`, which rebuilds the architecture).
+    """
+    try:
+        return icl_model.get_layer(POOLING_NAME).input
+    except ValueError:
+        raise ValueError(
+            f"icl_model has no layer '{POOLING_NAME}' reading the encoder's feature map; "
+            "build it with model.build_icl_model or load it with model.load_icl_model"
+        ) from None
+
+
+def default_checkpoint(checkpoint_dir=None):
+    """The first shipped checkpoint that exists (in :data:`CHECKPOINT_DIR` by default).
+
+    Raises
+    ------
+    CheckpointError
+        Saying what to do, when none of :data:`SHIPPED_CHECKPOINTS` is there.
+    """
+    checkpoint_dir = pathlib.Path(CHECKPOINT_DIR if checkpoint_dir is None else checkpoint_dir)
+    for name in SHIPPED_CHECKPOINTS:
+        if (checkpoint_dir / name).exists():
+            return checkpoint_dir / name
+    raise CheckpointError(
+        f"no shipped ICL checkpoint in {checkpoint_dir} (looked for {', '.join(SHIPPED_CHECKPOINTS)}); "
+        "train one with train.py and pass it with --checkpoint PATH"
+    )
 
 
 def freeze_encoder(model, frozen=True):
@@ -260,6 +314,12 @@ class BetaMixtureNLL(keras.losses.Loss):
         return negative_log_likelihood(y_true, tf.cast(y_pred, tf.float32))
 
 
+def mixture_mean(params):
+    """Mean of each Beta mixture, sum_k w_k a_k / (a_k + b_k): (...) for params (..., 3 K)."""
+    logits, alpha, beta = mixture_parameters(params)
+    return tf.reduce_sum(tf.nn.softmax(logits, axis=-1) * alpha / (alpha + beta), axis=-1)
+
+
 def label_prior_bias(labels, n_components):
     """Output bias that makes an untrained head predict the distribution of ``labels``.
 
@@ -358,7 +418,7 @@ def _summary(params, grid, percentiles):
     weights = tf.nn.softmax(logits, axis=-1)
     pdf = mixture_pdf(params, grid)
     mode = tf.gather(grid, tf.argmax(pdf, axis=-1))
-    mean = tf.reduce_sum(weights * alpha / (alpha + beta), axis=-1)
+    mean = mixture_mean(params)
     shape = tf.stack([tf.shape(params)[0], tf.size(grid), tf.shape(alpha)[-1]])
     a = tf.broadcast_to(alpha[:, None, :], shape)
     b = tf.broadcast_to(beta[:, None, :], shape)
@@ -387,6 +447,73 @@ def summarise(params, step=GRID_STEP):
     return {key: value.numpy() for key, value in mixture_summary(params, step).items()}
 
 
+# ----------------------------------------------------------------------------------------
+# GradCAM and the compiled forward pass
+
+
+def gradcam_model(icl_model):
+    """The ICL model with two outputs, the feature map (B, h, w, C) and the mixture parameters
+    (B, 3 K), sharing its layers (keras-io ``grad_cam`` style)."""
+    return keras.Model(icl_model.input, [feature_map(icl_model), icl_model.output], name="icl_gradcam")
+
+
+def _gradcam(features_and_output, images):
+    """Mixture parameters and GradCAM heat maps of one forward pass; see :func:`gradcam_heatmaps`."""
+    with tf.GradientTape() as tape:
+        # Watching the input records every operation, whichever layers are trainable.
+        tape.watch(images)
+        features, params = features_and_output(images, training=False)
+        params = tf.cast(params, tf.float32)
+        mean = mixture_mean(params)
+    # Inference layers never mix the images of a batch, so the gradient of the batch's sum of
+    # means (what tape.gradient takes of a vector) is each image's own gradient.
+    gradients = tf.cast(tape.gradient(mean, features), tf.float32)
+    channel_weights = tf.reduce_mean(gradients, axis=(1, 2))
+    raw = tf.nn.relu(tf.einsum("bhwc,bc->bhw", tf.cast(features, tf.float32), channel_weights))
+    upsampled = tf.image.resize(raw[..., None], tf.shape(images)[1:3], method="bilinear")[..., 0]
+    peaks = tf.reduce_max(upsampled, axis=(1, 2), keepdims=True)
+    return params, tf.clip_by_value(tf.math.divide_no_nan(upsampled, peaks), 0.0, 1.0)
+
+
+def gradcam_heatmaps(icl_model, images):
+    """GradCAM heat maps of the predicted mean ICL fraction, from one forward pass.
+
+    GradCAM (Selvaraju et al. 2017, arXiv:1610.02391, eqs. 1-2) weighs each channel c of the
+    feature map A (:func:`feature_map`) by the spatial mean of the gradient of the mixture mean
+    y = sum_k w_k a_k / (a_k + b_k) (:func:`mixture_mean`) and keeps the positive part:
+
+        w_c = 1 / (H W) * sum_ij dy / dA_ij^c,      L = ReLU(sum_c w_c A^c)
+
+    L is upsampled bilinearly to the input size and divided by its maximum. For many batches
+    use ``Predictor(icl_model, gradcam=True)``, which compiles the same computation once.
+
+    Parameters
+    ----------
+    icl_model : keras.Model
+        ICL regressor (augmentation layers, if any, are inactive here).
+    images : array-like, shape (B, S, S, 1)
+        Prepared images (``prep_data.prepare_image``), S the model's input size. Not modified.
+
+    Returns
+    -------
+    heatmaps : ndarray (B, S, S), float32
+        In [0, 1], each divided by its own maximum; all zero where no feature pushes the mean up.
+    params : ndarray (B, 3 K), float32
+        The model's output of the same pass.
+    """
+    size = int(icl_model.input_shape[1])
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or images.shape[1:] != (size, size, 1):
+        raise ValueError(f"images must have shape (B, {size}, {size}, 1), got {images.shape}")
+    if not np.isfinite(images).all():
+        raise ValueError("images must be finite (prepared images hold no NaN or inf)")
+    model_with_features = gradcam_model(icl_model)
+    if len(images) == 0:  # convolutions reject an empty batch
+        return np.zeros((0, size, size), np.float32), np.zeros((0, icl_model.output_shape[-1]), np.float32)
+    params, heatmaps = _gradcam(model_with_features, tf.constant(images))
+    return heatmaps.numpy(), params.numpy()
+
+
 def default_micro_batch():
     """Images per forward call: the whole batch on a GPU, one image on a CPU.
 
@@ -402,29 +529,47 @@ class Predictor:
 
     The forward pass and the vectorised summary are compiled ``tf.function``s (optionally
     XLA), so the summary runs on the accelerator; on a CPU the batch goes through the network
-    in micro-batches (see :func:`default_micro_batch`).
+    in micro-batches (see :func:`default_micro_batch`). With ``gradcam=True`` the forward pass
+    also gives the GradCAM heat maps (:func:`gradcam_heatmaps`): the network still runs once.
     """
 
-    def __init__(self, model, step=GRID_STEP, jit_compile=False, micro_batch="auto"):
+    def __init__(self, model, step=GRID_STEP, jit_compile=False, micro_batch="auto", gradcam=False):
         self.model = model
+        self.gradcam = gradcam
         self.grid = tf.constant(summary_grid(step))
         self.micro_batch = default_micro_batch() if micro_batch == "auto" else micro_batch
-        self._forward = tf.function(self._params, jit_compile=jit_compile, reduce_retracing=True)
+        if gradcam:
+            model_with_features = gradcam_model(model)
+
+            def forward(images):
+                return _gradcam(model_with_features, images)
+        else:
+
+            def forward(images):
+                return (tf.cast(model(images, training=False), tf.float32),)
+
+        self._forward = tf.function(forward, jit_compile=jit_compile, reduce_retracing=True)
         self._summarise = tf.function(lambda params: _summary(params, self.grid, PERCENTILES), reduce_retracing=True)
 
-    def _params(self, images):
-        return tf.cast(self.model(images, training=False), tf.float32)
-
-    def parameters(self, images):
-        """Raw mixture parameters (B, 3 K) for images (B, S, S, 1)."""
+    def _run(self, images):
+        """The forward pass's outputs (parameters, and heat maps with GradCAM), whole batch."""
         images = tf.convert_to_tensor(images, tf.float32)
         size = self.micro_batch or int(images.shape[0]) or 1
         chunks = [self._forward(images[i : i + size]) for i in range(0, int(images.shape[0]), size)]
-        return tf.concat(chunks, axis=0)
+        return [tf.concat(parts, axis=0) for parts in zip(*chunks)]
+
+    def parameters(self, images):
+        """Raw mixture parameters (B, 3 K) for images (B, S, S, 1)."""
+        return self._run(images)[0]
 
     def __call__(self, images):
-        """Summaries (dict of NumPy arrays, each (B,)) for images (B, S, S, 1)."""
-        return {key: value.numpy() for key, value in self._summarise(self.parameters(images)).items()}
+        """Summaries for images (B, S, S, 1): dict of NumPy arrays ``mode``, ``mean``, ``p15``,
+        ``p85``, each (B,), and with GradCAM ``heatmaps`` (B, S, S)."""
+        params, *heatmaps = self._run(images)
+        result = {key: value.numpy() for key, value in self._summarise(params).items()}
+        if heatmaps:
+            result["heatmaps"] = heatmaps[0].numpy()
+        return result
 
 
 # ----------------------------------------------------------------------------------------

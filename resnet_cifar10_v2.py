@@ -2,7 +2,7 @@
 
 Adapted in spirit from the keras-idiomatic-programmer ``resnet_cifar10_v2`` that both
 original codebases used. Depth is 9 N + 2: a 3x3 stem, three stages of one projection
-block and N - 1 identity blocks each, then ReLU and global average pooling.
+block and N - 1 identity blocks each, then ReLU and (optionally) global average pooling.
 
 * ICL regressor (Canepa et al. 2025): N = 6 (depth 56), no batch normalisation, no weight decay.
 * NNCLR tidal encoder (Desmons et al. 2023): N = 2 (depth 20), L2 weight decay 5e-4.
@@ -13,11 +13,9 @@ from keras import layers
 
 #: (bottleneck width, output width, stride of the projection block) for each of the three stages.
 STAGES = ((16, 64, 1), (64, 128, 2), (128, 256, 2))
-#: Name of the layer whose output is the last convolutional feature map (used by GradCAM).
-FEATURE_LAYER_NAME = "final_activation"
 
 
-def build_resnet_v2(input_shape, n_blocks=6, weight_decay=0.0, batch_norm=False, name="resnet_v2"):
+def build_resnet_v2(input_shape, n_blocks=6, weight_decay=0.0, batch_norm=False, pooling=True, name="resnet_v2"):
     """Build the encoder: image -> 256-d vector (global average of the last feature map).
 
     Parameters
@@ -30,13 +28,17 @@ def build_resnet_v2(input_shape, n_blocks=6, weight_decay=0.0, batch_norm=False,
         L2 factor on every convolution kernel; 0 disables regularisation.
     batch_norm : bool
         Insert batch normalisation before every pre-activation ReLU.
+    pooling : bool
+        End with global average pooling (True) or return the last feature map itself, so that
+        a model built around the encoder has the feature map as a tensor of its own graph.
     name : str
         Name of the returned model.
 
     Returns
     -------
     keras.Model
-        Functional model with output shape (batch, 256).
+        Functional model with output shape (batch, 256), or (batch, h, w, 256) without pooling
+        (h, w = input size / 4).
     """
     if n_blocks < 1:
         raise ValueError(f"n_blocks must be >= 1, got {n_blocks}")
@@ -52,9 +54,10 @@ def build_resnet_v2(input_shape, n_blocks=6, weight_decay=0.0, batch_norm=False,
             x = builder.block(x, width, out_width, 1, projection=False, name=f"stage{stage}_block{block}")
     if batch_norm:
         x = layers.BatchNormalization(name="final_bn")(x)
-    x = layers.ReLU(name=FEATURE_LAYER_NAME)(x)
-    outputs = layers.GlobalAveragePooling2D(name="global_pool")(x)
-    return keras.Model(inputs, outputs, name=name)
+    x = layers.ReLU(name="final_activation")(x)
+    if pooling:
+        x = layers.GlobalAveragePooling2D(name="global_pool")(x)
+    return keras.Model(inputs, x, name=name)
 
 
 class _Builder:

@@ -15,20 +15,25 @@ missing; the other steps still run.
 The tidal step evaluates the shipped classifier on the example galaxies, which it never saw in
 training: ``nnclr_test.py --test-all`` makes every example galaxy a test galaxy.
 
-    python demos/run_demo.py --out results
+    python demos/run_demo.py --out-dir results
 """
+
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import common
+
+if __name__ == "__main__":
+    common.quiet_start()  # before TensorFlow loads: no start-up noise unless --verbose
 
 import argparse
 import html
 import json
-import os
-import pathlib
 import subprocess
-import sys
 import time
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 EXAMPLE_CLUSTERS = ROOT / "demos" / "data" / "clusters"
 EXAMPLE_TRUTH = ROOT / "demos" / "data" / "clusters_truth.csv"
@@ -188,39 +193,37 @@ def write_index(out_dir, log, table, tidal_metrics=None):
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}</style>")
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>demo results</title>{style}</head><body>{''.join(sections)}</body></html>"
     path = out_dir / "index.html"
-    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
-    temporary.write_text(page)
-    os.replace(temporary, path)
+    common.write_text(path, page)
     return path
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=OUT_DIR, help=f"results folder (default {OUT_DIR})")
+    parser.add_argument("--out-dir", default=OUT_DIR, help=f"results folder (default {OUT_DIR})")
     parser.add_argument("--nnclr-run", default=str(NNCLR_RUN), help="nnclr_train.py output folder (default: the shipped one)")
     parser.add_argument("--similar-to", default=SIMILAR_TO, help=f"query galaxy of the similarity search (default {SIMILAR_TO})")
     parser.add_argument("--top-k", type=int, default=TOP_K, help=f"galaxies returned by the similarity search (default {TOP_K})")
+    common.add_verbose_argument(parser)
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"--top-k must be >= 1, got {args.top_k}")
-    out_dir = pathlib.Path(args.out).resolve()
+    out_dir = pathlib.Path(args.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     python = sys.executable
     log = []
     start = time.perf_counter()
 
     import model
-    import predict
 
     try:
-        predict.default_checkpoint()
+        model.default_checkpoint()
     except model.CheckpointError as error:
         print(f"\n[ICL prediction] skipped: {error}")
         log.append({"step": "ICL prediction", "command": "predict.py (skipped)", "status": "skipped",
                     "seconds": 0.0, "output": str(error)})
     else:
         run("ICL prediction", [python, "predict.py", EXAMPLE_CLUSTERS, "--out", out_dir / "icl_predictions.csv",
-                               "--gradcam", out_dir / "gradcam"], log)
+                               "--gradcam-dir", out_dir / "gradcam"], log)
     run("SB measurement", [python, "-m", "measure_sb_cut", EXAMPLE_CLUSTERS, "--out", out_dir / "sb_measurements.csv",
                            "--plot", out_dir / "sb_plots"], log)
     table = compare_icl(out_dir)

@@ -149,7 +149,7 @@ def test_tidal_step_writes_roc_metrics_and_gallery(tmp_path):
 
 
 def test_demo_writes_results_page(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "demos" / "run_demo.py"), "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, str(ROOT / "demos" / "run_demo.py"), "--out-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"open {tmp_path / 'index.html'}" in result.stdout

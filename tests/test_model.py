@@ -1,10 +1,13 @@
 """The ICL model: architecture, the Beta mixture against scipy, save/load round trips."""
 
+import keras
 import numpy as np
 import pytest
 from scipy import stats
 
+import augmentations
 import model
+import resnet_cifar10_v2
 
 
 def _scipy_mixture(params):
@@ -22,7 +25,10 @@ def test_full_size_model_has_published_size():
     icl_model = model.build_icl_model(model.PAPER)
     assert icl_model.count_params() == 2_269_120
     assert icl_model.output_shape == (None, 48)
-    assert icl_model.get_layer(model.ENCODER_NAME).output_shape == (None, 256)
+    # The encoder ends at the 56x56 feature map; the ICL model pools it.
+    assert icl_model.get_layer(model.ENCODER_NAME).output_shape == (None, 56, 56, 256)
+    assert icl_model.get_layer(model.POOLING_NAME).output.shape == (None, 256)
+    assert model.feature_map(icl_model).shape == (None, 56, 56, 256)
 
 
 def test_testing_config_builds_small_model():
@@ -114,6 +120,40 @@ def test_whole_model_round_trip(tmp_path):
     loaded = model.load_icl_model(path)
     images = np.random.default_rng(2).normal(size=(2, 32, 32, 1)).astype(np.float32)
     np.testing.assert_allclose(loaded(images), icl_model(images, training=False), atol=1e-6)
+
+
+def _model_with_pooling_in_the_encoder(config):
+    """The ICL model as built before the pooling left the encoder (the shipped checkpoints')."""
+    inputs = keras.Input((config.image_size, config.image_size, 1), name="image")
+    x = augmentations.icl_normalisation()(inputs)
+    size = (config.image_size, config.image_size, 1)
+    x = resnet_cifar10_v2.build_resnet_v2(size, n_blocks=config.n_blocks, name=model.ENCODER_NAME)(x)
+    x = keras.layers.Dense(config.hidden_units, activation="relu", name="hidden")(x)
+    return keras.Model(inputs, keras.layers.Dense(3 * config.n_components, name="mixture_params")(x))
+
+
+@pytest.mark.parametrize("suffix", [".weights.h5", ".keras"])
+def test_checkpoints_of_the_encoder_that_pooled_inside_load_unchanged(tmp_path, suffix):
+    keras.utils.set_random_seed(4)
+    old = _model_with_pooling_in_the_encoder(model.TESTING)
+    path = tmp_path / f"old{suffix}"
+    if suffix == ".keras":
+        model.save_model(old, path)
+    else:
+        model.save_weights(old, path, model.TESTING)
+    loaded = model.load_icl_model(path)
+    images = np.random.default_rng(5).normal(1.0, 1.0, (2, 32, 32, 1)).astype(np.float32)
+    np.testing.assert_array_equal(loaded(images), old(images))
+    assert model.read_config(path) == model.TESTING
+
+
+def test_default_checkpoint_prefers_the_finetuned_one(tmp_path):
+    with pytest.raises(model.CheckpointError, match="train one with train.py and pass it with --checkpoint PATH"):
+        model.default_checkpoint(tmp_path)
+    for name in reversed(model.SHIPPED_CHECKPOINTS):
+        (tmp_path / name).touch()
+        assert model.default_checkpoint(tmp_path) == tmp_path / name
+    assert model.default_checkpoint().parent == model.CHECKPOINT_DIR
 
 
 def test_mismatched_checkpoint_is_reported(tmp_path):

@@ -13,6 +13,7 @@ from synthetic import synthetic_clusters, write_cluster_hdf5, write_fits_cutout
 
 import common
 import finetune
+import inference
 import model
 import predict
 import prep_data
@@ -25,6 +26,8 @@ SCRIPTS = ["train.py", "finetune.py", "predict.py", "prep_data.py"]
 def test_help_works(script):
     result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "usage" in result.stdout
+    if script == "predict.py":
+        assert "--gradcam-dir" in result.stdout and "--verbose" in result.stdout
 
 
 def _arrays_dataset(images, labels, batch_size):
@@ -124,7 +127,7 @@ def test_predict_directory_of_fits_with_nan_strips_and_stars(tmp_path, tiny_chec
     assert predict.main([str(tmp_path), "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--batch-size", "3"]) == 0
     table = pd.read_csv(out)
     assert table["id"].tolist() == [f"cl{i}" for i in range(4)]
-    assert list(table.columns) == list(predict.COLUMNS)
+    assert list(table.columns) == list(inference.COLUMNS)
     values = table[["f_icl", "f_icl_p15", "f_icl_p85"]].to_numpy()
     assert np.isfinite(values).all() and (values >= 0).all() and (values <= 1).all()
 
@@ -149,8 +152,7 @@ def test_predict_reports_bad_files_and_keeps_good_rows(tmp_path, tiny_checkpoint
 
 def test_predict_without_checkpoint_says_what_to_do(tmp_path, monkeypatch, capsys):
     write_fits_cutout(tmp_path / "a.fits")
-    monkeypatch.setattr(predict, "CHECKPOINT_DIR", tmp_path / "none")
-    monkeypatch.setattr(predict.default_checkpoint, "__defaults__", (tmp_path / "none",))
+    monkeypatch.setattr(model, "CHECKPOINT_DIR", tmp_path / "none")
     assert predict.main([str(tmp_path / "a.fits"), "--out", str(tmp_path / "p.csv")]) == 2
     assert "train one with train.py and pass it with --checkpoint" in capsys.readouterr().err
 
@@ -168,10 +170,13 @@ def test_predict_rejects_checkpoint_of_other_architecture(tmp_path, tiny_checkpo
 def test_predict_writes_gradcam_overlays(tmp_path, tiny_checkpoint):
     for i in range(3):
         write_fits_cutout(tmp_path / f"cl{i}.fits", seed=i)
-    out, overlays = tmp_path / "pred.csv", tmp_path / "gradcam"
-    argv = [str(tmp_path), "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--batch-size", "2", "--gradcam", str(overlays)]
-    assert predict.main(argv) == 0
+    out, overlays, plain = tmp_path / "pred.csv", tmp_path / "gradcam", tmp_path / "plain.csv"
+    argv = [str(tmp_path), "--checkpoint", str(tiny_checkpoint), "--batch-size", "2"]
+    assert predict.main(argv + ["--out", str(out), "--gradcam-dir", str(overlays)]) == 0
     assert sorted(p.name for p in overlays.iterdir()) == [f"cl{i}_gradcam.png" for i in range(3)]
+    # The rows are those of a run without GradCAM.
+    assert predict.main(argv + ["--out", str(plain)]) == 0
+    assert out.read_text() == plain.read_text()
 
 
 def test_predict_resume_skips_finished_cutouts(tmp_path, tiny_checkpoint, monkeypatch):
@@ -184,14 +189,14 @@ def test_predict_resume_skips_finished_cutouts(tmp_path, tiny_checkpoint, monkey
     assert predict.main([str(inputs), "--out", str(full), "--checkpoint", str(tiny_checkpoint)]) == 0
     # An interrupted run: its rows for the first two cutouts are in the partial file, no CSV yet.
     rows = full.read_text().splitlines()
-    predict.partial_path(out).write_text("\n".join(rows[:3]) + "\n")
+    inference.partial_path(out).write_text("\n".join(rows[:3]) + "\n")
     seen = []
     original = prep_data.cutout_dataset
     monkeypatch.setattr(prep_data, "cutout_dataset", lambda refs, *a, **k: seen.extend(refs) or original(refs, *a, **k))
     assert predict.main([str(inputs), "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--resume"]) == 0
     assert [ref.id for ref in seen] == ["cl2", "cl3", "cl4"]
     assert out.read_text() == full.read_text()
-    assert not predict.partial_path(out).exists()
+    assert not inference.partial_path(out).exists()
     seen.clear()
     assert predict.main([str(inputs), "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--resume"]) == 0
     assert seen == [] and out.read_text() == full.read_text()
@@ -202,8 +207,8 @@ def test_cached_views_are_the_encoder_outputs(tiny_checkpoint):
     prepared = np.stack([prep_data.prepare_image(i, size=32) for i in images])
     encoded = finetune.EncodedClusters(tiny_checkpoint, prepared, n_views=3, seed=1)
     icl_model = model.load_icl_model(tiny_checkpoint)
-    encoder = icl_model.get_layer(model.ENCODER_NAME)
-    expected = encoder(icl_model.get_layer("normalisation")(prepared)).numpy()
+    encoder, pooling = icl_model.get_layer(model.ENCODER_NAME), icl_model.get_layer(model.POOLING_NAME)
+    expected = pooling(encoder(icl_model.get_layer("normalisation")(prepared))).numpy()
     np.testing.assert_allclose(encoded.plain, expected, rtol=1e-4, atol=1e-5)
     assert encoded.views.shape == (6, 3, expected.shape[1])
     assert not np.allclose(encoded.views[:, 0], encoded.plain)  # augmented views differ from the image
