@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 import augmentations
+import common
 import hsc
 import resnet_cifar10_v2
 
@@ -171,6 +172,18 @@ def config_path_for(weights_path):
     return pathlib.Path(stem + ".config.json")
 
 
+def _save_atomically(save, path, suffix):
+    """``save(file)`` into ``path`` with :func:`common.atomic_write`; Keras reads the format from
+    the file name, so it writes a temporary name that keeps ``suffix``, moved into place after."""
+    with common.atomic_write(path) as temporary:
+        keras_file = temporary.with_name(temporary.name + suffix)
+        try:
+            save(keras_file)
+            os.replace(keras_file, temporary)
+        finally:
+            keras_file.unlink(missing_ok=True)
+
+
 def save_weights(model, path, config):
     """Save weights and the config beside them, each written atomically.
 
@@ -180,13 +193,8 @@ def save_weights(model, path, config):
     if not path.name.endswith(".weights.h5"):
         raise ValueError(f"weights path must end with '.weights.h5', got {path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
-    model.save_weights(temporary)
-    os.replace(temporary, path)
-    config_file = config_path_for(path)
-    temporary_config = config_file.with_name(f".partial-{os.getpid()}-{config_file.name}")
-    temporary_config.write_text(config.to_json())
-    os.replace(temporary_config, config_file)
+    _save_atomically(model.save_weights, path, ".weights.h5")
+    common.write_text(config_path_for(path), config.to_json())
 
 
 def save_model(model, path):
@@ -194,9 +202,7 @@ def save_model(model, path):
     path = pathlib.Path(path)
     if path.suffix != ".keras":
         raise ValueError(f"whole-model path must end with '.keras', got {path.name}")
-    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
-    model.save(temporary)
-    os.replace(temporary, path)
+    _save_atomically(model.save, path, ".keras")
 
 
 def read_config(path):
