@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) demos/run_demo.py --out results
+	$(PY) demos/run_demo.py --out-dir results
 
 test: install
 	$(PY) -m pytest -q tests

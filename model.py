@@ -74,9 +74,9 @@ PAPER = ICLConfig()
 #: A smaller architecture that trains on a laptop CPU: half the resolution (1 px = 2.7 kpc), N = 2.
 COMPACT = ICLConfig(image_size=112, n_blocks=2)
 #: A tiny architecture for tests and quick CPU runs.
-TESTING = ICLConfig(image_size=32, n_blocks=1, hidden_units=32, n_components=16)
+TINY = ICLConfig(image_size=32, n_blocks=1, hidden_units=32, n_components=16)
 #: Architectures by name, for the command lines.
-ARCHITECTURES = {"paper": PAPER, "compact": COMPACT, "tiny": TESTING}
+ARCHITECTURES = {"paper": PAPER, "compact": COMPACT, "tiny": TINY}
 
 
 class CheckpointError(ValueError):

@@ -12,23 +12,7 @@ machine. Prints images/s per batch size and the largest difference of the two mo
 import argparse
 
 import machine
-
-
-def original_summary(params, grid):
-    """Mode and 15/85 percentiles as the original computed them: one density call per grid point."""
-    import numpy as np
-
-    import model
-
-    mixture = model.beta_mixture(params)
-    pdf = np.stack([mixture.prob(np.float32(x)).numpy() for x in grid], axis=-1)
-    cdf = np.cumsum(pdf, axis=-1)
-    cdf /= cdf[:, -1:]
-    return {
-        "mode": grid[np.argmax(pdf, axis=-1)],
-        "p15": grid[np.argmax(cdf >= 0.15, axis=-1)],
-        "p85": grid[np.argmax(cdf >= 0.85, axis=-1)],
-    }
+from baselines import original_summary
 
 
 def main(argv=None):
@@ -44,7 +28,7 @@ def main(argv=None):
 
     import model
 
-    config = model.TESTING if args.tiny else model.PAPER
+    config = model.TINY if args.tiny else model.PAPER
     icl_model = model.build_icl_model(config)
     predictor = model.Predictor(icl_model, jit_compile=args.jit)
     grid = model.summary_grid()

@@ -175,12 +175,12 @@ def main(argv=None):
 
     import keras
     import numpy as np
-    from bench_icl_inference import original_summary
+    from baselines import original_summary
 
     import model
     import prep_data
 
-    config = model.TESTING if args.tiny else model.PAPER
+    config = model.TINY if args.tiny else model.PAPER
     print(f"machine: {machine.machine_description()}")
     print(f"model: {'tiny testing' if args.tiny else 'full-size'} ({config.image_size} px); niceness {os.nice(0)}")
     with tempfile.TemporaryDirectory(dir=args.work_dir) as folder:

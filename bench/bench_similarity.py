@@ -33,9 +33,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-import common  # noqa: E402
 import machine  # noqa: E402
 
+import common  # noqa: E402
 import similarity  # noqa: E402
 
 # Defaults; every one can be set from the command line.

@@ -50,7 +50,7 @@ def main(argv=None):
 
     import model
 
-    config = model.TESTING if args.tiny else model.PAPER
+    config = model.TINY if args.tiny else model.PAPER
     print(f"machine: {machine.machine_description()}")
     print(f"model: {config}; batch {args.batch_size}, {args.steps} timed steps")
     variants = [("fp32, no XLA (baseline)", False, "float32"), ("fp32, XLA", True, "float32")]

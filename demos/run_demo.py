@@ -118,14 +118,14 @@ def run_tidal(out_dir, log, python=sys.executable, run_dir=NNCLR_RUN, galaxies=E
     missing = missing_nnclr_files(run_dir)
     if missing:
         message = (f"no shipped NNCLR run in {run_dir} (missing {', '.join(missing)}); "
-                   "train one with nnclr_train.py --out checkpoints/nnclr")
+                   "train one with nnclr_train.py INPUT... --out-dir checkpoints/nnclr")
         print(f"\n[tidal features] skipped: {message}")
         log.append({"step": "tidal features", "command": "nnclr_test.py (skipped)", "status": "skipped",
                     "seconds": 0.0, "output": message})
         return None
     tidal_dir = pathlib.Path(out_dir) / "tidal"
-    status = run("tidal features", [python, "nnclr_test.py", "--run", run_dir, "--data", galaxies, "--test-all",
-                                    "--out", tidal_dir, "--similar-to", similar_to, "--top-k", top_k], log)
+    status = run("tidal features", [python, "nnclr_test.py", galaxies, "--run-dir", run_dir, "--test-all",
+                                    "--out-dir", tidal_dir, "--similar-to", similar_to, "--top-k", top_k], log)
     metrics_path = tidal_dir / "metrics.json"
     if status != 0 or not metrics_path.is_file():
         return None
@@ -200,7 +200,7 @@ def write_index(out_dir, log, table, tidal_metrics=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default=OUT_DIR, help=f"results folder (default {OUT_DIR})")
-    parser.add_argument("--nnclr-run", default=str(NNCLR_RUN), help="nnclr_train.py output folder (default: the shipped one)")
+    parser.add_argument("--nnclr-run-dir", default=str(NNCLR_RUN), help="nnclr_train.py output folder (default: the shipped one)")
     parser.add_argument("--similar-to", default=SIMILAR_TO, help=f"query galaxy of the similarity search (default {SIMILAR_TO})")
     parser.add_argument("--top-k", type=int, default=TOP_K, help=f"galaxies returned by the similarity search (default {TOP_K})")
     common.add_verbose_argument(parser)
@@ -225,10 +225,10 @@ def main(argv=None):
         run("ICL prediction", [python, "predict.py", EXAMPLE_CLUSTERS, "--out", out_dir / "icl_predictions.csv",
                                "--gradcam-dir", out_dir / "gradcam"], log)
     run("SB measurement", [python, "-m", "measure_sb_cut", EXAMPLE_CLUSTERS, "--out", out_dir / "sb_measurements.csv",
-                           "--plot", out_dir / "sb_plots"], log)
+                           "--plot-dir", out_dir / "sb_plots"], log)
     table = compare_icl(out_dir)
     print("\n" + table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    tidal_metrics = run_tidal(out_dir, log, python, args.nnclr_run, similar_to=args.similar_to, top_k=args.top_k)
+    tidal_metrics = run_tidal(out_dir, log, python, args.nnclr_run_dir, similar_to=args.similar_to, top_k=args.top_k)
 
     index = write_index(out_dir, log, table, tidal_metrics)
     failed = [entry["step"] for entry in log if entry["status"] not in (0, "skipped")]

@@ -17,5 +17,5 @@ def tiny_checkpoint(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny.weights.h5"
     keras.utils.set_random_seed(0)
-    model.save_weights(model.build_icl_model(model.TESTING), path, model.TESTING)
+    model.save_weights(model.build_icl_model(model.TINY), path, model.TINY)
     return path

@@ -17,7 +17,7 @@ import inference
 import model
 import resnet_cifar10_v2
 
-SIZE = model.TESTING.image_size
+SIZE = model.TINY.image_size
 #: The blob detector's feature map is the input sampled every 4 pixels (two stride-2 stages).
 STRIDE = 4
 BLOB_ROWS, BLOB_COLUMNS = slice(20, 24), slice(4, 8)
@@ -26,7 +26,7 @@ BLOB_ROWS, BLOB_COLUMNS = slice(20, 24), slice(4, 8)
 @pytest.fixture(scope="module")
 def tiny_model():
     keras.utils.set_random_seed(3)
-    return model.build_icl_model(model.TESTING)
+    return model.build_icl_model(model.TINY)
 
 
 def _images(n, seed=0):
@@ -38,7 +38,7 @@ def _blob_detector():
     normalisation mean, set by hand: every residual branch is zero, the stem and the projection
     shortcuts pass channel 0 through, so the feature map's channel 0 is ReLU(normalised image)
     sampled every 4 pixels; the head turns its spatial mean into alpha of every component."""
-    icl_model = model.build_icl_model(model.TESTING)
+    icl_model = model.build_icl_model(model.TINY)
     encoder = icl_model.get_layer(model.ENCODER_NAME)
     for layer in encoder.layers:
         if isinstance(layer, keras.layers.Conv2D):
@@ -52,7 +52,7 @@ def _blob_detector():
     hidden_kernel[0, 0] = 1.0
     hidden.set_weights([hidden_kernel, np.zeros(hidden.bias.shape, np.float32)])
     head = icl_model.get_layer("mixture_params")
-    n_components = model.TESTING.n_components
+    n_components = model.TINY.n_components
     head_kernel = np.zeros(head.kernel.shape, np.float32)
     head_kernel[0, n_components : 2 * n_components] = 1.0
     head.set_weights([head_kernel, np.zeros(head.bias.shape, np.float32)])
@@ -112,7 +112,7 @@ def test_heatmaps_have_image_shape_and_lie_in_unit_range(tiny_model):
     images = _images(3)
     original = images.copy()
     heatmaps, params = model.gradcam_heatmaps(tiny_model, images)
-    assert heatmaps.shape == (3, SIZE, SIZE) and params.shape == (3, 3 * model.TESTING.n_components)
+    assert heatmaps.shape == (3, SIZE, SIZE) and params.shape == (3, 3 * model.TINY.n_components)
     assert np.isfinite(heatmaps).all()
     assert heatmaps.min() >= 0.0
     # Each map is divided by its own peak.
@@ -122,7 +122,7 @@ def test_heatmaps_have_image_shape_and_lie_in_unit_range(tiny_model):
 
 def test_empty_batch_gives_empty_maps(tiny_model):
     heatmaps, params = model.gradcam_heatmaps(tiny_model, np.zeros((0, SIZE, SIZE, 1)))
-    assert heatmaps.shape == (0, SIZE, SIZE) and params.shape == (0, 3 * model.TESTING.n_components)
+    assert heatmaps.shape == (0, SIZE, SIZE) and params.shape == (0, 3 * model.TINY.n_components)
 
 
 def test_feature_map_is_a_tensor_of_the_model_graph(tiny_model):
@@ -198,7 +198,7 @@ def test_frozen_model_still_has_gradients(tiny_model):
 
 
 def test_augmented_model_gives_the_inference_heatmaps(tiny_model):
-    augmented = model.build_icl_model(model.TESTING, augment=True, seed=5)
+    augmented = model.build_icl_model(model.TINY, augment=True, seed=5)
     for name in (model.ENCODER_NAME, "hidden", "mixture_params"):
         augmented.get_layer(name).set_weights(tiny_model.get_layer(name).get_weights())
     images = _images(2, seed=6)

@@ -32,9 +32,9 @@ def test_full_size_model_has_published_size():
 
 
 def test_testing_config_builds_small_model():
-    icl_model = model.build_icl_model(model.TESTING, augment=True, seed=1)
+    icl_model = model.build_icl_model(model.TINY, augment=True, seed=1)
     out = icl_model(np.zeros((2, 32, 32, 1), np.float32))
-    assert out.shape == (2, 3 * model.TESTING.n_components)
+    assert out.shape == (2, 3 * model.TINY.n_components)
 
 
 def test_density_matches_scipy(random_params):
@@ -93,7 +93,7 @@ def test_summary_rejects_bad_grid():
 
 
 def test_predictor_equals_model_then_summary():
-    icl_model = model.build_icl_model(model.TESTING)
+    icl_model = model.build_icl_model(model.TINY)
     images = np.random.default_rng(0).normal(1.0, 1.0, (3, 32, 32, 1)).astype(np.float32)
     direct = model.summarise(icl_model.predict(images, verbose=0))
     compiled = model.Predictor(icl_model)(images)
@@ -102,9 +102,9 @@ def test_predictor_equals_model_then_summary():
 
 
 def test_weights_round_trip(tmp_path):
-    icl_model = model.build_icl_model(model.TESTING, augment=True, seed=0)
+    icl_model = model.build_icl_model(model.TINY, augment=True, seed=0)
     path = tmp_path / "tiny.weights.h5"
-    model.save_weights(icl_model, path, model.TESTING)
+    model.save_weights(icl_model, path, model.TINY)
     loaded = model.load_icl_model(path)
     images = np.random.default_rng(1).normal(size=(2, 32, 32, 1)).astype(np.float32)
     np.testing.assert_allclose(loaded(images), icl_model(images, training=False), atol=1e-6)
@@ -113,10 +113,10 @@ def test_weights_round_trip(tmp_path):
 
 
 def test_whole_model_round_trip(tmp_path):
-    icl_model = model.build_icl_model(model.TESTING, augment=True, seed=0)
+    icl_model = model.build_icl_model(model.TINY, augment=True, seed=0)
     path = tmp_path / "tiny.keras"
     model.save_model(icl_model, path)
-    assert model.read_config(path) == model.TESTING
+    assert model.read_config(path) == model.TINY
     loaded = model.load_icl_model(path)
     images = np.random.default_rng(2).normal(size=(2, 32, 32, 1)).astype(np.float32)
     np.testing.assert_allclose(loaded(images), icl_model(images, training=False), atol=1e-6)
@@ -135,16 +135,16 @@ def _model_with_pooling_in_the_encoder(config):
 @pytest.mark.parametrize("suffix", [".weights.h5", ".keras"])
 def test_checkpoints_of_the_encoder_that_pooled_inside_load_unchanged(tmp_path, suffix):
     keras.utils.set_random_seed(4)
-    old = _model_with_pooling_in_the_encoder(model.TESTING)
+    old = _model_with_pooling_in_the_encoder(model.TINY)
     path = tmp_path / f"old{suffix}"
     if suffix == ".keras":
         model.save_model(old, path)
     else:
-        model.save_weights(old, path, model.TESTING)
+        model.save_weights(old, path, model.TINY)
     loaded = model.load_icl_model(path)
     images = np.random.default_rng(5).normal(1.0, 1.0, (2, 32, 32, 1)).astype(np.float32)
     np.testing.assert_array_equal(loaded(images), old(images))
-    assert model.read_config(path) == model.TESTING
+    assert model.read_config(path) == model.TINY
 
 
 def test_default_checkpoint_prefers_the_finetuned_one(tmp_path):
@@ -158,7 +158,7 @@ def test_default_checkpoint_prefers_the_finetuned_one(tmp_path):
 
 def test_mismatched_checkpoint_is_reported(tmp_path):
     path = tmp_path / "tiny.weights.h5"
-    model.save_weights(model.build_icl_model(model.TESTING), path, model.TESTING)
+    model.save_weights(model.build_icl_model(model.TINY), path, model.TINY)
     other = model.ICLConfig(image_size=32, n_blocks=2, hidden_units=32, n_components=16)
     with pytest.raises(model.CheckpointError, match="does not match the ICL architecture"):
         model.load_icl_model(path, config=other)
@@ -167,7 +167,7 @@ def test_mismatched_checkpoint_is_reported(tmp_path):
 
 
 def test_freeze_encoder_leaves_head_trainable():
-    icl_model = model.freeze_encoder(model.build_icl_model(model.TESTING))
+    icl_model = model.freeze_encoder(model.build_icl_model(model.TINY))
     trainable = {v.path.split("/")[0] for v in icl_model.trainable_variables}
     assert trainable == {"hidden", "mixture_params"}
 
@@ -181,7 +181,7 @@ def test_compact_architecture_reads_112_pixel_images():
 
 def test_label_prior_head_predicts_the_label_distribution():
     labels = np.random.default_rng(3).normal(0.07, 0.028, 500).clip(0.01, 0.3)
-    icl_model = model.build_icl_model(model.TESTING)
+    icl_model = model.build_icl_model(model.TINY)
     images = np.random.default_rng(4).normal(1.0, 0.1, (8, 32, 32, 1)).astype(np.float32)
     before = model.negative_log_likelihood(labels[:8], icl_model(images)).numpy().mean()
     model.set_label_prior(icl_model, labels)

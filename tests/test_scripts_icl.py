@@ -40,7 +40,7 @@ def test_tiny_training_lowers_validation_loss(tmp_path):
     train_data = _arrays_dataset(images[:80], labels[:80], 16)
     validation_data = _arrays_dataset(images[80:], labels[80:], 16)
     config = train.TrainConfig(epochs=4, batch_size=16, validation_batch_size=16, seed=3)
-    metrics = train.train(model.TESTING, config, train_data, validation_data, tmp_path)
+    metrics = train.train(model.TINY, config, train_data, validation_data, tmp_path)
     history = pd.read_csv(tmp_path / "history.csv")
     assert history["val_loss"].min() < history["val_loss"].iloc[0]
     for name in ("best.weights.h5", "best.config.json", "final.weights.h5", "binned_validation.png", "metrics.json"):
@@ -248,7 +248,7 @@ labels = rng.uniform(0.05, 0.4, 8).astype("float32")
 results = []
 for strategy in (common.make_strategy("default"), common.make_strategy("mirrored")):
     keras.utils.set_random_seed(0)
-    icl_model = train.compiled_model(model.TESTING, config, strategy)
+    icl_model = train.compiled_model(model.TINY, config, strategy)
     initial = icl_model.get_weights()
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
     icl_model.fit(dataset, epochs=1, verbose=0)
