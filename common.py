@@ -31,10 +31,15 @@ _QUIET_ENVIRONMENT = {
 def atomic_path(path):
     """The hidden temporary sibling of ``path`` that :func:`atomic_write` writes first.
 
-    The name carries the process id, so two processes writing the same file never share it.
+    The name carries the process id, so two processes writing the same file never share it,
+    and ends with the suffixes of ``path`` (``.weights.h5``, ``.keras``, ``.csv``...), since
+    Keras and other writers choose the format from the name:
+    ``runs/best.weights.h5`` -> ``runs/.best.partial-1234.weights.h5``.
     """
     path = pathlib.Path(path)
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+    suffix = "".join(path.suffixes)
+    stem = path.name[: len(path.name) - len(suffix)]
+    return path.with_name(f".{stem}.partial-{os.getpid()}{suffix}")
 
 
 @contextlib.contextmanager

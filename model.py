@@ -17,7 +17,6 @@ GradCAM (:func:`gradcam_heatmaps`) needs no surgery on the network.
 
 import dataclasses
 import json
-import os
 import pathlib
 
 import keras
@@ -172,18 +171,6 @@ def config_path_for(weights_path):
     return pathlib.Path(stem + ".config.json")
 
 
-def _save_atomically(save, path, suffix):
-    """``save(file)`` into ``path`` with :func:`common.atomic_write`; Keras reads the format from
-    the file name, so it writes a temporary name that keeps ``suffix``, moved into place after."""
-    with common.atomic_write(path) as temporary:
-        keras_file = temporary.with_name(temporary.name + suffix)
-        try:
-            save(keras_file)
-            os.replace(keras_file, temporary)
-        finally:
-            keras_file.unlink(missing_ok=True)
-
-
 def save_weights(model, path, config):
     """Save weights and the config beside them, each written atomically.
 
@@ -193,7 +180,8 @@ def save_weights(model, path, config):
     if not path.name.endswith(".weights.h5"):
         raise ValueError(f"weights path must end with '.weights.h5', got {path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save_atomically(model.save_weights, path, ".weights.h5")
+    with common.atomic_write(path) as temporary:
+        model.save_weights(temporary)
     common.write_text(config_path_for(path), config.to_json())
 
 
@@ -202,7 +190,8 @@ def save_model(model, path):
     path = pathlib.Path(path)
     if path.suffix != ".keras":
         raise ValueError(f"whole-model path must end with '.keras', got {path.name}")
-    _save_atomically(model.save, path, ".keras")
+    with common.atomic_write(path) as temporary:
+        model.save(temporary)
 
 
 def read_config(path):

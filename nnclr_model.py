@@ -520,13 +520,7 @@ def save_model_file(model, path):
     if path.suffix != ".keras":
         raise ValueError(f"model path must end in .keras, got {path}")
     with common.atomic_write(path) as temporary:
-        # Keras insists on the .keras suffix: save under a name that has it, then hand the file over.
-        keras_temporary = temporary.with_name(temporary.name + ".keras")
-        try:
-            model.save(keras_temporary)
-            keras_temporary.replace(temporary)
-        finally:
-            keras_temporary.unlink(missing_ok=True)
+        model.save(temporary)
 
 
 def architecture_signature(model):

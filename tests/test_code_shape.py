@@ -154,4 +154,6 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert target.read_text() == "old\n"
     assert list(tmp_path.iterdir()) == [target]
     common.write_json(target, {"n": 1})
+    # Keras picks the format from the name, so the temporary name keeps the suffixes.
+    assert common.atomic_path("runs/best.weights.h5").name == f".best.partial-{os.getpid()}.weights.h5"
     assert target.read_text() == '{\n  "n": 1\n}'

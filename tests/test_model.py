@@ -109,7 +109,7 @@ def test_weights_round_trip(tmp_path):
     images = np.random.default_rng(1).normal(size=(2, 32, 32, 1)).astype(np.float32)
     np.testing.assert_allclose(loaded(images), icl_model(images, training=False), atol=1e-6)
     assert not any("augmentation" in layer.name for layer in loaded.layers)
-    assert not list(tmp_path.glob(".partial*"))
+    assert not list(tmp_path.glob(".*partial*"))
 
 
 def test_whole_model_round_trip(tmp_path):
