@@ -34,7 +34,6 @@ because truncated profiles do not hold their nominal flux):
 
 import dataclasses
 import functools
-import json
 import logging
 
 import numpy as np
@@ -609,12 +608,6 @@ def _json_safe(value):
     if isinstance(value, (np.integer, int)) and not isinstance(value, bool):
         return int(value)
     return value
-
-
-def params_json(params):
-    """The generation parameters as JSON text (the ``params`` column)."""
-    return json.dumps(_json_safe(params), sort_keys=True)
-
 
 
 # ----------------------------------------------------------------------------------------

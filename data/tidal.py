@@ -773,10 +773,6 @@ PREVIEW_TITLE = "gri; title: feature type, mean SB (i, mag/arcsec$^2$)"
 # Files
 
 
-#: Columns of the tidal HDF5 layout besides ``image`` and ``id``.
-TRUTH_COLUMNS = ("has_tidal", "feature_type", "feature_sb", "params")
-
-
 def write_tidal_hdf5(path, images, truths, ids):
     """Write tidal cutouts in the stacked HDF5 layout, atomically (temporary file, then rename).
 
