@@ -244,7 +244,8 @@ def train(model_config, train_config, train_data, validation_data, out_dir, real
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=train_config.early_stopping_patience),
         keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=True),
     ]
-    icl_model.fit(train_data, validation_data=validation_data, epochs=train_config.epochs, callbacks=callbacks, verbose=2)
+    icl_model.fit(train_data, validation_data=validation_data, epochs=train_config.epochs, callbacks=callbacks, verbose=2,
+                  shuffle=False)  # the dataset shuffles itself
     model.save_weights(icl_model, out_dir / "final.weights.h5", model_config)
     if not (out_dir / "best.weights.h5").exists():
         model.save_weights(icl_model, out_dir / "best.weights.h5", model_config)
