@@ -78,6 +78,15 @@ def write_text(path, text):
         temporary.write_text(text)
 
 
+def save_keras_model(keras_model, path):
+    """Save a whole Keras model (architecture and weights) to a ``.keras`` file, atomically."""
+    path = pathlib.Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(f"model path must end with '.keras', got {path.name}")
+    with atomic_write(path) as temporary:
+        keras_model.save(temporary)
+
+
 # ----------------------------------------------------------------------------------------
 # Reporting
 

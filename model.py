@@ -185,15 +185,6 @@ def save_weights(model, path, config):
     common.write_text(config_path_for(path), config.to_json())
 
 
-def save_model(model, path):
-    """Save the whole model (architecture and weights) as a ``.keras`` file, atomically."""
-    path = pathlib.Path(path)
-    if path.suffix != ".keras":
-        raise ValueError(f"whole-model path must end with '.keras', got {path.name}")
-    with common.atomic_write(path) as temporary:
-        model.save(temporary)
-
-
 def read_config(path):
     """The ICLConfig of a checkpoint (``.weights.h5`` with its JSON, or ``.keras``)."""
     path = pathlib.Path(path)

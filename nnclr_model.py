@@ -514,15 +514,6 @@ def _images_of(data):
 # Saving and loading
 
 
-def save_model_file(model, path):
-    """Save a Keras model to a ``.keras`` file, atomically."""
-    path = pathlib.Path(path)
-    if path.suffix != ".keras":
-        raise ValueError(f"model path must end in .keras, got {path}")
-    with common.atomic_write(path) as temporary:
-        model.save(temporary)
-
-
 def architecture_signature(model):
     """(layer class, weight shapes) of every layer with weights, in order, plus the input shape."""
     signature = [("input", tuple(model.input_shape[1:]))]
@@ -565,7 +556,7 @@ def _read_keras_model(path, what):
 
 def save_encoder(encoder, path):
     """Save the encoder to a ``.keras`` file, atomically."""
-    save_model_file(encoder, path)
+    common.save_keras_model(encoder, path)
 
 
 def load_encoder(path, config):
@@ -619,7 +610,7 @@ def build_classifier(encoder, config, fine_tune=False, seed=None, name="tidal_cl
 
 
 def load_classifier(path, config):
-    """Load a classifier saved with :func:`save_model_file` and check its input and output shapes.
+    """Load a classifier saved with :func:`common.save_keras_model` and check its input and output shapes.
 
     Raises
     ------

@@ -248,7 +248,7 @@ def train_classifier(encoder, source, splits, config, train_config, band_scale, 
             callbacks=[keras.callbacks.BackupAndRestore(str(out_dir / "backup_classifier")),
                        common.epoch_progress("classifier")],
         )
-    nnclr_model.save_model_file(classifier, out_dir / "classifier.keras")
+    common.save_keras_model(classifier, out_dir / "classifier.keras")
     for name, key in (("train_loss", "loss"), ("val_loss", "val_loss")):
         common.save_array(out_dir / f"{name}.npy", np.asarray(history.history[key], dtype=np.float32))
     plot_classifier_loss(history.history, out_dir / "classifier_loss.png")

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from astropy.io import fits
 
+import common
 import prep_data
 import tidal_data
 
@@ -37,7 +38,7 @@ def tiny_nnclr_run(run_dir):
     classifier = nnclr_model.build_classifier(encoder, config, seed=0)
     run_dir.mkdir(parents=True)
     nnclr_model.save_encoder(encoder, run_dir / "encoder.keras")
-    nnclr_model.save_model_file(classifier, run_dir / "classifier.keras")
+    common.save_keras_model(classifier, run_dir / "classifier.keras")
     nnclr_model.save_config(config, run_dir / "config.json", band_scale=[0.02, 0.026, 0.03, 0.075, 0.1], softening=3.0,
                             data="training galaxies", settings={"split_sizes": [300, 30, 50], "seed": 0})
     return run_dir

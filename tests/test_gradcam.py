@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 from synthetic import write_fits_cutout
 
+import common
 import gradcam
 import inference
 import model
@@ -344,7 +345,7 @@ def test_cli_rejects_bad_batch_size(tmp_path, tiny_checkpoint, capsys):
 
 def test_works_on_a_whole_model_loaded_from_a_keras_file(tmp_path, tiny_model):
     path = tmp_path / "tiny.keras"
-    model.save_model(tiny_model, path)
+    common.save_keras_model(tiny_model, path)
     loaded = keras.saving.load_model(path, compile=False)
     images = _images(2, seed=8)
     np.testing.assert_allclose(model.gradcam_heatmaps(loaded, images)[0], model.gradcam_heatmaps(tiny_model, images)[0],

@@ -6,6 +6,7 @@ import pytest
 from scipy import stats
 
 import augmentations
+import common
 import model
 import resnet_cifar10_v2
 
@@ -115,7 +116,7 @@ def test_weights_round_trip(tmp_path):
 def test_whole_model_round_trip(tmp_path):
     icl_model = model.build_icl_model(model.TINY, augment=True, seed=0)
     path = tmp_path / "tiny.keras"
-    model.save_model(icl_model, path)
+    common.save_keras_model(icl_model, path)
     assert model.read_config(path) == model.TINY
     loaded = model.load_icl_model(path)
     images = np.random.default_rng(2).normal(size=(2, 32, 32, 1)).astype(np.float32)
@@ -138,7 +139,7 @@ def test_checkpoints_of_the_encoder_that_pooled_inside_load_unchanged(tmp_path, 
     old = _model_with_pooling_in_the_encoder(model.TINY)
     path = tmp_path / f"old{suffix}"
     if suffix == ".keras":
-        model.save_model(old, path)
+        common.save_keras_model(old, path)
     else:
         model.save_weights(old, path, model.TINY)
     loaded = model.load_icl_model(path)

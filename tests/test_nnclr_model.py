@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import common
 import nnclr_model
 from nnclr_model import TINY_CONFIG
 
@@ -155,7 +156,7 @@ def test_nnclr_weights_with_queue_round_trip(tmp_path):
 def test_classifier_save_load_round_trip(tmp_path):
     classifier = nnclr_model.build_classifier(nnclr_model.build_encoder(TINY_CONFIG), TINY_CONFIG)
     path = tmp_path / "classifier.keras"
-    nnclr_model.save_model_file(classifier, path)
+    common.save_keras_model(classifier, path)
     loaded = nnclr_model.load_classifier(path, TINY_CONFIG)
     images = np.random.default_rng(0).normal(size=(4, 24, 24, 5)).astype(np.float32)
     np.testing.assert_allclose(loaded.predict(images, verbose=0), classifier.predict(images, verbose=0), rtol=1e-6)
