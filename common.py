@@ -154,6 +154,11 @@ def make_strategy(name="default"):
     return tf.distribute.get_strategy()
 
 
+#: ``__name__`` of a command's own module: run as a script, or re-imported by the worker processes
+#: it spawns (multiprocessing, Dask), which must start as quietly as the command.
+MAIN_NAMES = ("__main__", "__mp_main__")
+
+
 def quiet_start(argv=None, tensorflow=True):
     """Keep TensorFlow's start-up lines (oneDNN notice, CUDA probes, absl) off the terminal.
 

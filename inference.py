@@ -16,6 +16,7 @@ when every cutout is done, so an interrupted run never leaves a CSV that looks f
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -26,6 +27,7 @@ import numpy as np
 
 import common
 import model
+import parallel
 import plots
 import prep_data
 
@@ -33,6 +35,8 @@ import prep_data
 BATCH_SIZE = 32
 #: Columns of the CSV.
 COLUMNS = ("id", "source", "f_icl", "f_icl_p15", "f_icl_p85", "f_icl_mean")
+#: The predictor's summaries written to the CSV after id and source, in column order.
+SUMMARY_KEYS = ("mode", "p15", "p85", "mean")
 #: Ending of every overlay file name.
 OVERLAY_SUFFIX = "_gradcam.png"
 
@@ -165,7 +169,7 @@ def read_finished_rows(out_path, partial):
     return rows
 
 
-def predicted_batches(refs, predictor, batch_size, image_size, errors, strict=False):
+def predicted_batches(refs, predictor, batch_size, image_size, errors, strict=False, log=True):
     """Stream ``refs`` through ``predictor``, one forward pass per batch.
 
     Yields
@@ -179,15 +183,16 @@ def predicted_batches(refs, predictor, batch_size, image_size, errors, strict=Fa
     n_read : int
         Cutouts of the batch, bad ones included (for a progress bar).
 
-    A bad cutout is logged and its message appended to ``errors``; with ``strict`` it raises
-    :class:`prep_data.CutoutError` instead.
+    A bad cutout is logged (unless ``log`` is false) and its message appended to ``errors``;
+    with ``strict`` it raises :class:`prep_data.CutoutError` instead.
     """
     for batch in prep_data.cutout_dataset(refs, batch_size, image_size):
         messages = [message.decode() for message in batch["error"].numpy()]
         for message in filter(None, messages):
             if strict:
                 raise prep_data.CutoutError(message)
-            logger.error("%s", message)
+            if log:
+                logger.error("%s", message)
             errors.append(message)
         good = np.array([not message for message in messages])
         if good.any():
@@ -197,8 +202,63 @@ def predicted_batches(refs, predictor, batch_size, image_size, errors, strict=Fa
             yield [], None, None, len(messages)
 
 
+def _rows_and_overlays(batch_refs, images, result, gradcam_dir, style):
+    """CSV rows of a predicted batch and, with ``gradcam_dir``, its overlays as (source, id, path)."""
+    summaries = zip(*(result[key] for key in SUMMARY_KEYS))
+    rows = [[ref.id, ref.source, *(f"{value:.5f}" for value in values)] for ref, values in zip(batch_refs, summaries)]
+    overlays = []
+    if gradcam_dir is not None:
+        paths = save_overlays(images, result["heatmaps"], [ref.id for ref in batch_refs], gradcam_dir, result, style)
+        overlays = [(ref.source, ref.id, path) for ref, path in zip(batch_refs, paths)]
+    return rows, overlays
+
+
+def _predict(refs, predictor, batch_size, image_size, gradcam_dir, style, errors, strict=False, log=True):
+    """Yield ``(rows, overlays, n_read)`` per batch of ``refs`` (see :func:`predicted_batches`)."""
+    for batch_refs, images, result, n_read in predicted_batches(refs, predictor, batch_size, image_size, errors,
+                                                                strict, log):
+        rows, overlays = _rows_and_overlays(batch_refs, images, result, gradcam_dir, style) if batch_refs else ([], [])
+        yield rows, overlays, n_read
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_predictor(checkpoint, gradcam):
+    # One model per worker process and checkpoint, kept for the worker's later partitions.
+    config = model.read_config(checkpoint)
+    return model.Predictor(model.load_icl_model(checkpoint, config), gradcam=gradcam), config.image_size
+
+
+def predict_partition(refs, checkpoint, batch_size, gradcam_dir=None, style=None):
+    """The Dask task of :func:`run`: predict one partition of cutouts on a worker.
+
+    Returns ``(rows, overlays, errors, n_read)``: the CSV rows and overlays (written by the worker
+    into ``gradcam_dir``, which must be on a file system every machine sees) of the readable
+    cutouts, one message per bad cutout, and the number of cutouts read.
+    """
+    parallel.quiet_worker()
+    predictor, image_size = _worker_predictor(str(checkpoint), gradcam_dir is not None)
+    rows, overlays, errors = [], [], []
+    for batch_rows, batch_overlays, _ in _predict(refs, predictor, batch_size, image_size, gradcam_dir, style, errors,
+                                                  log=False):
+        rows += batch_rows
+        overlays += batch_overlays
+    return rows, overlays, errors, len(refs)
+
+
+def _predict_on_cluster(client, parts, checkpoint, batch_size, gradcam_dir, style, errors, strict):
+    """Yield ``(rows, overlays, n_read)`` per partition, in input order, from the cluster's tasks."""
+    for rows, overlays, partition_errors, n_read in parallel.map_in_order(
+            client, predict_partition, parts, checkpoint, batch_size, gradcam_dir, style):
+        if partition_errors and strict:
+            raise prep_data.CutoutError(partition_errors[0])
+        for message in partition_errors:
+            logger.error("%s", message)
+        errors += partition_errors
+        yield rows, overlays, n_read
+
+
 def run(inputs, out=None, gradcam_dir=None, checkpoint=None, batch_size=BATCH_SIZE, strict=False, resume=False,
-        style=None, progress=True):
+        style=None, progress=True, client=None, partition_size=parallel.PARTITION_SIZE):
     """Predict every cutout of ``inputs``: rows to the CSV ``out``, overlays to ``gradcam_dir``.
 
     Parameters
@@ -221,6 +281,10 @@ def run(inputs, out=None, gradcam_dir=None, checkpoint=None, batch_size=BATCH_SI
         Of the overlays; the default style when omitted.
     progress : bool
         Show a progress bar.
+    client : dask.distributed.Client, optional
+        Run the predictions on this Dask cluster, ``partition_size`` cutouts per task
+        (:mod:`parallel`); the output is the same as without it.
+    partition_size : int
 
     Returns
     -------
@@ -241,6 +305,7 @@ def run(inputs, out=None, gradcam_dir=None, checkpoint=None, batch_size=BATCH_SI
         raise prep_data.CutoutError(errors[0])
     for message in errors:
         logger.error("%s", message)
+    # Loaded here even for a cluster: a checkpoint that cannot be read fails before any work.
     predictor = model.Predictor(model.load_icl_model(checkpoint, config), gradcam=gradcam_dir is not None)
 
     done_rows, handle, writer = [], None, None
@@ -259,23 +324,22 @@ def run(inputs, out=None, gradcam_dir=None, checkpoint=None, batch_size=BATCH_SI
     n_predicted, overlays = 0, {}
     bar = common.progress(total=len(refs), initial=len(refs) - len(todo), unit="cutout", desc="predicting",
                           disable=not progress or len(refs) < 2 * batch_size)
+    if client is None:
+        units = _predict(todo, predictor, batch_size, config.image_size, gradcam_dir, style, errors, strict)
+    else:
+        units = _predict_on_cluster(client, parallel.partitions(todo, partition_size), str(checkpoint.resolve()),
+                                    batch_size, gradcam_dir, style, errors, strict)
     try:
-        for batch_refs, images, result, n_read in predicted_batches(todo, predictor, batch_size, config.image_size,
-                                                                    errors, strict):
-            if batch_refs and writer is not None:
-                summaries = zip(*(result[key] for key in ("mode", "p15", "p85", "mean")))
-                writer.writerows([ref.id, ref.source, *(f"{value:.5f}" for value in values)]
-                                 for ref, values in zip(batch_refs, summaries))
+        for rows, batch_overlays, n_read in units:
+            if rows and writer is not None:
+                writer.writerows(rows)
                 handle.flush()
-            if batch_refs and gradcam_dir is not None:
-                paths = save_overlays(images, result["heatmaps"], [ref.id for ref in batch_refs], gradcam_dir, result,
-                                      style)
-                for ref, path in zip(batch_refs, paths):
-                    if path in overlays:
-                        logger.warning("%s: id '%s' repeats an earlier cutout's; %s was overwritten",
-                                       ref.source, ref.id, path.name)
-                    overlays.setdefault(path, ref)
-            n_predicted += len(batch_refs)
+            for source, identifier, path in batch_overlays:
+                if path in overlays:
+                    logger.warning("%s: id '%s' repeats an earlier cutout's; %s was overwritten",
+                                   source, identifier, path.name)
+                overlays.setdefault(path, source)
+            n_predicted += len(rows)
             bar.update(n_read)
     finally:
         bar.close()

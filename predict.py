@@ -12,6 +12,8 @@ after every batch, which is renamed to OUT when every cutout is done: an interru
 leaves a CSV that looks finished, and ``--resume`` skips the cutouts already predicted.
 Memory stays bounded whatever the number of cutouts: they stream from disk in batches.
 ``--gradcam-dir DIR`` also writes a GradCAM overlay per cutout, from the same forward pass.
+``--dask ADDRESS`` (or ``local:N``) spreads the cutouts over a Dask cluster, in partitions of
+``--partition-size``; the CSV is the same as without it.
 
 Example::
 
@@ -20,15 +22,17 @@ Example::
 
 import common
 
-if __name__ == "__main__":
+if __name__ in common.MAIN_NAMES:
     common.quiet_start()  # before TensorFlow loads: no start-up noise unless --verbose
 
 import argparse
+import contextlib
 import logging
 import sys
 
 import inference
 import model
+import parallel
 import prep_data
 
 
@@ -42,6 +46,7 @@ def build_parser():
                         help=f"cutouts per batch (default {inference.BATCH_SIZE})")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad cutout")
     parser.add_argument("--resume", action="store_true", help="skip cutouts already in OUT or in an interrupted run's rows")
+    parallel.add_dask_argument(parser)
     common.add_verbose_argument(parser)
     return parser
 
@@ -51,8 +56,10 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     kept = f"rows predicted so far are kept in {inference.partial_path(args.out)}; rerun with --resume to continue"
     try:
-        n_predicted, _, errors = inference.run(args.inputs, args.out, args.gradcam_dir, args.checkpoint,
-                                               args.batch_size, args.strict, args.resume)
+        with parallel.dask_client(args.dask, quiet=not args.verbose) if args.dask else contextlib.nullcontext() as client:
+            n_predicted, _, errors = inference.run(args.inputs, args.out, args.gradcam_dir, args.checkpoint,
+                                                   args.batch_size, args.strict, args.resume, client=client,
+                                                   partition_size=args.partition_size)
     except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         if inference.partial_path(args.out).exists():

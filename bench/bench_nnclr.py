@@ -19,7 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 
-if __name__ == "__main__":
+if __name__ in common.MAIN_NAMES:
     common.quiet_start()  # before TensorFlow loads: no start-up noise unless --verbose
 
 import argparse  # noqa: E402

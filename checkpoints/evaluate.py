@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
 
-if __name__ == "__main__":
+if __name__ in common.MAIN_NAMES:
     common.quiet_start()  # before TensorFlow loads: no start-up noise unless --verbose
 
 #: Truth columns of our mock files, in the order the card lists them.

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import common
 
-if __name__ == "__main__":
+if __name__ in common.MAIN_NAMES:
     common.quiet_start()  # before TensorFlow loads: no start-up noise unless --verbose
 
 import argparse
