@@ -6,9 +6,13 @@ Importing this module has no side effects and does not import TensorFlow.
 """
 
 import contextlib
+import dataclasses
+import functools
 import json
+import logging
 import os
 import pathlib
+import shutil
 import sys
 
 import numpy as np
@@ -142,6 +146,9 @@ def make_strategy(name="default"):
     ``default`` runs on one device; ``mirrored`` copies the model to every local GPU (or the
     visible CPU devices) and averages the gradients; ``multiworker`` does the same across
     machines, each reading the cluster layout from the ``TF_CONFIG`` environment variable.
+
+    ``multiworker`` must be made before anything else initialises TensorFlow (building a
+    dataset, a model or a tensor): TensorFlow configures its collective ops only at start-up.
     """
     if name not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
@@ -150,8 +157,123 @@ def make_strategy(name="default"):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        try:
+            return _multi_worker_strategy_class()()
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"{error}: make the multiworker strategy before any other TensorFlow work"
+            ) from error
     return tf.distribute.get_strategy()
+
+
+@functools.cache
+def _multi_worker_strategy_class():
+    """``tf.distribute.MultiWorkerMirroredStrategy`` with a ``reduce`` that Keras 3's ``fit`` can use.
+
+    Keras 3 (up to 3.15 at least, keras-team/keras#20585) calls ``strategy.reduce`` with a
+    whole batch, a tuple of per-replica tensors (to build the model symbolically), and with
+    ``axis=0`` on the scalar per-step logs. ``MirroredStrategy`` accepts both;
+    ``MultiWorkerMirroredStrategy`` takes one tensor only and cannot reduce a scalar along an
+    axis, so ``fit`` stops at its first batch. This subclass reduces each tensor of a structure
+    in turn, and a scalar across the replicas (what ``axis=0`` means for the other strategies).
+    """
+    import tensorflow as tf
+
+    class KerasMultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+        def reduce(self, reduce_op, value, axis):
+            reduce_one = super().reduce
+
+            def reduce_tensor(tensor):
+                shape = getattr(self.experimental_local_results(tensor)[0], "shape", None)
+                scalar = shape is not None and tf.TensorShape(shape).rank == 0
+                return reduce_one(reduce_op, tensor, None if scalar else axis)
+
+            return tf.nest.map_structure(reduce_tensor, value)
+
+    return KerasMultiWorkerMirroredStrategy
+
+
+def split_batches_across_workers(dataset):
+    """``dataset`` set to give each worker of a multi-worker strategy its share of every batch.
+
+    Every worker reads the whole ``dataset`` (the same files, shuffled with the same seed) and
+    the strategy keeps, on each worker, its replicas' slices of each global batch: together
+    the workers train on the examples one process would, in the same batches. tf.data's
+    default (``AUTO``) would instead give each worker whole files when the data come from
+    files (TFDS), so the batches would differ from a one-process run. Other strategies ignore
+    the setting.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerFolders:
+    """Where one process of a (possibly multi-worker) run reads and writes.
+
+    ``run`` is the run directory, written by the chief, from which every worker resumes;
+    ``own`` is the folder this process writes: ``run`` itself on the chief (and in any
+    one-process run), a temporary folder of its own on the other workers, so that two workers
+    never write the same file. Make it with :func:`worker_folders`.
+    """
+
+    run: pathlib.Path
+    own: pathlib.Path
+
+    @property
+    def chief(self):
+        """Whether this process writes the run directory."""
+        return self.own == self.run
+
+
+def worker_folders(out_dir, strategy):
+    """The :class:`WorkerFolders` of this process for the run directory ``out_dir`` (created).
+
+    The chief (task type ``chief``, or worker 0 of a cluster without one; every one-process
+    run) writes ``out_dir``. Another worker of a ``TF_CONFIG`` cluster writes
+    ``out_dir/tmp-worker-<index>``, emptied now and removed by :func:`remove_worker_folder`
+    when the run ends. The workers still save everything the chief saves, at the same points
+    (the pattern of ``tf.distribute``): saving may read variables through collective ops that
+    every worker must join.
+    """
+    run = pathlib.Path(out_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    if strategy.extended.should_checkpoint:
+        return WorkerFolders(run, run)
+    resolver = strategy.cluster_resolver
+    own = run / f"tmp-{resolver.task_type}-{resolver.task_id}"
+    shutil.rmtree(own, ignore_errors=True)
+    own.mkdir()
+    return WorkerFolders(run, own)
+
+
+def remove_worker_folder(folders):
+    """Remove a non-chief worker's own folder at the end of the run (nothing on the chief)."""
+    if not folders.chief:
+        shutil.rmtree(folders.own, ignore_errors=True)
+
+
+def backup_and_restore(folders, name, **options):
+    """``keras.callbacks.BackupAndRestore`` in the folder ``name`` of this process's own folder.
+
+    Keras 3's callback knows nothing of workers: each process backs up to and resumes from
+    the folder it is given. The chief's is ``folders.run / name``; another worker's starts as a
+    copy of it, so that every worker resumes from the chief's last finished epoch (with the
+    same weights and optimiser state) and then writes only its own copy. ``options`` go to the
+    callback. Make it before ``fit``: the chief writes its backup only at the end of an epoch,
+    which needs every worker's steps.
+    """
+    import keras
+
+    backup = folders.own / name
+    if not folders.chief:
+        shutil.rmtree(backup, ignore_errors=True)
+        if (folders.run / name).is_dir():
+            shutil.copytree(folders.run / name, backup)
+    return keras.callbacks.BackupAndRestore(str(backup), **options)
 
 
 #: ``__name__`` of a command's own module: run as a script, or re-imported by the worker processes
@@ -174,6 +296,9 @@ def quiet_start(argv=None, tensorflow=True):
         return False
     for key, value in _QUIET_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
+    # TensorFlow's Python logger reports at INFO (the multi-worker set-up, every collective op
+    # it builds), which a command's logging.basicConfig(level=INFO) would otherwise print twice.
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
     if tensorflow and "tensorflow" not in sys.modules:
         sys.stderr.flush()
         saved = os.dup(2)

@@ -476,7 +476,11 @@ class NNCLR(keras.Model):
             return self.augmenter(images, training=True), self.augmenter(images, training=True)
         local = tf.shape(images)[0]
         offset = _replica_offset(replica, local)
-        gathered = replica.all_gather(images, axis=0)
+        # tf.identity places the batch on this replica's device: the batch comes from outside the
+        # replica function without a device, and with one replica per worker
+        # (MultiWorkerMirroredStrategy) all_gather takes its destination from the tensor's
+        # device ("destinations can not be empty" otherwise).
+        gathered = replica.all_gather(tf.identity(images), axis=0)
         return tuple(self.augmenter(gathered, training=True)[offset : offset + local] for _ in range(2))
 
     def update_step_metrics(self, replica, contrastive_share, decay, features_1, features_2):

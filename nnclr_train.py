@@ -19,7 +19,9 @@ epoch when started again with the same ``--out-dir``.
 the README): the models are built and compiled inside the ``tf.distribute`` strategy's scope,
 ``--batch-size`` is the global batch, the NNCLR loss and the support queue are those of the
 global batch, and the batch normalisation uses the global batch's statistics
-(``nnclr_model.synchronise_batch_norm``), so a step matches the one-device step.
+(``nnclr_model.synchronise_batch_norm``), so a step matches the one-device step. With
+``multiworker`` only the chief writes ``--out-dir``; each other worker writes its own
+``tmp-worker-<index>`` folder inside it, removed when the run ends.
 
 Example::
 
@@ -170,8 +172,8 @@ def global_batch_norm(model, strategy):
         nnclr_model.synchronise_batch_norm(model, False)
 
 
-def train_encoder(source, config, train_config, band_scale, out_dir, strategy=None):
-    """Train NNCLR on the unlabelled stream; returns the trained encoder (saved to out_dir/encoder.keras).
+def train_encoder(source, config, train_config, band_scale, folders, strategy=None):
+    """Train NNCLR on the unlabelled stream; returns the trained encoder (saved as ``encoder.keras``).
 
     Parameters
     ----------
@@ -181,9 +183,10 @@ def train_encoder(source, config, train_config, band_scale, out_dir, strategy=No
         Its ``batch_size`` is the global batch, split across the replicas of ``strategy``.
     band_scale : array of float, shape (bands,)
         Per-band scale of the stretch (``tidal_data.tidal_band_scale``).
-    out_dir : pathlib.Path
-        Run folder: receives ``nnclr_history.json``, ``encoder.keras`` and, while training,
-        ``backup_nnclr/`` (from which a stopped run resumes).
+    folders : common.WorkerFolders
+        Where this process writes (:func:`common.worker_folders`): its own folder receives
+        ``nnclr_history.json``, ``encoder.keras`` and, while training, ``backup_nnclr/`` (from
+        which a stopped run resumes; every worker resumes from the chief's).
     strategy : tf.distribute.Strategy, optional
         The model is built and compiled inside its scope (default: one device).
     """
@@ -192,6 +195,7 @@ def train_encoder(source, config, train_config, band_scale, out_dir, strategy=No
         source.unlabelled(), band_scale, train_config.batch_size, train_config.shuffle_buffer, seed=train_config.seed,
         min_size=config.min_image_size,
     )
+    stream = common.split_batches_across_workers(stream)
     if train_config.steps_per_epoch:
         stream = stream.repeat()
     with strategy.scope():
@@ -204,32 +208,33 @@ def train_encoder(source, config, train_config, band_scale, out_dir, strategy=No
             steps_per_epoch=train_config.steps_per_epoch,
             shuffle=False,
             verbose=0,
-            callbacks=[keras.callbacks.BackupAndRestore(str(out_dir / "backup_nnclr")), common.epoch_progress("NNCLR")],
+            callbacks=[common.backup_and_restore(folders, "backup_nnclr"), common.epoch_progress("NNCLR")],
         )
     if not history.history:
         raise ValueError(f"the unlabelled stream gave no batch of {train_config.batch_size} images; lower --batch-size")
-    common.write_json(out_dir / "nnclr_history.json", {key: [float(v) for v in values] for key, values in history.history.items()})
-    nnclr_model.save_encoder(model.encoder, out_dir / "encoder.keras")
+    common.write_json(folders.own / "nnclr_history.json",
+                      {key: [float(v) for v in values] for key, values in history.history.items()})
+    nnclr_model.save_encoder(model.encoder, folders.own / "encoder.keras")
     return model.encoder
 
 
-def train_classifier(encoder, source, splits, config, train_config, band_scale, out_dir, strategy=None):
+def train_classifier(encoder, source, splits, config, train_config, band_scale, folders, strategy=None):
     """Train the classifier on the train set, validating on the validation set; saves its outputs.
 
     ``splits`` holds the indices of the classifier sets in ``source`` (``tidal_data.tidal_source_splits``);
     the other parameters are those of :func:`train_encoder`. The classifier is built and compiled
     inside ``strategy``'s scope, where ``encoder`` must have been built or loaded too. Writes
     ``classifier.keras``, ``train_loss.npy``, ``val_loss.npy`` and ``classifier_loss.png`` to
-    ``out_dir``; returns the classifier and its Keras history (a dict of lists).
+    ``folders.own``; returns the classifier and its Keras history (a dict of lists).
     """
     strategy = strategy or common.make_strategy()
 
     def dataset(name, shuffle):
         indices = splits[name]
-        return tidal_data.tidal_labelled_dataset(
+        return common.split_batches_across_workers(tidal_data.tidal_labelled_dataset(
             source.read_labelled(indices), source.labels[indices], band_scale, train_config.classifier_batch_size,
             shuffle=shuffle, seed=train_config.seed, min_size=config.min_image_size,
-        )
+        ))
 
     with strategy.scope():
         classifier = nnclr_model.build_classifier(encoder, config, fine_tune=train_config.fine_tune, seed=train_config.seed)
@@ -245,13 +250,12 @@ def train_classifier(encoder, source, splits, config, train_config, band_scale, 
             epochs=train_config.classifier_epochs,
             shuffle=False,
             verbose=0,
-            callbacks=[keras.callbacks.BackupAndRestore(str(out_dir / "backup_classifier")),
-                       common.epoch_progress("classifier")],
+            callbacks=[common.backup_and_restore(folders, "backup_classifier"), common.epoch_progress("classifier")],
         )
-    common.save_keras_model(classifier, out_dir / "classifier.keras")
+    common.save_keras_model(classifier, folders.own / "classifier.keras")
     for name, key in (("train_loss", "loss"), ("val_loss", "val_loss")):
-        common.save_array(out_dir / f"{name}.npy", np.asarray(history.history[key], dtype=np.float32))
-    plot_classifier_loss(history.history, out_dir / "classifier_loss.png")
+        common.save_array(folders.own / f"{name}.npy", np.asarray(history.history[key], dtype=np.float32))
+    plot_classifier_loss(history.history, folders.own / "classifier_loss.png")
     return classifier, history.history
 
 
@@ -283,11 +287,13 @@ def main(argv=None):
                                            **config_changes(args, NNCLRTrainConfig))
     except ValueError as error:
         parser.error(str(error))
-    out_dir = pathlib.Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow work.
     strategy = common.make_strategy(train_config.strategy)
     logger.info("strategy %s: %d replicas in sync", train_config.strategy, strategy.num_replicas_in_sync)
+    # The run folder holds the chief's files, from which every worker resumes; this process
+    # writes its own folder (the run folder itself but on the non-chief workers).
+    folders = common.worker_folders(args.out_dir, strategy)
+    out_dir = folders.own
     keras.utils.set_random_seed(train_config.seed)
     try:
         source = nnclr_model.open_tidal_source(args.inputs, args.tfds_dir, args.tfds_unlabelled, args.tfds_labelled)
@@ -310,21 +316,23 @@ def main(argv=None):
     )
 
     if not args.load_encoder:
-        encoder_path = out_dir / "encoder.keras"
-        if encoder_path.is_file() and not (out_dir / "backup_nnclr").exists():
+        # Decided from the chief's files, so that every worker takes the same path.
+        encoder_path = folders.run / "encoder.keras"
+        if encoder_path.is_file() and not (folders.run / "backup_nnclr").exists():
             logger.info("%s exists: the encoder stage of this run finished, loading it", encoder_path)
             with strategy.scope():
                 encoder = nnclr_model.load_encoder(encoder_path, config)
         else:
-            encoder = train_encoder(source, config, train_config, band_scale, out_dir, strategy)
+            encoder = train_encoder(source, config, train_config, band_scale, folders, strategy)
     elif not (out_dir / "encoder.keras").exists():
         nnclr_model.save_encoder(encoder, out_dir / "encoder.keras")
-    _, history = train_classifier(encoder, source, splits, config, train_config, band_scale, out_dir, strategy)
+    _, history = train_classifier(encoder, source, splits, config, train_config, band_scale, folders, strategy)
     for backup in ("backup_nnclr", "backup_classifier"):
         shutil.rmtree(out_dir / backup, ignore_errors=True)
+    common.remove_worker_folder(folders)
     print(
         f"classifier: final train loss {history['loss'][-1]:.4f}, validation loss {history['val_loss'][-1]:.4f}; "
-        f"outputs in {out_dir}"
+        f"outputs in {folders.run}" + ("" if folders.chief else " (written by the chief)")
     )
     return 0
 

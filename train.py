@@ -12,6 +12,10 @@ from HDF5/FITS cutouts with a per-cutout label column. The run directory receive
   20 bins of the true one), ``metrics.json`` (MAE, bias, scatter, Pearson r) and, when a real
   cluster set is given, ``binned_real.png`` and its metrics, without fine-tuning.
 
+With ``--strategy multiworker`` (several processes, ``TF_CONFIG``) only the chief writes the
+run directory; each other worker writes its own ``tmp-worker-<index>`` folder inside it, which
+is removed when the run ends.
+
 Example::
 
     python train.py mocks/ --label-key f_icl_sb --epochs 90 --out-dir runs/train
@@ -27,7 +31,6 @@ import dataclasses
 import json
 import logging
 import math
-import pathlib
 import sys
 
 import keras
@@ -208,9 +211,13 @@ def train(model_config, train_config, train_data, validation_data, out_dir, real
     model_config : model.ICLConfig
     train_config : TrainConfig
     train_data, validation_data : tf.data.Dataset
-        Batches of ``(image (B, S, S, 1), label (B,))``.
+        Batches of ``(image (B, S, S, 1), label (B,))``; under a multi-worker strategy every
+        worker passes the same batches, B is the global batch and each worker trains on its
+        share of it (:func:`common.split_batches_across_workers`).
     out_dir : path
-        Run directory (created); rerunning into the same directory resumes.
+        Run directory (created); rerunning into the same directory resumes. Under a
+        multi-worker strategy only the chief writes it; the other workers write their own
+        temporary folders (:func:`common.worker_folders`) and resume from the chief's backup.
     real_data : tf.data.Dataset, optional
         A set of real clusters evaluated with the trained model (no fine-tuning).
     initial_weights : path, optional
@@ -223,18 +230,23 @@ def train(model_config, train_config, train_data, validation_data, out_dir, real
 
     Returns
     -------
-    dict
-        The metrics written to ``metrics.json``.
+    dict or None
+        The metrics written to ``metrics.json``; None on a worker other than the chief, which
+        evaluates nothing (its folder is removed once training ends).
     """
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    strategy = strategy or tf.distribute.get_strategy()
+    folders = common.worker_folders(out_dir, strategy)
+    out_dir = folders.own
+    train_data = common.split_batches_across_workers(train_data)
+    validation_data = common.split_batches_across_workers(validation_data)
     keras.utils.set_random_seed(train_config.seed)
     icl_model = compiled_model(model_config, train_config, strategy, initial_weights)
     if prior_labels is not None and not initial_weights:
         model.set_label_prior(icl_model, prior_labels)
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(out_dir / "backup"), delete_checkpoint=False),
-        AtomicBestCheckpoint(out_dir / "best.weights.h5", model_config, _best_so_far(out_dir / "history.csv")),
+        common.backup_and_restore(folders, "backup", delete_checkpoint=False),
+        # The chief's history, so that every worker saves a best checkpoint at the same epochs.
+        AtomicBestCheckpoint(out_dir / "best.weights.h5", model_config, _best_so_far(folders.run / "history.csv")),
         keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss",
             factor=train_config.lr_factor,
@@ -249,6 +261,9 @@ def train(model_config, train_config, train_data, validation_data, out_dir, real
     model.save_weights(icl_model, out_dir / "final.weights.h5", model_config)
     if not (out_dir / "best.weights.h5").exists():
         model.save_weights(icl_model, out_dir / "best.weights.h5", model_config)
+    if not folders.chief:
+        common.remove_worker_folder(folders)
+        return None
 
     predictor = model.Predictor(model.load_icl_model(out_dir / "best.weights.h5"))
     labels, summary = model.predict_dataset(predictor, validation_data)
@@ -286,6 +301,8 @@ def build_parser():
     parser.add_argument("--min-learning-rate", type=float, default=MIN_LEARNING_RATE)
     parser.add_argument("--early-stopping-patience", type=int, default=EARLY_STOPPING_PATIENCE)
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--no-augment", action="store_true",
+                        help="train without the random flips, noise and rotations (e.g. to compare runs step by step)")
     parser.add_argument("--init", metavar="CHECKPOINT", help="start from these weights")
     parser.add_argument("--no-label-prior", action="store_true",
                         help="start the mixture head from zero bias (the original) instead of the training labels' distribution")
@@ -302,6 +319,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow work (the
+    # datasets below initialise TensorFlow).
+    strategy = common.make_strategy(args.strategy)
     try:
         train_config = TrainConfig(
             epochs=args.epochs,
@@ -313,6 +333,7 @@ def main(argv=None):
             min_learning_rate=args.min_learning_rate,
             early_stopping_patience=args.early_stopping_patience,
             seed=args.seed,
+            augment=not args.no_augment,
         )
         model_config = model.ARCHITECTURES["tiny" if args.tiny else args.architecture]
         if args.inputs:
@@ -332,7 +353,6 @@ def main(argv=None):
                     real_refs, train_config.validation_batch_size, model_config.image_size, real_labels, strict=True
                 ).map(lambda e: (e["image"], e["label"]))
             )
-        strategy = common.make_strategy(args.strategy)
         prior_labels = None if args.no_label_prior else train_labels
         metrics = train(
             model_config, train_config, train_data, validation_data, args.out_dir, real_data, args.init, strategy, prior_labels
@@ -343,6 +363,9 @@ def main(argv=None):
     except tf.errors.OpError as error:
         print(f"error: {error.message.splitlines()[0]}", file=sys.stderr)
         return 2
+    if metrics is None:
+        print(f"worker {strategy.cluster_resolver.task_id} finished; the chief writes {args.out_dir}")
+        return 0
     print(json.dumps(metrics, indent=2))
     print(f"checkpoints, history and plots are in {args.out_dir}")
     return 0
