@@ -104,6 +104,25 @@ def test_generate_on_a_client_renders_only_the_missing_shards(client, tmp_path):
         assert pathlib.Path(path).read_bytes() == pathlib.Path(reference).read_bytes()
 
 
+def test_shard_bytes_do_not_depend_on_when_the_dataset_objects_are_freed(tmp_path, monkeypatch):
+    # A Dask worker's sampling profiler holds the frames of a running task for a moment, so a
+    # dataset object can outlive its line; the file written must not change with that.
+    import h5py
+
+    import data.files
+
+    images = np.random.default_rng(0).normal(size=(3, 224, 224)).astype(np.float16)
+    masks = np.zeros((3, 224, 224), np.int32)
+    arguments = (images, masks, ["a", "b", "c"], {"z": [0.1, 0.2, 0.3], "params": ["{}", "{}", "{}"]})
+    data.files.write_stacked_hdf5(tmp_path / "freed.h5", *arguments)
+    held = []
+    create_dataset = h5py.Group.create_dataset
+    monkeypatch.setattr(h5py.Group, "create_dataset", lambda self, *a, **k: held.append(create_dataset(self, *a, **k)))
+    data.files.write_stacked_hdf5(tmp_path / "held.h5", *arguments)
+    assert len(held) == 5
+    assert (tmp_path / "held.h5").read_bytes() == (tmp_path / "freed.h5").read_bytes()
+
+
 # ----------------------------------------------------------------------------------------
 # nnclr_test.py
 
