@@ -682,7 +682,10 @@ def galaxy_partitions(source, indices, size=parallel.PARTITION_SIZE):
     """
     parts = parallel.partitions(np.asarray(indices, dtype=np.int64), size)
     if source.catalogue is not None:
-        return [tidal_data.catalogue_subset(source.catalogue, part) for part in parts]
+        # Absolute paths: a worker of a remote cluster does not share this process's folder.
+        catalogue = dataclasses.replace(source.catalogue,
+                                        paths=tuple(str(pathlib.Path(path).resolve()) for path in source.catalogue.paths))
+        return [tidal_data.catalogue_subset(catalogue, part) for part in parts]
     return [source.read_labelled(np.asarray(part)) for part in parts]
 
 

@@ -318,7 +318,8 @@ def generate_shards(kind, n, seed, folder, workers=WORKERS, shard_size=SHARD_SIZ
     remaining = sum(plan[i][1] for i in todo)
     with common.progress(total=remaining, desc=kind, unit="cutout", disable=not progress, file=sys.stderr) as bar:
         if client is not None:
-            jobs = [(str(paths[i]), *plan[i]) for i in todo]
+            # Absolute paths: a worker of a remote cluster does not share this process's folder.
+            jobs = [(str(paths[i].resolve()), *plan[i]) for i in todo]
             rendered = parallel.map_in_order(client, render_shard, jobs, kind, seed, distribution, attributes, measure_sb)
             for position, _ in enumerate(rendered):
                 bar.update(plan[todo[position]][1])
