@@ -15,6 +15,7 @@ scale / 3) per band); the models hold the augmentation, so they take the full cu
 """
 
 import dataclasses
+import functools
 import json
 import pathlib
 
@@ -25,6 +26,7 @@ from keras import layers
 
 import augmentations
 import common
+import parallel
 import tidal_data
 from resnet_cifar10_v2 import build_resnet_v2
 
@@ -656,6 +658,117 @@ def representations(encoder, images, config, batch_size=64):
     return np.concatenate(outputs) if outputs else np.zeros((0, config.representation_dim), np.float32)
 
 
+# ----------------------------------------------------------------------------------------
+# Scoring on a Dask cluster
+
+#: What :func:`score_partition` can compute: classifier scores and encoder representations.
+SCORE_OUTPUTS = ("scores", "representations")
+#: Galaxies per classifier batch when scoring.
+SCORE_BATCH_SIZE = 24
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_run(run_dir):
+    # One copy of a run's models per worker process, kept for the worker's later partitions.
+    run_dir = pathlib.Path(run_dir)
+    config, extra = load_config(run_dir / "config.json")
+    band_scale = np.asarray(extra["band_scale"], dtype=np.float32)
+    return (config, band_scale, load_encoder(run_dir / "encoder.keras", config),
+            load_classifier(run_dir / "classifier.keras", config))
+
+
+def galaxy_partitions(source, indices, size=parallel.PARTITION_SIZE):
+    """The galaxies ``indices`` of a :class:`tidal_data.TidalSource` cut into tasks of ``size``.
+
+    A partition of an HDF5 source is a small catalogue (``tidal_data.catalogue_subset``): the
+    worker reads the pixels itself from the shared files. Other sources (TFDS, held in memory)
+    send the partition's counts images with the task.
+    """
+    parts = parallel.partitions(np.asarray(indices, dtype=np.int64), size)
+    if source.catalogue is not None:
+        # Absolute paths: a worker of a remote cluster does not share this process's folder.
+        catalogue = dataclasses.replace(source.catalogue,
+                                        paths=tuple(str(pathlib.Path(path).resolve()) for path in source.catalogue.paths))
+        return [tidal_data.catalogue_subset(catalogue, part) for part in parts]
+    return [source.read_labelled(np.asarray(part)) for part in parts]
+
+
+def score_partition(part, run_dir, outputs=SCORE_OUTPUTS, batch_size=SCORE_BATCH_SIZE):
+    """The Dask task of :func:`score_on_cluster`: score one partition of galaxies on a worker.
+
+    Parameters
+    ----------
+    part : tidal_data.TidalCatalogue or ndarray
+        A partition of :func:`galaxy_partitions`: the galaxies' catalogue, or their counts images.
+    run_dir : str
+        The ``nnclr_train.py`` run whose encoder, classifier and band scale are used (loaded
+        once per worker process).
+    outputs : sequence of str
+        Among :data:`SCORE_OUTPUTS`.
+    batch_size : int
+        Galaxies per classifier batch.
+
+    Returns
+    -------
+    dict of str -> ndarray
+        ``scores`` (n,) classifier outputs and ``representations`` (n, representation_dim),
+        as asked, in the partition's order; the same as the single-process computation.
+    """
+    parallel.quiet_worker()
+    config, band_scale, encoder, classifier = _worker_run(str(run_dir))
+    if isinstance(part, tidal_data.TidalCatalogue):
+        part = tidal_data.read_tidal_images(part, np.arange(len(part)))
+    images = tidal_data.tidal_stretch(part, band_scale)
+    result = {}
+    if "scores" in outputs:
+        result["scores"] = classifier.predict(images, batch_size=batch_size, verbose=0)[:, 0]
+    if "representations" in outputs:
+        result["representations"] = representations(encoder, images, config)
+    return result
+
+
+def score_on_cluster(client, source, indices, run_dir, outputs=SCORE_OUTPUTS, partition_size=parallel.PARTITION_SIZE,
+                     batch_size=SCORE_BATCH_SIZE, progress=True):
+    """Scores and representations of the galaxies ``indices`` of ``source``, computed on a Dask cluster.
+
+    One task per partition of ``partition_size`` galaxies (:func:`score_partition`); the
+    results are gathered in the order of ``indices``.
+
+    Parameters
+    ----------
+    client : dask.distributed.Client
+    source : tidal_data.TidalSource
+    indices : array of int
+        Galaxies of ``source`` (positions in ``source.ids``).
+    run_dir : path
+        The run folder (on a file system every worker sees).
+    outputs : sequence of str
+        Among :data:`SCORE_OUTPUTS`.
+    partition_size, batch_size : int
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    dict of str -> ndarray
+        ``scores`` (N,) float32 and/or ``representations`` (N, representation_dim) float32.
+    """
+    unknown = set(outputs) - set(SCORE_OUTPUTS)
+    if unknown or not outputs:
+        raise ValueError(f"outputs must be among {SCORE_OUTPUTS}, got {sorted(outputs)}")
+    if len(indices) == 0:
+        raise ValueError("no galaxies to score")
+    parts = galaxy_partitions(source, indices, partition_size)
+    bar = common.progress(total=len(indices), desc="scoring", unit="galaxy", disable=not progress)
+    try:
+        results = list(parallel.map_in_order(client, score_partition, parts, str(pathlib.Path(run_dir).resolve()),
+                                             tuple(outputs), batch_size,
+                                             progress=lambda position: bar.update(len(parts[position]))))
+    finally:
+        bar.close()
+    return {name: np.concatenate([result[name] for result in results]) for name in outputs}
+
+
 def save_config(config, path, **extra):
     """Write the config (and extra JSON-able entries such as the band scale) as JSON, atomically."""
     common.write_json(path, {"nnclr": config.to_dict(), **extra})
@@ -760,8 +873,11 @@ def evaluate_scores(labels, scores, contamination=CONTAMINATION):
     }
 
 
-def similarity_search(encoder, config, images, ids, labels, query_id, top_k):
+def similarity_search(encoder, config, images, ids, labels, query_id, top_k, features=None):
     """Galaxies ranked by cosine similarity of their representations to the query galaxy.
+
+    ``features``, when given, are the representations of ``images`` already computed (on a
+    Dask cluster, :func:`score_on_cluster`); ``images`` and ``encoder`` are then not used.
 
     Returns
     -------
@@ -775,7 +891,8 @@ def similarity_search(encoder, config, images, ids, labels, query_id, top_k):
     if matches.size == 0:
         raise ValueError(f"--similar-to: no galaxy with id {query_id!r} in the data")
     query = matches[0]
-    features = representations(encoder, images, config)
+    if features is None:
+        features = representations(encoder, images, config)
     # Exact search for catalogues up to 100,000 galaxies, an approximate index above (similarity.py).
     positions, similarities = similarity.build_index(features).query(features[query], k=min(top_k + 1, len(features)))
     ranked = [(int(i), float(s)) for i, s in zip(positions, similarities) if i != query][:top_k]

@@ -29,12 +29,20 @@ Options:
 * ``--similar-to ID``: rank galaxies by the cosine similarity of their representations to one
   galaxy; ``similar_to_<ID>.png`` (gallery) and ``similar_to_<ID>.json`` (ranking, fraction of
   tidal galaxies in the top k).
+* ``--dask ADDRESS`` (a scheduler, ``tcp://host:8786``) or ``--dask local:N`` (N local worker
+  processes): the classifier scores of the test galaxies, and the encoder representations the
+  label-efficiency study and the similarity search need, are computed on a Dask cluster in
+  partitions of ``--partition-size`` galaxies, each worker loading the run's models once. The
+  workers read the galaxies of HDF5 inputs themselves (every machine must see the files and the
+  run folder). The outputs equal the single-process ones to float32 precision (scores within
+  1e-6); the linear probes, the supervised baselines and the ROC stay in this process.
 
 Example::
 
     python nnclr_test.py mocks/tidal.h5 --run-dir runs/nnclr --label-efficiency
     python nnclr_test.py mocks/tidal.h5 --run-dir runs/nnclr --test-data mocks/tidal_heldout.h5 --label-efficiency
     python nnclr_test.py mocks/tidal_heldout.h5 --run-dir runs/nnclr --test-all --out-dir runs/nnclr/heldout
+    python nnclr_test.py /shared/tidal_survey.h5 --run-dir /shared/runs/nnclr --test-all --dask tcp://scheduler:8786
 """
 
 import common
@@ -51,6 +59,7 @@ import keras
 import numpy as np
 
 import nnclr_model
+import parallel
 import plots
 import tidal_data
 from nnclr_model import CONTAMINATION
@@ -179,13 +188,17 @@ def train_supervised_baseline(config, train_images, train_labels, epochs, seed, 
 
 
 def label_efficiency(encoder, config, train_images, train_labels, test_images, test_labels, label_counts=LABEL_COUNTS,
-                     label_seeds=LABEL_SEEDS, baseline_epochs=BASELINE_EPOCHS, contamination=CONTAMINATION):
+                     label_seeds=LABEL_SEEDS, baseline_epochs=BASELINE_EPOCHS, contamination=CONTAMINATION,
+                     trained_features=None):
     """AUC of the linear probe, its untrained-encoder control and the supervised baseline.
 
     For each labels-per-class count in ``label_counts`` (capped at the smaller class) and each
     of ``label_seeds`` seeds, the same galaxies train the probe on the trained encoder, the
     probe on an encoder of the same architecture left at its random initial weights (drawn from
     the seed) and the ResNet trained from scratch for ``baseline_epochs``.
+
+    ``trained_features``, when given, are the trained encoder's representations of the train
+    and test images, ``(train, test)``, already computed (on a Dask cluster).
 
     Returns
     -------
@@ -202,7 +215,8 @@ def label_efficiency(encoder, config, train_images, train_labels, test_images, t
         keras.utils.set_random_seed(seed)
         return features_of(nnclr_model.build_encoder(config, name="untrained_encoder"))
 
-    trained_features = features_of(encoder)
+    if trained_features is None:
+        trained_features = features_of(encoder)
     untrained_features = {seed: untrained_features_of(seed) for seed in range(label_seeds)}
     available = int(min((train_labels == 0).sum(), (train_labels == 1).sum()))
     counts = sorted({min(count, available) for count in label_counts})
@@ -260,6 +274,46 @@ def plot_label_efficiency(results, path):
     plots.save_figure(figure, path)
 
 
+def similarity_pool(ids, query_id, size, seed):
+    """Positions of the galaxies a similarity search ranks: all, or ``size`` drawn at random with the query.
+
+    Returns None when no galaxy has the id ``query_id``.
+    """
+    query = np.flatnonzero(ids == query_id)
+    if query.size == 0:
+        return None
+    pool = np.arange(len(ids))
+    if len(pool) > size:
+        pool = np.union1d(np.random.default_rng(seed).choice(pool, size - 1, replace=False), query[:1])
+    return pool
+
+
+def compute_on_cluster(address, run_dir, test_source, test_rows, source, train_rows=None, pool=None,
+                     partition_size=parallel.PARTITION_SIZE, quiet=True):
+    """What the evaluation computes with the run's models, computed on the Dask cluster ``address``.
+
+    Returns
+    -------
+    dict
+        ``scores`` of the test galaxies; with ``train_rows`` (the label-efficiency study) the
+        representations ``test_features`` and ``train_features``; with ``pool`` (the similarity
+        search) ``pool_features``. Each in the order of its galaxies.
+    """
+    computed = {}
+    with parallel.dask_client(address, quiet=quiet) as client:
+        def score(data, rows, outputs):
+            return nnclr_model.score_on_cluster(client, data, rows, run_dir, outputs, partition_size, BATCH_SIZE)
+
+        test = score(test_source, test_rows, ("scores", "representations") if train_rows is not None else ("scores",))
+        computed["scores"] = test["scores"]
+        if train_rows is not None:
+            computed["test_features"] = test["representations"]
+            computed["train_features"] = score(source, train_rows, ("representations",))["representations"]
+        if pool is not None:
+            computed["pool_features"] = score(source, pool, ("representations",))["representations"]
+    return computed
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Evaluate a trained NNCLR tidal-feature classifier: ROC, AUC, completeness, "
@@ -281,6 +335,7 @@ def build_parser():
     parser.add_argument("--similar-to", metavar="ID", help="similarity search around this galaxy id")
     parser.add_argument("--top-k", type=int, default=TOP_K, help="matches shown and counted")
     parser.add_argument("--similarity-pool", type=int, default=SIMILARITY_POOL, help="galaxies ranked (random subset)")
+    parallel.add_dask_argument(parser)
     common.add_verbose_argument(parser)
     return parser
 
@@ -294,6 +349,13 @@ def main(argv=None):
         parser.error("--label-counts must all be >= 2 (the probe cross-validates on them) and --label-seeds >= 1")
     if args.test_all and args.test_data:
         parser.error("--test-all makes the inputs the test set; it cannot be combined with --test-data")
+    if args.partition_size < 1:
+        parser.error(f"--partition-size must be at least 1, got {args.partition_size}")
+    if args.dask:
+        try:
+            parallel.parse_address(args.dask)
+        except ValueError as error:
+            parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_dir = pathlib.Path(args.run_dir)
     out_dir = pathlib.Path(args.out_dir) if args.out_dir else run_dir / "test"
@@ -341,8 +403,26 @@ def main(argv=None):
         return tidal_data.tidal_stretch(data.read_labelled(indices), band_scale)
 
     test_rows = np.arange(len(test_source.labels)) if args.test_data else splits["test"]
-    test_images, test_labels = stretched(test_rows, test_source), test_source.labels[test_rows]
-    scores = classifier.predict(test_images, batch_size=BATCH_SIZE, verbose=0)[:, 0]
+    test_labels = test_source.labels[test_rows]
+    pool = None
+    if args.similar_to is not None:
+        pool = similarity_pool(source.ids, args.similar_to, args.similarity_pool, seed)
+        if pool is None:
+            parser.exit(2, f"error: --similar-to: no galaxy with id {args.similar_to!r} in the data\n")
+    computed = {}
+    if args.dask:
+        try:
+            computed = compute_on_cluster(args.dask, run_dir, test_source, test_rows, source,
+                                          splits["train"] if args.label_efficiency else None, pool, args.partition_size,
+                                          quiet=not args.verbose)
+        except (ValueError, OSError) as error:  # a scheduler that cannot be reached, files the workers cannot read
+            parser.exit(2, f"error: {error}\n")
+    # Without a cluster every test image is needed here; with one, only the label-efficiency study's.
+    test_images = stretched(test_rows, test_source) if not computed or args.label_efficiency else None
+    if "scores" in computed:
+        scores = computed["scores"]
+    else:
+        scores = classifier.predict(test_images, batch_size=BATCH_SIZE, verbose=0)[:, 0]
     result = nnclr_model.evaluate_scores(test_labels, scores, args.contamination)
     arrays = {"fpr": result["fpr"], "tpr": result["tpr"], "thresholds": result["thresholds"], "scores": scores,
               "labels": test_labels}
@@ -367,8 +447,9 @@ def main(argv=None):
             print(f"{name:>17}: {entry['n']:4d} tidal, AUC {entry['auc']:.3f}, completeness {entry['completeness']:.2f}")
     if args.label_efficiency:
         train_images, train_labels = stretched(splits["train"]), source.labels[splits["train"]]
+        trained_features = (computed["train_features"], computed["test_features"]) if computed else None
         rows = label_efficiency(encoder, config, train_images, train_labels, test_images, test_labels, args.label_counts,
-                                args.label_seeds, args.baseline_epochs, args.contamination)
+                                args.label_seeds, args.baseline_epochs, args.contamination, trained_features)
         common.write_json(out_dir / "label_efficiency.json", rows)
         plot_label_efficiency(rows, out_dir / "label_efficiency.png")
         metrics["label_efficiency"] = str(out_dir / "label_efficiency.json")
@@ -378,17 +459,14 @@ def main(argv=None):
                 f"{label} {entry[key]['mean']:.3f} +- {entry[key]['std']:.3f}" for key, label in LABEL_EFFICIENCY_CURVES
             ))
     if args.similar_to is not None:
-        rng = np.random.default_rng(seed)
-        pool = np.arange(len(source.ids))
-        query = np.flatnonzero(source.ids == args.similar_to)
-        if query.size == 0:
-            parser.exit(2, f"error: --similar-to: no galaxy with id {args.similar_to!r} in the data\n")
-        if len(pool) > args.similarity_pool:
-            pool = np.union1d(rng.choice(pool, args.similarity_pool - 1, replace=False), query[:1])
-        pool_images = stretched(pool)
+        pool_images = None if computed else stretched(pool)
         found = nnclr_model.similarity_search(
-            encoder, config, pool_images, source.ids[pool], source.labels[pool], args.similar_to, args.top_k
+            encoder, config, pool_images, source.ids[pool], source.labels[pool], args.similar_to, args.top_k,
+            computed.get("pool_features"),
         )
+        if pool_images is None:  # the gallery needs only the galaxies it shows
+            shown = [found["query_index"]] + [row["index"] for row in found["top"]]
+            pool_images = dict(zip(shown, stretched(pool[shown])))
         safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.similar_to)
         plots.plot_gallery(pool_images, found, out_dir / f"similar_to_{safe_id}.png")
         common.write_json(out_dir / f"similar_to_{safe_id}.json", {**found, "pool_size": int(len(pool))})

@@ -26,13 +26,15 @@ RETRIES = 2
 logger = logging.getLogger(__name__)
 
 
-def add_dask_argument(parser):
-    """``--dask ADDRESS`` (or ``local:N``) and ``--partition-size``."""
+def add_dask_argument(parser, partition_size=True):
+    """``--dask ADDRESS`` (or ``local:N``) and, unless ``partition_size`` is false (a command
+    whose unit of work is fixed otherwise), ``--partition-size``."""
     parser.add_argument("--dask", metavar="ADDRESS",
                         help="run on a Dask cluster: a scheduler address (tcp://host:8786) or local:N for N local "
                         "worker processes; the workers must see the same files")
-    parser.add_argument("--partition-size", type=int, default=PARTITION_SIZE,
-                        help=f"inputs per Dask task (default {PARTITION_SIZE})")
+    if partition_size:
+        parser.add_argument("--partition-size", type=int, default=PARTITION_SIZE,
+                            help="inputs per Dask task (default %(default)s)")
     return parser
 
 

@@ -363,6 +363,19 @@ def read_tidal_images(catalogue, indices):
     return images
 
 
+def catalogue_subset(catalogue, indices):
+    """The galaxies at ``indices`` of a :class:`TidalCatalogue`, as a catalogue of their own.
+
+    Small (no pixels) and picklable: what a Dask task needs to read its galaxies itself.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    return dataclasses.replace(
+        catalogue,
+        **{name: getattr(catalogue, name)[indices] for name in ("file_index", "rows", "ids", "has_tidal", "feature_type",
+                                                              "feature_sb")},
+    )
+
+
 def tidal_hdf5_dataset(catalogue, chunk=64):
     """Stream every image of a :class:`TidalCatalogue` from disk as ``{"image", "id"}`` elements.
 
@@ -424,6 +437,9 @@ class TidalSource:
     truth : dict of str -> ndarray, or None
         Mock truth of the labelled pool when the storage has it: ``feature_type`` (str) and
         ``feature_sb`` (mag/arcsec^2, NaN without a feature), each of shape (N,).
+    catalogue : TidalCatalogue or None
+        The files of the labelled pool (same order as ``ids``) when it is stored in HDF5
+        files, so that other processes can read the galaxies themselves; None otherwise.
     """
 
     description: str
@@ -434,6 +450,7 @@ class TidalSource:
     unlabelled: object
     splits: dict = None
     truth: dict = None
+    catalogue: TidalCatalogue = None
 
 
 def tidal_source_splits(source, sizes=TIDAL_SPLIT_SIZES, seed=0):
@@ -469,4 +486,5 @@ def tidal_source_from_hdf5(inputs):
         read_labelled=lambda indices: read_tidal_images(catalogue, indices),
         unlabelled=lambda: tidal_hdf5_dataset(catalogue).map(lambda element: element["image"]),
         truth={"feature_type": catalogue.feature_type, "feature_sb": catalogue.feature_sb} if has_truth else None,
+        catalogue=catalogue,
     )

@@ -42,17 +42,25 @@ def write_stacked_hdf5(path, images, masks=None, ids=None, columns=None, mask_bi
             f.attrs["pixel_scale"] = float(pixel_scale)
         for key, value in (attributes or {}).items():
             f.attrs[key] = value
-        f.create_dataset("image", data=images, chunks=(1,) + images.shape[1:])
+
+        def add(name, data, **options):
+            f.create_dataset(name, data=data, **options)
+            # Cached chunks get their place in the file now rather than when the dataset object is
+            # freed: a sampling profiler (a Dask worker's) that briefly holds a reference would
+            # otherwise move them, and the same cutouts would give different bytes.
+            f.flush()
+
+        add("image", images, chunks=(1,) + images.shape[1:])
         if masks is not None:
-            f.create_dataset("mask", data=np.asarray(masks), chunks=(1,) + images.shape[1:], compression="gzip")
+            add("mask", np.asarray(masks), chunks=(1,) + images.shape[1:], compression="gzip")
         if ids is not None:
-            f.create_dataset("id", data=np.asarray([str(i) for i in ids], dtype=h5py.string_dtype()))
+            add("id", np.asarray([str(i) for i in ids], dtype=h5py.string_dtype()))
         for name, values in (columns or {}).items():
             values = list(values)
             if values and isinstance(values[0], str):
-                f.create_dataset(name, data=np.asarray(values, dtype=h5py.string_dtype()))
+                add(name, np.asarray(values, dtype=h5py.string_dtype()))
             else:
-                f.create_dataset(name, data=np.asarray(values))
+                add(name, np.asarray(values))
 
 
 def write_groups_hdf5(path, cutouts):

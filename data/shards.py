@@ -1,9 +1,10 @@
 """Mock HSC cutouts rendered by worker processes into HDF5 shards (the library behind
 ``python -m data.generate``).
 
-Cutouts are written in shards of ``shard_size`` cutouts, each shard by one worker process.
-Cutout ``i`` is drawn from its own random stream, seeded by (kind, seed, ``i``), so the output
-is identical for any number of workers. Shards are written atomically, so a shard that exists
+Cutouts are written in shards of ``shard_size`` cutouts, each shard by one worker process of
+this machine, or, given a Dask client, by one task on the cluster's workers (which must see the
+output folder). Cutout ``i`` is drawn from its own random stream, seeded by (kind, seed, ``i``),
+so the output is identical for any number of workers, local or on a cluster. Shards are written atomically, so a shard that exists
 is complete; a rerun with the same settings keeps them and renders only the missing ones.
 
 * :func:`generate_shards` leaves the shards in a folder, as ``KIND-00000-of-00012.h5``;
@@ -27,6 +28,7 @@ import numpy as np
 import common
 import data.files
 import hsc
+import parallel
 import prep_data
 
 logger = logging.getLogger(__name__)
@@ -176,6 +178,16 @@ def make_shard(path, kind, seed, start, count, distribution, attributes, measure
     return str(path)
 
 
+def render_shard(job, kind, seed, distribution, attributes, measure_sb=False):
+    """The Dask task of :func:`generate_shards`: ``job`` is ``(path, start, count)`` of one shard.
+
+    Returns the shard's path (see :func:`make_shard`). The shard is written atomically, so a
+    task that is run again after its worker died leaves one complete, identical file.
+    """
+    path, start, count = job
+    return make_shard(path, kind, seed, start, count, distribution, attributes, measure_sb)
+
+
 def _stored_attributes_differ(path, attributes):
     """The first attribute of ``attributes`` that the file ``path`` holds with another value, as (key, stored), or None."""
     with h5py.File(path, "r") as f:
@@ -273,7 +285,7 @@ def _make_writable_folder(folder, option):
 
 
 def generate_shards(kind, n, seed, folder, workers=WORKERS, shard_size=SHARD_SIZE, distribution="training",
-                    progress=True, measure_sb=False, start_method=None):
+                    progress=True, measure_sb=False, start_method=None, client=None):
     """Generate ``n`` cutouts of ``kind`` (:data:`KINDS`) as HDF5 shards in ``folder``; returns the shard paths.
 
     ``folder`` is created if needed; complete shards of the same run already there are kept.
@@ -281,6 +293,9 @@ def generate_shards(kind, n, seed, folder, workers=WORKERS, shard_size=SHARD_SIZ
     measures the SB-method label ``f_icl_sb`` on each noisy cluster (needs ``measure_sb_cut``);
     ``progress`` shows a bar on standard error; ``start_method`` ("fork", "forkserver", "spawn")
     is how worker processes start, by default "fork", or "forkserver" when TensorFlow is loaded.
+    With a Dask ``client`` the missing shards are rendered on its cluster, one task per shard
+    (:func:`render_shard`), instead of by ``workers`` local processes; ``folder`` must then be
+    on a file system every worker sees. The files are the same either way.
 
     Raises
     ------
@@ -302,7 +317,13 @@ def generate_shards(kind, n, seed, folder, workers=WORKERS, shard_size=SHARD_SIZ
         logger.info("%d of %d shards already complete; rendering the other %d", len(done), len(plan), len(todo))
     remaining = sum(plan[i][1] for i in todo)
     with common.progress(total=remaining, desc=kind, unit="cutout", disable=not progress, file=sys.stderr) as bar:
-        if workers == 1 or len(todo) <= 1:
+        if client is not None:
+            # Absolute paths: a worker of a remote cluster does not share this process's folder.
+            jobs = [(str(paths[i].resolve()), *plan[i]) for i in todo]
+            rendered = parallel.map_in_order(client, render_shard, jobs, kind, seed, distribution, attributes, measure_sb)
+            for position, _ in enumerate(rendered):
+                bar.update(plan[todo[position]][1])
+        elif workers == 1 or len(todo) <= 1:
             for i in todo:
                 make_shard(paths[i], kind, seed, *plan[i], distribution, attributes, measure_sb)
                 bar.update(plan[i][1])
@@ -312,10 +333,11 @@ def generate_shards(kind, n, seed, folder, workers=WORKERS, shard_size=SHARD_SIZ
 
 
 def generate_file(kind, n, seed, path, workers=WORKERS, shard_size=SHARD_SIZE, distribution="training",
-                  keep_shards=False, progress=True, measure_sb=False, start_method=None):
+                  keep_shards=False, progress=True, measure_sb=False, start_method=None, client=None):
     """Generate ``n`` cutouts of ``kind`` into the one HDF5 file ``path``; returns ``str(path)``.
 
-    The shards are built in ``path.shards/`` by :func:`generate_shards` (same parameters), then
+    The shards are built in ``path.shards/`` by :func:`generate_shards` (same parameters, a Dask
+    ``client`` included: the merge runs in this process), then
     merged into ``path`` and removed unless ``keep_shards``. An existing ``path`` made by the
     same run is kept as it is.
 
@@ -336,7 +358,8 @@ def generate_file(kind, n, seed, path, workers=WORKERS, shard_size=SHARD_SIZE, d
         return str(path)
     _make_writable_folder(path.parent, f"--out {path}")
     folder = path.with_name(path.name + ".shards")
-    shards = generate_shards(kind, n, seed, folder, workers, shard_size, distribution, progress, measure_sb, start_method)
+    shards = generate_shards(kind, n, seed, folder, workers, shard_size, distribution, progress, measure_sb, start_method,
+                             client)
     merge_shards(shards, path)
     if not keep_shards:
         shutil.rmtree(folder)

@@ -1,6 +1,7 @@
 """Measure ICL fractions of cluster cutouts with the surface-brightness threshold method.
 
     python -m measure_sb_cut INPUT... --out OUT.csv [--z Z | --catalog CSV] [--plot-dir DIR] [--workers K]
+    python -m measure_sb_cut INPUT... --out OUT.csv --dask ADDRESS|local:N [--partition-size K]
 
 INPUT: FITS cutouts (image, mask and variance HDUs), HDF5 files in this project's layouts or
 the original code's, or directories of them (see ``prep_data``). The redshift of each cutout
@@ -12,9 +13,16 @@ The CSV has one row per cutout, in input order, with the columns of
 ``measure_sb_cut.measure.CSV_COLUMNS``; a cutout that cannot be measured gets its message in
 ``error`` (and on the console) while the others are measured. The exit status is 1 when any
 cutout failed.
+
+The cutouts are measured by ``--workers`` processes of this machine, or, with ``--dask ADDRESS``
+(a scheduler, ``tcp://host:8786``) or ``--dask local:N`` (N local worker processes), by the
+workers of a Dask cluster, ``--partition-size`` cutouts per task; the workers read the cutouts
+and write the plots themselves, so every machine must see the same files. The CSV is the same
+either way.
 """
 
 import argparse
+import contextlib
 import csv
 import logging
 import os
@@ -24,6 +32,7 @@ import sys
 import numpy as np
 
 import hsc
+import parallel
 from measure_sb_cut import measurement_helpers as helpers
 from measure_sb_cut.measure import CSV_COLUMNS, REESTIMATE_BOX_SIZES, measure_refs, write_csv
 
@@ -70,7 +79,7 @@ def build_parser():
     redshift.add_argument("--z", type=float, help="redshift of every cutout")
     redshift.add_argument("--catalog", help="CSV with columns id, z (optionally ra, dec): the redshift per cutout id")
     parser.add_argument("--plot-dir", metavar="DIR", help="write a diagnostic PNG per cutout into DIR")
-    parser.add_argument("--workers", type=int, default=WORKERS, help=f"parallel processes (default {WORKERS})")
+    parser.add_argument("--workers", type=int, default=WORKERS, help=f"parallel processes of this machine (default {WORKERS}; not used with --dask)")
     parser.add_argument("--threshold-sb", type=float, default=THRESHOLD_SB,
                         help=f"rest-frame threshold between galaxies and ICL, mag/arcsec^2 (default {THRESHOLD_SB:g})")
     parser.add_argument("--aperture-kpc", type=float, default=APERTURE_KPC,
@@ -81,6 +90,7 @@ def build_parser():
                         help=f"Background2D box side, pixels of the 224-px image (default {BACKGROUND_BOX_PX})")
     parser.add_argument("--no-reestimates", action="store_true",
                         help="skip the background re-estimates (faster; the error is then the noise term only)")
+    parallel.add_dask_argument(parser)
     return parser
 
 
@@ -92,6 +102,13 @@ def main(argv=None):
 
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.partition_size < 1:
+        parser.error(f"--partition-size must be at least 1, got {args.partition_size}")
+    if args.dask:
+        try:
+            parallel.parse_address(args.dask)
+        except ValueError as error:
+            parser.error(str(error))
     if args.z is not None:
         try:
             helpers.check_redshift(args.z)
@@ -126,10 +143,22 @@ def main(argv=None):
         row = {**{column: np.nan for column in CSV_COLUMNS}, "id": pathlib.Path(source).name, "source": source}
         placed.append((file_order[source], {**row, "error": message}))
         tqdm.write(f"error: {message}", file=sys.stderr)
-    for ref, row in zip(refs, measure_refs(refs, args.z, catalogue, args.plot_dir, options, args.workers)):
-        if row["error"]:
-            tqdm.write(f"error: {row['error']}", file=sys.stderr)
-        placed.append((file_order[ref.path], row))
+    with contextlib.ExitStack() as stack:
+        client = None
+        if args.dask:
+            try:
+                # The measurement needs no TensorFlow: the workers are not made to load it.
+                client = stack.enter_context(parallel.dask_client(args.dask, quiet=False))
+            except ValueError as error:  # a scheduler that cannot be reached
+                parser.exit(2, f"error: {error}\n")
+        measured = measure_refs(refs, args.z, catalogue, args.plot_dir, options, args.workers, client=client,
+                                partition_size=args.partition_size)
+        # measured first: zip then runs it to its end, so that its tasks are all done (and its
+        # progress bar closed) before the cluster is shut down.
+        for row, ref in zip(measured, refs):
+            if row["error"]:
+                tqdm.write(f"error: {row['error']}", file=sys.stderr)
+            placed.append((file_order[ref.path], row))
     rows = [row for _, row in sorted(placed, key=lambda item: item[0])]
     write_csv(rows, args.out)
     n_failed = sum(1 for row in rows if row["error"])

@@ -38,6 +38,7 @@ import numpy as np
 
 import common
 import hsc
+import parallel
 from measure_sb_cut import measurement_helpers as helpers
 
 logger = logging.getLogger(__name__)
@@ -495,8 +496,28 @@ def _measure_task(arguments):
     return measure_ref(*arguments)
 
 
-def measure_refs(refs, z=None, catalogue=None, plot_dir=None, options=None, workers=1, meta_columns=(), progress=True):
-    """Measure many cutouts, in input order, in parallel over ``workers`` processes.
+def measure_partition(tasks):
+    """The Dask task of :func:`measure_refs`: measure one partition of cutouts on a worker.
+
+    Parameters
+    ----------
+    tasks : list of tuple
+        The arguments of :func:`measure_ref`, one tuple per cutout. The worker reads the
+        cutouts itself (and writes the plots), so the files must be on a file system every
+        machine sees.
+
+    Returns
+    -------
+    list of dict
+        One row per task, in order; a cutout that cannot be measured is its row's ``error``
+        (:func:`measure_ref` never raises for one), so a partition is never lost to a bad input.
+    """
+    return [measure_ref(*task) for task in tasks]
+
+
+def measure_refs(refs, z=None, catalogue=None, plot_dir=None, options=None, workers=1, meta_columns=(), progress=True,
+                 client=None, partition_size=parallel.PARTITION_SIZE):
+    """Measure many cutouts, in input order, in parallel over ``workers`` processes or a Dask cluster.
 
     Parameters
     ----------
@@ -508,9 +529,14 @@ def measure_refs(refs, z=None, catalogue=None, plot_dir=None, options=None, work
     plot_dir, options, meta_columns
         As for :func:`measure_ref`.
     workers : int
-        Processes; 1 measures in this process.
+        Processes; 1 measures in this process. Not used with ``client``.
     progress : bool
         Show a tqdm progress bar.
+    client : dask.distributed.Client, optional
+        Measure on this Dask cluster instead, ``partition_size`` cutouts per task
+        (:func:`measure_partition`, :mod:`parallel`); the rows are the same as without it.
+    partition_size : int
+        Cutouts per Dask task.
 
     Yields
     ------
@@ -520,7 +546,11 @@ def measure_refs(refs, z=None, catalogue=None, plot_dir=None, options=None, work
     catalogue = catalogue or {}
     tasks = [(ref, z, catalogue.get(str(ref.id)), plot_dir, options, tuple(meta_columns)) for ref in refs]
     bar = common.progress(total=len(tasks), desc="measuring", unit="cutout", disable=not progress)
-    if workers <= 1 or len(tasks) <= 1:
+    if client is not None:
+        for rows in parallel.map_in_order(client, measure_partition, parallel.partitions(tasks, partition_size)):
+            yield from rows
+            bar.update(len(rows))
+    elif workers <= 1 or len(tasks) <= 1:
         for task in tasks:
             yield _measure_task(task)
             bar.update()
