@@ -64,6 +64,33 @@ def atomic_write(path):
     os.replace(temporary, path)
 
 
+def check_output_file(path, option="--out"):
+    """The output file ``path``, checked before any work: its folder exists or can be made and is
+    writable, and ``path`` is not a folder. Raises ValueError naming ``option`` and the path."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: is a folder, not a file")
+    check_output_dir(path.parent, option)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{option} {path}: the file exists and cannot be written")
+    return path
+
+
+def check_output_dir(path, option="--out-dir"):
+    """The output folder ``path``, created if missing and checked writable before any work.
+    Raises ValueError naming ``option`` and the path."""
+    path = pathlib.Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"{option} {path}: exists and is not a folder") from None
+    except OSError as error:
+        raise ValueError(f"{option} {path}: cannot create the folder ({error.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: the folder cannot be written")
+    return path
+
+
 def write_json(path, values):
     """``values`` as indented JSON, atomically."""
     with atomic_write(path) as temporary:

@@ -157,3 +157,15 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     # Keras picks the format from the name, so the temporary name keeps the suffixes.
     assert common.atomic_path("runs/best.weights.h5").name == f".best.partial-{os.getpid()}.weights.h5"
     assert target.read_text() == '{\n  "n": 1\n}'
+
+
+def test_output_paths_are_checked_before_work(tmp_path):
+    assert common.check_output_file(tmp_path / "new" / "out.csv") == tmp_path / "new" / "out.csv"
+    assert (tmp_path / "new").is_dir()
+    with pytest.raises(ValueError, match="--out .*: is a folder, not a file"):
+        common.check_output_file(tmp_path)
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(ValueError, match="--plot-dir .*plain: exists and is not a folder"):
+        common.check_output_dir(tmp_path / "plain", "--plot-dir")
+    with pytest.raises(ValueError, match="--out .*plain: exists and is not a folder"):
+        common.check_output_file(tmp_path / "plain" / "out.csv")
