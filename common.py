@@ -14,6 +14,7 @@ import os
 import pathlib
 import shutil
 import sys
+import tempfile
 
 import numpy as np
 
@@ -86,8 +87,12 @@ def check_output_dir(path, option="--out-dir"):
         raise ValueError(f"{option} {path}: exists and is not a folder") from None
     except OSError as error:
         raise ValueError(f"{option} {path}: cannot create the folder ({error.strerror})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path}: the folder cannot be written")
+    # Try it: permission bits say nothing to root or on some network and virtual file systems.
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"{option} {path}: the folder cannot be written ({error.strerror})") from None
     return path
 
 

@@ -527,8 +527,15 @@ def load_index(path):
     Index
     """
     path = pathlib.Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ValueError(f"index file {str(path)!r} does not exist")
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if magic == b"\x93NUMPY":
+        raise ValueError(f"index file {str(path)!r} is a single array, not a saved similarity index "
+                         "(make one with 'similarity.py build')")
+    if not magic.startswith(b"PK"):
+        raise ValueError(f"index file {str(path)!r} is not a saved similarity index (not an .npz archive)")
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
@@ -555,10 +562,34 @@ def load_index(path):
     raise ValueError(f"index file {str(path)!r} holds an unknown kind {kind!r}")
 
 
+def load_array(path, what):
+    """A ``.npy`` array (never pickled, memory-mapped); ValueError naming ``path`` if it is not one."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} does not exist")
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if magic != b"\x93NUMPY":
+        raise ValueError(f"{what} {str(path)!r} is not a NumPy .npy file (write it with numpy.save)")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        reason = "it holds Python objects" if "object" in str(error) or "pickle" in str(error) else error
+        raise ValueError(f"{what} {str(path)!r} is not a NumPy .npy array of numbers ({reason})") from None
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{what} {str(path)!r} is an .npz archive, not a single .npy array")
+    return array
+
+
 def read_ids(path):
     """Ids from a text file, one per line (trailing newlines and carriage returns removed)."""
-    with open(path, encoding="utf-8") as handle:
-        return [line.rstrip("\r\n") for line in handle]
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [line.rstrip("\r\n") for line in handle]
+    except FileNotFoundError:
+        raise ValueError(f"ids file {str(path)!r} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"ids file {str(path)!r} is not UTF-8 text (byte {error.start})") from None
 
 
 def _write_matches_csv(path, ids, similarities):
@@ -604,8 +635,19 @@ def main(argv=None):
     # This module's progress at INFO; other libraries (faiss reports which build it loads) at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO)
+    try:
+        return _run(args)
+    except (ValueError, KeyError, OSError, UnicodeDecodeError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run(args):
+    if args.out_path:
+        common.check_output_file(args.out_path)
     if args.command == "build":
-        vectors = np.load(args.vectors_path, mmap_mode="r", allow_pickle=False)
+        vectors = load_array(args.vectors_path, "vectors file")
         ids = read_ids(args.ids_path) if args.ids_path else None
         index = build_index(vectors, ids=ids, kind=args.kind, seed=args.seed, refine_factor=args.refine_factor)
         index.save(args.out_path)
@@ -617,8 +659,8 @@ def main(argv=None):
         positions, similarities = index.similar_to(args.vector_of, args.k, include_self=args.include_self,
                                                    refine_factor=args.refine_factor)
     else:
-        vector = np.load(args.vector_path, allow_pickle=False)
-        positions, similarities = index.query(vector.reshape(-1), args.k, refine_factor=args.refine_factor)
+        vector = load_array(args.vector_path, "query vector file")
+        positions, similarities = index.query(np.asarray(vector).reshape(-1), args.k, refine_factor=args.refine_factor)
     matched_ids = index.ids[positions]
     print("rank,id,similarity")
     for rank, (id_, similarity) in enumerate(zip(matched_ids, similarities), start=1):

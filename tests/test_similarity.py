@@ -214,7 +214,7 @@ def test_loading_a_file_that_is_not_an_index_is_refused(tmp_path):
         similarity.load_index(tmp_path / "absent.npz")
     empty = tmp_path / "empty.npz"
     empty.write_bytes(b"")
-    with pytest.raises(ValueError, match=r"index file '.*empty.npz' is not a saved similarity index: "):
+    with pytest.raises(ValueError, match=r"index file '.*empty.npz' is not a saved similarity index \(not an .npz archive\)"):
         similarity.load_index(empty)
     other = tmp_path / "other.npz"
     np.savez(other, values=np.arange(3))
@@ -285,3 +285,40 @@ def test_benchmark_help(capsys):
         load_benchmark().main(["--help"])
     assert exit_info.value.code == 0
     assert "--n" in capsys.readouterr().out
+
+
+def test_command_line_refuses_broken_inputs_in_one_line(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "v.npy", rng.normal(size=(20, 4)).astype(np.float32))
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "garbage.npy").write_bytes(b"hello world")
+    np.save(tmp_path / "scalar.npy", np.float32(3.0))
+    np.save(tmp_path / "q3.npy", np.ones(3, np.float32))
+    (tmp_path / "ids.txt").write_text("\n".join(f"g{i}" for i in range(19)))
+    (tmp_path / "latin1.txt").write_bytes(b"\xff\n" * 20)
+    index = str(tmp_path / "index.npz")
+    assert similarity.main(["build", str(tmp_path / "v.npy"), "--out", index]) == 0
+    cases = {
+        ("build", "garbage.npy"): "garbage.npy' is not a NumPy .npy file",
+        ("build", "objects.npy"): "objects.npy' is not a NumPy .npy array of numbers (it holds Python objects)",
+        ("build", "scalar.npy"): "vectors must be 2-D",
+        ("build", "missing.npy"): "missing.npy' does not exist",
+        ("build", "v.npy", "--ids", "ids.txt"): "ids must have one entry per vector (20), got 19",
+        ("build", "v.npy", "--ids", "latin1.txt"): "latin1.txt' is not UTF-8 text",
+        ("query", "v.npy", "--vector-of", "g1"): "is a single array, not a saved similarity index",
+        ("query", "garbage.npy", "--vector-of", "g1"): "is not a saved similarity index (not an .npz archive)",
+        ("query", "index.npz", "--vector-of", "nope"): "id 'nope' is not in the catalogue",
+        ("query", "index.npz", "--vector", "q3.npy"): "must have 4 components like the catalogue, got 3",
+    }
+    for arguments, message in cases.items():
+        argv = [arguments[0], *(str(tmp_path / a) if a.endswith((".npy", ".npz", ".txt")) else a for a in arguments[1:])]
+        if argv[0] == "build":
+            argv += ["--out", str(tmp_path / "other.npz")]
+        capsys.readouterr()
+        assert similarity.main(argv) == 2, arguments
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("error: ") and "\n" not in error and message in error, (arguments, error)
+    assert not (tmp_path / "other.npz").exists()
+    (tmp_path / "file").write_text("x")
+    assert similarity.main(["query", index, "--vector-of", "1", "--out", str(tmp_path / "file" / "m.csv")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
