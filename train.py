@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import math
+import pathlib
 import sys
 
 import keras
@@ -202,6 +203,24 @@ def _best_so_far(history_path):
     return float(history["val_loss"].min()) if "val_loss" in history and len(history) else math.inf
 
 
+def check_resumable(out_dir, model_config):
+    """Refuse to resume into ``out_dir`` when it holds a run of another architecture.
+
+    Keras would otherwise fail while restoring the backup, with a dump of every layer.
+    """
+    for name in ("best.config.json", "final.config.json"):
+        path = pathlib.Path(out_dir) / name
+        if not path.exists():
+            continue
+        try:
+            previous = model.ICLConfig.from_json(path.read_text())
+        except (ValueError, TypeError, KeyError):
+            raise ValueError(f"{path}: not a checkpoint config of this project; give a new --out-dir") from None
+        if previous != model_config:
+            raise ValueError(f"{out_dir} holds a run of another architecture ({previous}, this run {model_config}); "
+                             "give a new --out-dir, or the same architecture to resume")
+
+
 def train(model_config, train_config, train_data, validation_data, out_dir, real_data=None, initial_weights=None,
           strategy=None, prior_labels=None):
     """Train, checkpoint and evaluate the ICL regressor.
@@ -234,6 +253,7 @@ def train(model_config, train_config, train_data, validation_data, out_dir, real
         The metrics written to ``metrics.json``; None on a worker other than the chief, which
         evaluates nothing (its folder is removed once training ends).
     """
+    check_resumable(out_dir, model_config)
     strategy = strategy or tf.distribute.get_strategy()
     folders = common.worker_folders(out_dir, strategy)
     out_dir = folders.own
@@ -336,6 +356,8 @@ def main(argv=None):
             augment=not args.no_augment,
         )
         model_config = model.ARCHITECTURES["tiny" if args.tiny else args.architecture]
+        common.check_output_dir(args.out_dir)
+        check_resumable(args.out_dir, model_config)
         if args.inputs:
             train_data, validation_data, train_labels = cutout_datasets(
                 args.inputs, args.label_key, train_config, args.validation_fraction, model_config.image_size

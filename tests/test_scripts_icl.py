@@ -63,6 +63,16 @@ def test_train_cli_on_hdf5_with_real_set(tmp_path):
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [0, 1]
 
 
+def test_train_refuses_to_resume_a_run_of_another_architecture(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "best.config.json").write_text(model.ARCHITECTURES["compact"].to_json())
+    write_cluster_hdf5(tmp_path / "train.h5", 8, size=32)
+    assert train.main([str(tmp_path / "train.h5"), "--tiny", "--out-dir", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error and "holds a run of another architecture" in error
+
+
 def test_train_cli_reports_missing_label(tmp_path, capsys):
     write_cluster_hdf5(tmp_path / "train.h5", 8, size=32)
     assert train.main([str(tmp_path / "train.h5"), "--label-key", "nope", "--tiny", "--out-dir", str(tmp_path / "r")]) == 2
