@@ -776,8 +776,14 @@ def save_config(config, path, **extra):
 
 def load_config(path):
     """Read a file written by :func:`save_config`: returns ``(config, extra)``."""
-    values = json.loads(pathlib.Path(path).read_text())
-    if "nnclr" not in values:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; the run folder must be an nnclr_train.py --out-dir")
+    try:
+        values = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not an NNCLR run configuration (not JSON: {error})") from None
+    if not isinstance(values, dict) or "nnclr" not in values:
         raise ValueError(f"{path}: not an NNCLR run configuration (no 'nnclr' entry)")
     config = NNCLRConfig.from_dict(values.pop("nnclr"))
     return config, values

@@ -318,3 +318,14 @@ def test_mirrored_nnclr_steps_match_one_device(tmp_path):
     # the batch-normalisation moving statistics) are the one-device ones.
     assert float(figures["mirrored", "queue"]) < 1e-5
     assert float(figures["mirrored", "weights"]) < 1e-5
+
+
+def test_a_run_config_that_is_missing_or_not_json_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="config.json: missing; the run folder must be an nnclr_train.py --out-dir"):
+        nnclr_model.load_config(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json: not an NNCLR run configuration \(not JSON"):
+        nnclr_model.load_config(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="no 'nnclr' entry"):
+        nnclr_model.load_config(tmp_path / "config.json")
