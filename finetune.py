@@ -347,12 +347,11 @@ def main(argv=None):
         config = FinetuneConfig(
             args.epochs, args.batch_size, args.learning_rate, args.folds, args.fold_seed, args.seed, args.method, args.views
         )
+        out_dir = common.check_output_dir(args.out_dir)
         checkpoint_config = model.read_config(args.checkpoint) if pathlib.Path(args.checkpoint).exists() else None
         if checkpoint_config is None:
             raise model.CheckpointError(f"{args.checkpoint}: checkpoint not found; train one with train.py or pass --checkpoint")
         ids, images, labels = load_clusters(args.inputs, args.label_key, args.labels, checkpoint_config.image_size)
-        out_dir = pathlib.Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         if args.all:
             path = final_finetune(args.checkpoint, images, labels, config, out_dir)
             print(f"fine-tuned on all {len(ids)} clusters: {path}")

@@ -360,6 +360,7 @@ def main(argv=None):
     run_dir = pathlib.Path(args.run_dir)
     out_dir = pathlib.Path(args.out_dir) if args.out_dir else run_dir / "test"
     try:
+        common.check_output_dir(out_dir)
         config, extra = nnclr_model.load_config(run_dir / "config.json")
         band_scale = np.asarray(extra["band_scale"], dtype=np.float32)
         settings = extra.get("settings", {})

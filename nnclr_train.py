@@ -287,6 +287,10 @@ def main(argv=None):
                                            **config_changes(args, NNCLRTrainConfig))
     except ValueError as error:
         parser.error(str(error))
+    try:
+        common.check_output_dir(args.out_dir)
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow work.
     strategy = common.make_strategy(train_config.strategy)
     logger.info("strategy %s: %d replicas in sync", train_config.strategy, strategy.num_replicas_in_sync)
