@@ -129,6 +129,8 @@ def main(argv=None):
     import prep_data
 
     try:
+        if args.out_dir:
+            common.check_output_dir(args.out_dir)
         if args.generate:
             from data import shards
 

@@ -207,8 +207,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"--top-k must be >= 1, got {args.top_k}")
-    out_dir = pathlib.Path(args.out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir = common.check_output_dir(pathlib.Path(args.out_dir).resolve())
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
     python = sys.executable
     log = []
     start = time.perf_counter()
