@@ -168,3 +168,41 @@ def test_partial_file_does_not_follow_a_planted_link(tmp_path, cluster):
                  "--no-reestimates"]) == 0
     assert target.read_text() == "keep"
     assert len(read_rows(tmp_path / "m.csv")) == 1
+
+
+def test_generate_refuses_unwritable_outputs_before_rendering(tmp_path, capsys):
+    from data.generate import main as generate_main
+
+    (tmp_path / "file").write_text("")
+    for flags in (["--out", str(tmp_path / "file" / "c.h5")], ["--out-dir", str(tmp_path / "file")],
+                  ["--out-dir", str(tmp_path / "d"), "--preview", str(tmp_path / "file" / "p.png")]):
+        with pytest.raises(SystemExit) as exit_info:
+            generate_main(["backgrounds", "--n", "2", "--quiet", *flags])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists() or not list((tmp_path / "d").iterdir())
+
+
+def test_generate_ctrl_c_keeps_the_finished_shards_and_says_how_to_resume(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "g"
+    command = [sys.executable, "-m", "data.generate", "backgrounds", "--n", "40", "--shard-size", "1", "--workers",
+               "2", "--out-dir", str(folder), "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    started = time.time()
+    while time.time() - started < 60 and len(list(folder.glob("backgrounds-*.h5"))) < 2:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)
+    interrupted = time.time()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert time.time() - interrupted < 10
+    assert "Traceback" not in err and "rerun the same command" in err
+    kept = sorted(folder.glob("backgrounds-*.h5"))
+    assert 2 <= len(kept) < 40
