@@ -206,3 +206,26 @@ def test_generate_ctrl_c_keeps_the_finished_shards_and_says_how_to_resume(tmp_pa
     assert "Traceback" not in err and "rerun the same command" in err
     kept = sorted(folder.glob("backgrounds-*.h5"))
     assert 2 <= len(kept) < 40
+
+
+def test_validation_reports_skipped_inputs(tmp_path, cluster, capsys):
+    from measure_sb_cut.validate import main as validate_main
+    from measure_sb_cut.validate import write_synthetic_shard
+
+    write_synthetic_shard(tmp_path / "good.h5", 2, seed=3)
+    (tmp_path / "torn.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 20)
+    write_fits(tmp_path / "no_truth.fits", cluster)
+    report = tmp_path / "r.md"
+    inputs = [str(tmp_path / name) for name in ("good.h5", "torn.h5", "no_truth.fits")]
+    assert validate_main(inputs + ["--report", str(report), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if "torn.h5" in line]) == 1
+    assert len([line for line in err.splitlines() if "no_truth.fits" in line and "no truth" in line]) == 1
+    assert "Clusters: 2 " in report.read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        validate_main(inputs[1:] + ["--report", str(report), "--workers", "1"])
+    assert exit_info.value.code == 2
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        validate_main(inputs[:1] + ["--report", str(tmp_path / "file" / "r.md")])
+    assert exit_info.value.code == 2 and "--report" in capsys.readouterr().err
