@@ -11,6 +11,9 @@ task per shard (``--shard-size`` sets the task's size); the output folder must b
 system every worker sees. The files are byte-identical to a single-process run's, and a rerun
 still renders only the missing shards.
 
+Ctrl-C cancels the queued shards, stops the running ones, keeps the finished shards (each is
+written atomically) and exits with status 130; rerun the same command to render the rest.
+
 Examples
 --------
 python -m data.generate clusters --n 64 --seed 1 --out clusters.h5 --preview clusters.png
@@ -21,8 +24,10 @@ python -m data.generate clusters --n 500000 --seed 3 --out-dir /shared/clusters/
 import argparse
 import contextlib
 import logging
+import sys
 import time
 
+import common
 import parallel
 from data import shards
 
@@ -68,6 +73,12 @@ def main(argv=None):
             parallel.parse_address(args.dask)
         except ValueError as error:
             parser.error(str(error))
+    # --out and --out-dir are checked by data.shards before any rendering; the preview here.
+    try:
+        if args.preview:
+            common.check_output_file(args.preview, "--preview")
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     options = dict(workers=args.workers, shard_size=args.shard_size, distribution=args.distribution,
@@ -88,6 +99,11 @@ def main(argv=None):
                 paths = shards.generate_shards(args.kind, args.n, args.seed, args.out_dir, client=client, **options)
         except shards.GenerationError as error:
             parser.exit(2, f"error: {error}\n")
+        except KeyboardInterrupt:
+            folder = args.out_dir or f"{args.out}.shards"
+            print(f"\ninterrupted: the finished shards are kept in {folder}; rerun the same command to render "
+                  "the rest", file=sys.stderr)
+            return 130
     try:
         if args.preview:
             shards.preview_shards(args.kind, paths, args.preview, args.preview_count)

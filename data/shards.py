@@ -20,6 +20,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import sys
 
 import h5py
@@ -155,6 +156,8 @@ def _init_worker(counter):
     global _progress_counter
     _progress_counter = counter
     logging.getLogger().setLevel(logging.WARNING)
+    # Ctrl-C is the parent's to handle: it cancels the queued shards and stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_shard(path, kind, seed, start, count, distribution, attributes, measure_sb=False):
@@ -380,11 +383,19 @@ def _run_pool(todo, plan, paths, kind, seed, distribution, attributes, workers, 
                                                 initializer=_init_worker, initargs=(counter,)) as pool:
         futures = [pool.submit(make_shard, paths[i], kind, seed, *plan[i], distribution, attributes, measure_sb) for i in todo]
         pending = set(futures)
-        while pending:
-            finished, pending = concurrent.futures.wait(pending, timeout=0.5)
-            for future in finished:
-                future.result()
-            bar.update(counter.value - bar.n)
+        try:
+            while pending:
+                finished, pending = concurrent.futures.wait(pending, timeout=0.5)
+                for future in finished:
+                    future.result()
+                bar.update(counter.value - bar.n)
+        except BaseException:
+            # Ctrl-C or a failed shard: the queued shards are cancelled and the running ones
+            # stopped (each shard is written atomically, so the finished ones are complete).
+            # (The futures are not cancelled one by one: the pool then fails them as broken.)
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+            raise
         bar.update(counter.value - bar.n)
 
 

@@ -19,11 +19,23 @@ The cutouts are measured by ``--workers`` processes of this machine, or, with ``
 workers of a Dask cluster, ``--partition-size`` cutouts per task; the workers read the cutouts
 and write the plots themselves, so every machine must see the same files. The CSV is the same
 either way.
+
+The rows are written to a hidden partial file next to ``--out`` as they are measured, which
+replaces ``--out`` at the end. Ctrl-C stops the workers (or cancels the Dask tasks), keeps that
+file and exits with status 130; ``--resume`` (the same command again, with ``--resume``) keeps
+the rows measured already and measures the rest.
+
+A measurement that would be physically meaningless is refused with its reason in ``error``:
+no positive light inside the aperture, an ICL fraction outside [0, 1] (negative light:
+over-subtracted background or bad pixels), a non-finite surface-brightness limit or one
+brighter than the threshold, or more than
+``measure_sb_cut.measure.MAX_MASKED_FRACTION`` (50%) of the aperture masked or not finite.
 """
 
 import argparse
 import contextlib
 import csv
+import glob
 import logging
 import os
 import pathlib
@@ -31,10 +43,11 @@ import sys
 
 import numpy as np
 
+import common
 import hsc
 import parallel
 from measure_sb_cut import measurement_helpers as helpers
-from measure_sb_cut.measure import CSV_COLUMNS, REESTIMATE_BOX_SIZES, measure_refs, write_csv
+from measure_sb_cut.measure import CSV_COLUMNS, REESTIMATE_BOX_SIZES, measure_refs
 
 # Defaults; each can be set on the command line.
 WORKERS = os.cpu_count() or 1
@@ -50,21 +63,73 @@ def read_catalogue(path):
     Raises
     ------
     ValueError
-        If the file lacks the columns or a z is not a number.
+        If the file lacks the columns, a z is not a number or an id is given twice.
     """
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         columns = [name.strip().lower() for name in (reader.fieldnames or [])]
         if "id" not in columns or "z" not in columns:
             raise ValueError(f"{path}: catalogue must have columns 'id' and 'z', found {columns}")
-        redshifts = {}
+        redshifts, lines = {}, {}
         for line_number, row in enumerate(reader, start=2):
             row = {key.strip().lower(): value for key, value in row.items() if key is not None}
+            identifier = (row["id"] or "").strip()
+            if identifier in lines:
+                raise ValueError(
+                    f"{path}, lines {lines[identifier]} and {line_number}: id {identifier!r} is given twice"
+                )
             try:
-                redshifts[row["id"].strip()] = float(row["z"])
+                redshifts[identifier] = float(row["z"])
             except (TypeError, ValueError):
                 raise ValueError(f"{path}, line {line_number}: z must be a number, got {row['z']!r}") from None
+            lines[identifier] = line_number
     return redshifts
+
+
+def _cell(value):
+    if isinstance(value, float):
+        return "" if np.isnan(value) else f"{value:.6g}"
+    return value
+
+
+def partial_pattern(out):
+    """Glob of the hidden partial files of ``--out`` (:func:`common.atomic_path` with any process id)."""
+    out = pathlib.Path(out)
+    suffix = "".join(out.suffixes)
+    stem = out.name[: len(out.name) - len(suffix)]
+    return str(out.with_name(f".{stem}.partial-*{suffix}"))
+
+
+def read_finished_rows(out):
+    """Rows (as CSV field dicts) by source from the partial files of an interrupted run of ``out``.
+
+    The newest file wins for a source; a torn last line (no newline: the run was killed while
+    writing it) and rows of another layout are dropped.
+    """
+    rows = {}
+    for path in sorted(glob.glob(partial_pattern(out)), key=os.path.getmtime):
+        with open(path, newline="") as handle:
+            text = handle.read()
+        if not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+        reader = csv.DictReader(text.splitlines())
+        if reader.fieldnames is None or list(reader.fieldnames) != list(CSV_COLUMNS):
+            continue
+        for row in reader:
+            if None in row or any(value is None for value in row.values()) or not row["source"]:
+                continue
+            rows[row["source"]] = row
+    return rows
+
+
+def open_partial(out):
+    """A new hidden partial file next to ``out`` for this run, opened for writing without
+    following a symbolic link planted at its name."""
+    path = common.atomic_path(out)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return path, open(descriptor, "w", newline="")
 
 
 def build_parser():
@@ -90,6 +155,8 @@ def build_parser():
                         help=f"Background2D box side, pixels of the 224-px image (default {BACKGROUND_BOX_PX})")
     parser.add_argument("--no-reestimates", action="store_true",
                         help="skip the background re-estimates (faster; the error is then the noise term only)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of an interrupted run of the same --out and measure only the rest")
     parallel.add_dask_argument(parser)
     return parser
 
@@ -114,6 +181,12 @@ def main(argv=None):
             helpers.check_redshift(args.z)
         except ValueError as error:
             parser.error(f"--z: {error}")
+    try:
+        common.check_output_file(args.out, "--out")
+        if args.plot_dir:
+            common.check_output_dir(args.plot_dir, "--plot-dir")
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
     catalogue = None
     if args.catalog:
         try:
@@ -124,8 +197,7 @@ def main(argv=None):
         refs, file_errors = prep_data.index_cutouts(args.inputs)
     except prep_data.CutoutError as error:
         parser.exit(2, f"error: {error}\n")
-    if args.plot_dir:
-        pathlib.Path(args.plot_dir).mkdir(parents=True, exist_ok=True)
+    finished = read_finished_rows(args.out) if args.resume else {}
     options = {
         "threshold_sb": args.threshold_sb,
         "aperture_kpc": args.aperture_kpc,
@@ -136,33 +208,65 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    # Files that could not even be listed take their place among the others, in input order.
+    # Files that could not even be listed take their place among the others, in input order:
+    # each slot is a row already known (a file error, a row of the interrupted run) or a ref.
     file_order = {path: position for position, path in enumerate(prep_data.find_files(args.inputs))}
-    placed = []
+    slots = []
     for source, message in file_errors:
         row = {**{column: np.nan for column in CSV_COLUMNS}, "id": pathlib.Path(source).name, "source": source}
-        placed.append((file_order[source], {**row, "error": message}))
-        tqdm.write(f"error: {message}", file=sys.stderr)
-    with contextlib.ExitStack() as stack:
-        client = None
-        if args.dask:
-            try:
-                # The measurement needs no TensorFlow: the workers are not made to load it.
-                client = stack.enter_context(parallel.dask_client(args.dask, quiet=False))
-            except ValueError as error:  # a scheduler that cannot be reached
-                parser.exit(2, f"error: {error}\n")
-        measured = measure_refs(refs, args.z, catalogue, args.plot_dir, options, args.workers, client=client,
-                                partition_size=args.partition_size)
-        # measured first: zip then runs it to its end, so that its tasks are all done (and its
-        # progress bar closed) before the cluster is shut down.
-        for row, ref in zip(measured, refs):
-            if row["error"]:
-                tqdm.write(f"error: {row['error']}", file=sys.stderr)
-            placed.append((file_order[ref.path], row))
-    rows = [row for _, row in sorted(placed, key=lambda item: item[0])]
-    write_csv(rows, args.out)
-    n_failed = sum(1 for row in rows if row["error"])
-    print(f"measured {len(rows) - n_failed} of {len(rows)} cutouts; wrote {args.out}")
+        slots.append((file_order[source], 0, {**row, "error": message}))
+    for position, ref in enumerate(refs):
+        slots.append((file_order[ref.path], 1, finished.get(ref.source, ref)))
+    slots = [item for _, _, item in sorted(slots, key=lambda slot: slot[:2])]
+    todo = [ref for ref in refs if ref.source not in finished]
+    if finished:
+        print(f"resuming: {len(refs) - len(todo)} of {len(refs)} cutouts already measured")
+
+    partial, handle = open_partial(args.out)
+    writer = csv.DictWriter(handle, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
+    writer.writeheader()
+    n_rows = n_failed = 0
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(handle.close)
+            client = None
+            if args.dask:
+                try:
+                    # The measurement needs no TensorFlow: the workers are not made to load it.
+                    client = stack.enter_context(parallel.dask_client(args.dask, quiet=False))
+                except ValueError as error:  # a scheduler that cannot be reached
+                    handle.close()
+                    partial.unlink(missing_ok=True)
+                    parser.exit(2, f"error: {error}\n")
+            measured = measure_refs(todo, args.z, catalogue, args.plot_dir, options, args.workers, client=client,
+                                    partition_size=args.partition_size)
+            # Closed before the cluster is shut down: its tasks are cancelled, its bar closed.
+            stack.callback(measured.close)
+            for item in slots:
+                if isinstance(item, dict):
+                    row = item
+                    if row["error"] and row["source"] not in finished:
+                        tqdm.write(f"error: {row['error']}", file=sys.stderr)
+                else:
+                    row = next(measured)
+                    if row["error"]:
+                        tqdm.write(f"error: {row['error']}", file=sys.stderr)
+                writer.writerow({key: _cell(value) for key, value in row.items()})
+                handle.flush()
+                n_rows += 1
+                n_failed += bool(row["error"])
+            for _ in measured:  # runs the generator to its end (its progress bar closed)
+                pass
+    except KeyboardInterrupt:
+        handle.close()
+        print(f"\ninterrupted: {n_rows} of {len(slots)} rows kept in {partial}; run the same command with "
+              "--resume to measure the rest", file=sys.stderr)
+        return 130
+    os.replace(partial, args.out)
+    for stale in glob.glob(partial_pattern(args.out)):
+        with contextlib.suppress(OSError):
+            os.unlink(stale)
+    print(f"measured {n_rows - n_failed} of {n_rows} cutouts; wrote {args.out}")
     return 1 if n_failed else 0
 
 

@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 #: Background2D box sides (cutout pixels) of the re-estimates whose spread enters the error.
 REESTIMATE_BOX_SIZES = (14, 28)
+#: A cutout with more than this fraction of its aperture masked (mask plane, NaN or infinite
+#: pixels, ``extra_mask``) is refused: the fraction of what is left would not be the cluster's.
+MAX_MASKED_FRACTION = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +170,8 @@ def measure_icl_fraction(
     ValueError
         With a message naming the problem: bad shape, z missing or outside [0.1, 0.5], an
         aperture larger than the cutout, every aperture pixel masked, a background estimate
-        that failed, or no positive flux in the aperture.
+        that failed, no positive light in the aperture, an ICL fraction outside [0, 1], a non-finite
+        surface-brightness limit, or more than MAX_MASKED_FRACTION of the aperture masked.
     """
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
@@ -209,6 +213,12 @@ def measure_icl_fraction(
     # Pixels masked by the caller (stars, non-members) stay out of the sky estimate too.
     unusable = bad | extra
     subtracted, _ = helpers.subtract_background(image, unusable, threshold, background_box_size)
+    masked_fraction = float((in_aperture & (bad | extra)).sum() / in_aperture.sum())
+    if masked_fraction > MAX_MASKED_FRACTION:
+        raise ValueError(
+            f"{masked_fraction:.0%} of the pixels inside {aperture_kpc:g} kpc are masked or not finite "
+            f"(at most {MAX_MASKED_FRACTION:.0%} allowed): too little of the cluster is left to measure"
+        )
     galaxies = helpers.segment_galaxies(subtracted, threshold, bad, segment_smoothing_px)
     # Compact sources inside a galaxy segment are galaxy light already; masking them there
     # would take a bright core out of the total flux.
@@ -223,9 +233,30 @@ def measure_icl_fraction(
         raise ValueError("all pixels inside the aperture are masked or below the surface-brightness limit")
     icl = kept & ~galaxies
     icl_sum, total_sum = float(subtracted[icl].sum()), float(subtracted[kept].sum())
-    if total_sum <= 0:
-        raise ValueError(f"no positive flux in the aperture (sum {total_sum:.3g} counts per pixel)")
+    if not np.isfinite(total_sum) or total_sum <= 0:
+        raise ValueError(
+            f"{'negative' if total_sum < 0 else 'no'} total light inside {aperture_kpc:g} kpc "
+            f"(sum {total_sum:.3g} counts per pixel): "
+            "over-subtracted background or bad pixels"
+        )
     f_icl = icl_sum / total_sum
+    if not 0.0 <= f_icl <= 1.0:
+        raise ValueError(
+            f"ICL fraction {f_icl:.3g} outside [0, 1]: negative light "
+            f"{'outside' if icl_sum < 0 else 'in'} the galaxies inside {aperture_kpc:g} kpc "
+            f"(ICL {icl_sum:.3g}, total {total_sum:.3g} counts per pixel): over-subtracted background or bad pixels"
+        )
+    sb_limit = float(hsc.counts_to_sb(limit, pixel_scale))
+    if not np.isfinite(sb_limit) or not np.isfinite(rms) or rms <= 0:
+        raise ValueError(
+            f"surface-brightness limit not finite (noise rms {rms:.3g} counts per pixel): "
+            "the sky near the edges is constant or holds bad pixels"
+        )
+    if sb_limit < threshold_mu:
+        raise ValueError(
+            f"surface-brightness limit {sb_limit:.2f} mag/arcsec^2 is brighter than the threshold "
+            f"{threshold_mu:.2f} (noise rms {rms:.3g} counts per pixel): bad pixels or noise swamp the ICL"
+        )
 
     # Background re-estimates: the sky and the galaxy/ICL split move with the background; the
     # pixels below the surface-brightness limit (a noise property) are kept from the main run.
@@ -271,7 +302,7 @@ def measure_icl_fraction(
         f_icl_err=float(np.hypot(noise_err, background_err)),
         icl_flux=icl_sum * area_factor,
         total_flux=total_sum * area_factor,
-        sb_limit=float(hsc.counts_to_sb(limit, pixel_scale)),
+        sb_limit=sb_limit,
         threshold_sb=threshold_mu,
         f_icl_err_noise=noise_err,
         f_icl_err_background=background_err,
@@ -430,7 +461,25 @@ def cutout_for_measurement(
     return prep_data.resize_image(image, size), prep_data.resize_mask(bad, size)
 
 
-def measure_ref(ref, z=None, catalogue_z=None, plot_dir=None, options=None, meta_columns=()):
+def plot_filename(ref, duplicate=False):
+    """PNG name of a cutout's diagnostic plot: its id with characters outside [A-Za-z0-9._-] replaced.
+
+    An id that had to be changed also gets a short hash of the id (``a/b`` and ``a_b`` never
+    share a file), and an id that several cutouts share (``duplicate``) a short hash of the
+    cutout's source, so that no plot overwrites another.
+    """
+    import hashlib
+
+    identifier = str(ref.id)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in identifier).lstrip(".")[:100]
+    if safe != identifier or not safe:
+        safe = f"{safe}_{hashlib.sha1(identifier.encode()).hexdigest()[:8]}".lstrip("_")
+    if duplicate:
+        safe = f"{safe}_{hashlib.sha1(str(ref.source).encode()).hexdigest()[:8]}"
+    return safe + ".png"
+
+
+def measure_ref(ref, z=None, catalogue_z=None, plot_dir=None, options=None, meta_columns=(), plot_name=None):
     """Read and measure one cutout; never raises for a bad cutout.
 
     Parameters
@@ -441,7 +490,7 @@ def measure_ref(ref, z=None, catalogue_z=None, plot_dir=None, options=None, meta
     catalogue_z : float, optional
         Redshift of this cutout from a catalogue; second choice, before the file's ``z``.
     plot_dir : str, optional
-        Directory for a diagnostic PNG named after the cutout's id.
+        Directory for a diagnostic PNG named ``plot_name`` (by default :func:`plot_filename`).
     options : dict, optional
         Keyword arguments of :func:`measure_icl_fraction`.
     meta_columns : sequence of str
@@ -487,9 +536,14 @@ def measure_ref(ref, z=None, catalogue_z=None, plot_dir=None, options=None, meta
     for column in CSV_COLUMNS[3:-1]:
         row[column] = getattr(measurement, column)
     if plot_dir is not None:
-        safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(ref.id))
-        plot_measurement(image, measurement, os.path.join(plot_dir, f"{safe_id}.png"), title=f"{ref.id}")
+        plot_measurement(image, measurement, os.path.join(plot_dir, plot_name or plot_filename(ref)), title=f"{ref.id}")
     return row
+
+
+def _ignore_interrupts():
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _measure_task(arguments):
@@ -543,8 +597,12 @@ def measure_refs(refs, z=None, catalogue=None, plot_dir=None, options=None, work
     dict
         One row per ref, in order (see :func:`measure_ref`).
     """
+    import collections
+
     catalogue = catalogue or {}
-    tasks = [(ref, z, catalogue.get(str(ref.id)), plot_dir, options, tuple(meta_columns)) for ref in refs]
+    counts = collections.Counter(str(ref.id) for ref in refs)
+    tasks = [(ref, z, catalogue.get(str(ref.id)), plot_dir, options, tuple(meta_columns),
+              plot_filename(ref, counts[str(ref.id)] > 1)) for ref in refs]
     bar = common.progress(total=len(tasks), desc="measuring", unit="cutout", disable=not progress)
     if client is not None:
         for rows in parallel.map_in_order(client, measure_partition, parallel.partitions(tasks, partition_size)):
@@ -563,7 +621,8 @@ def measure_refs(refs, z=None, catalogue=None, plot_dir=None, options=None, work
         # fastest start, but a process that has loaded TensorFlow must not be forked.
         chunk = max(1, min(16, len(tasks) // (4 * workers)))
         method = "forkserver" if "tensorflow" in sys.modules else "fork"
-        with multiprocessing.get_context(method).Pool(workers) as pool:
+        # The workers leave Ctrl-C to this process, which terminates them (no traceback from each).
+        with multiprocessing.get_context(method).Pool(workers, initializer=_ignore_interrupts) as pool:
             for row in pool.imap(_measure_task, tasks, chunksize=chunk):
                 yield row
                 bar.update()

@@ -19,6 +19,9 @@ galaxies and stars that the measured image holds), the report compares with it t
 ``--synthetic N`` first writes N simple synthetic clusters (exponential ICL, Sersic galaxies,
 noise drawn at native resolution and resized like the real cutouts) into the first SHARD, to
 try the script without the mock generator.
+
+An input that cannot be read, or a file without any truth column, is reported on one line and
+left out; the exit status is then 1 (2 when no cluster with truth remains).
 """
 
 import argparse
@@ -279,12 +282,22 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     import prep_data
 
+    import common
+
+    try:
+        common.check_output_file(args.report, "--report")
+        if args.csv:
+            common.check_output_file(args.csv, "--csv")
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
     if args.synthetic:
         write_synthetic_shard(args.shards[0], args.synthetic, args.seed)
     try:
         refs, file_errors = prep_data.index_cutouts(args.shards)
     except prep_data.CutoutError as error:
         parser.exit(2, f"error: {error}\n")
+    # Every input that is skipped is reported (one line each) and makes the exit status 1.
+    n_skipped = len(file_errors)
     for source, message in file_errors:
         print(f"error: {message}", file=sys.stderr)
     if args.limit:
@@ -294,6 +307,19 @@ def main(argv=None):
     start = time.perf_counter()
     rows = list(measure_refs(refs, workers=args.workers, meta_columns=tuple(TARGETS)))
     elapsed = time.perf_counter() - start
+    # Files without any truth column cannot validate anything: reported and left out.
+    with_truth = {}
+    for ref, row in zip(refs, rows):
+        truth = [row.get(target) for target in TARGETS]
+        has = any(isinstance(value, (int, float, np.floating)) and np.isfinite(value) for value in truth)
+        with_truth[ref.path] = with_truth.get(ref.path, False) or has
+    for path, has in with_truth.items():
+        if not has:
+            n_skipped += 1
+            print(f"error: {path}: no truth to compare with (none of {', '.join(TARGETS)}); skipped", file=sys.stderr)
+    rows = [row for ref, row in zip(refs, rows) if with_truth[ref.path]]
+    if not rows:
+        parser.exit(2, "error: no clusters with truth to validate\n")
     if args.csv:
         write_csv(rows, args.csv, CSV_COLUMNS + tuple(TARGETS))
     command = "python -m measure_sb_cut.validate " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -305,7 +331,7 @@ def main(argv=None):
         )
     write_report(rows, args.report, command, tuple(args.bins), elapsed, note)
     print(open(args.report).read())
-    return 0
+    return 1 if n_skipped else 0
 
 
 if __name__ == "__main__":
