@@ -429,7 +429,8 @@ def run(inputs, out=None, gradcam_dir=None, checkpoint=None, batch_size=BATCH_SI
         (:mod:`parallel`); the output is the same as without it.
     partition_size : int
     summary : dict, optional
-        Filled with ``kept`` (rows kept from an earlier run) and ``rows`` (rows in ``out``).
+        Filled with ``started`` (True once the partial file is written), ``kept`` (rows kept from
+        an earlier run) and ``rows`` (rows in ``out``).
     gradcam_option : str
         The option that named ``gradcam_dir``, for messages.
 
@@ -480,6 +481,8 @@ def _run_locked(refs, errors, predictor, config, checkpoint, inputs, out, gradca
         identity = run_identity(checkpoint, inputs)
         done_rows = read_finished_rows(out, partial_path(out), identity) if resume else []
         handle = _open_partial(out)
+        if summary is not None:
+            summary["started"] = True
         common.write_json(identity_path(out), identity)
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)

@@ -70,11 +70,12 @@ def main(argv=None):
                                                    partition_size=args.partition_size, summary=summary)
     except (ValueError, OSError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
-        if inference.partial_path(args.out).exists():
-            print(kept, file=sys.stderr)
+        if summary.get("started") and inference.partial_path(args.out).exists():
+            print(kept, file=sys.stderr)  # only when this run wrote rows there
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted; {kept}", file=sys.stderr)
+        print(f"interrupted; {kept}" if summary.get("started") else "interrupted before any prediction",
+              file=sys.stderr)
         return 130
     if summary.get("kept"):
         print(f"{n_predicted} predicted now, {summary['kept']} kept from the earlier run, "

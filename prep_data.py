@@ -669,14 +669,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.size < MIN_SIDE:
-        parser.exit(2, f"error: --size must be at least {MIN_SIDE}, got {args.size}\n")
+        print(f"error: --size must be at least {MIN_SIDE}, got {args.size}", file=sys.stderr)
+        return 2
     out = pathlib.Path(args.out)
     ids_path = out.with_suffix(".ids.txt")
     try:
         common.check_output_file(out, "--out")
         common.check_output_file(ids_path, "--out")
     except ValueError as error:
-        parser.exit(2, f"error: {error}\n")
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     refs, errors = index_cutouts(args.inputs, missing_ok=True)
     images, ids = [], []
     for ref in common.progress(refs, desc="preparing", unit="cutout", disable=len(refs) < 20):
