@@ -14,6 +14,7 @@ when every cutout is done, so an interrupted run never leaves a CSV that looks f
 ``resume`` skips the cutouts already predicted.
 """
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -193,7 +194,21 @@ def acquire_lock(out_path):
                 raise ValueError(f"--out {out_path}: {holder} is writing this output (lock {lock}); wait for it "
                                  "to finish or choose another --out") from None
             logger.warning("%s: taking over the lock of process %s, which is no longer running", lock, text or "?")
-            lock.unlink(missing_ok=True)
+            # Moved aside rather than deleted: of two runs taking over at once, only one moves the
+            # stale lock; the other would move the winner's fresh lock, sees it and puts it back.
+            grave = lock.with_name(f"{lock.name}.stale.{os.getpid()}")
+            try:
+                os.rename(lock, grave)
+            except FileNotFoundError:
+                continue
+            moved = grave.read_text().strip()
+            if moved != text:
+                with contextlib.suppress(FileExistsError):
+                    os.link(grave, lock)
+                grave.unlink(missing_ok=True)
+                raise ValueError(f"--out {out_path}: process {moved or '?'} is writing this output (lock {lock}); "
+                                 "wait for it to finish or choose another --out")
+            grave.unlink(missing_ok=True)
             continue
         except OSError as error:
             raise ValueError(f"--out {out_path}: cannot create the lock file {lock} ({error.strerror})") from None
@@ -282,6 +297,8 @@ def read_finished_rows(out_path, partial, identity=None):
                 header = next(reader, None)
                 if header is None:
                     continue
+                if tuple(header) != COLUMNS and path == partial and ",".join(COLUMNS).startswith(",".join(header)):
+                    continue  # a header cut short: the interrupted run wrote no rows
                 if tuple(header) != COLUMNS:
                     raise ValueError(f"{path}: cannot resume, its columns {header} are not {list(COLUMNS)}")
                 torn = 0

@@ -246,3 +246,12 @@ def test_prepared_image_range_and_degenerate_checks():
     with pytest.raises(prep_data.CutoutError, match="not a prepared image"):
         prep_data.prepare_cutout(prep_data.Cutout(ref, good + 8, prepared=True), 32)
     assert common.report_bad_cutouts([]) == 0
+
+
+def test_resume_reads_torn_partial_files(tmp_path):
+    out, partial = tmp_path / "p.csv", inference.partial_path(tmp_path / "p.csv")
+    partial.write_text("id,sou")  # interrupted while writing the header
+    assert inference.read_finished_rows(out, partial) == []
+    partial.write_text("id,source,f_icl,f_icl_p15,f_icl_p85,f_icl_mean\n"
+                       "a,a.fits,0.1,0.05,0.2,0.11\nb,b.fits,0.1,0.05,nan,0.1\nc,c.fits,0.1,0.0")
+    assert [row[0] for row in inference.read_finished_rows(out, partial)] == ["a"]
