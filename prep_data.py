@@ -535,7 +535,7 @@ def check_prepared(cutout, size=hsc.ICL_IMAGE_SIZE):
     if image.shape != (size, size):
         raise CutoutError(
             f"{source}: prepared image must be {size}x{size} to match the checkpoint's input size, got shape "
-            f"{image.shape} ({PREPARED_DESCRIPTION}; prepare the cutouts with prep_data.py --size {size})"
+            f"{image.shape}; prepare the cutouts with prep_data.py --size {size}"
         )
     if not np.isfinite(image).all():
         raise CutoutError(f"{source}: prepared image holds NaN or infinite values")
