@@ -68,8 +68,9 @@ def main(argv=None):
     try:
         style = inference.OverlayStyle(args.overlay_alpha, args.colormap, tuple(args.display_percentiles))
         _, paths, errors = inference.run(args.inputs, gradcam_dir=args.out_dir, checkpoint=args.checkpoint,
-                                         batch_size=args.batch_size, strict=args.strict, style=style)
-    except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
+                                         batch_size=args.batch_size, strict=args.strict, style=style,
+                                         gradcam_option="--out-dir")
+    except (ValueError, OSError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {len(paths)} GradCAM overlays to {args.out_dir}")

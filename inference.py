@@ -14,14 +14,17 @@ when every cutout is done, so an interrupted run never leaves a CSV that looks f
 ``resume`` skips the cutouts already predicted.
 """
 
+import contextlib
 import csv
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import os
 import pathlib
 import re
+import time
 
 import numpy as np
 
@@ -145,28 +148,184 @@ def partial_path(out_path):
     return out_path.with_name(f".{out_path.name}.partial")
 
 
-def read_finished_rows(out_path, partial):
+def lock_path(out_path):
+    """The lock file that marks ``out_path`` as being written by a running process."""
+    out_path = pathlib.Path(out_path)
+    return out_path.with_name(f".{out_path.name}.lock")
+
+
+def identity_path(out_path):
+    """The sidecar of the partial file: which checkpoint and inputs its rows come from."""
+    out_path = pathlib.Path(out_path)
+    return out_path.with_name(f".{out_path.name}.partial.json")
+
+
+def _pid_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(out_path):
+    """Create the lock of ``out_path`` (O_CREAT | O_EXCL, holding this pid), or raise ValueError.
+
+    A lock whose process is no longer running is stale and taken over; a second run on the same
+    output while the first is alive is refused, so two runs never mix their rows.
+    """
+    lock = lock_path(out_path)
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except FileExistsError:
+            try:
+                text = lock.read_text().strip()
+                age = time.time() - lock.lstat().st_mtime
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            except OSError as error:
+                raise ValueError(f"--out {out_path}: cannot read the lock file {lock} ({error.strerror})") from None
+            pid = int(text) if text.isdigit() else None
+            if (pid is not None and _pid_running(pid)) or (pid is None and age < 10):
+                holder = f"process {pid}" if pid is not None else "another process"
+                raise ValueError(f"--out {out_path}: {holder} is writing this output (lock {lock}); wait for it "
+                                 "to finish or choose another --out") from None
+            logger.warning("%s: taking over the lock of process %s, which is no longer running", lock, text or "?")
+            # Moved aside rather than deleted: of two runs taking over at once, only one moves the
+            # stale lock; the other would move the winner's fresh lock, sees it and puts it back.
+            grave = lock.with_name(f"{lock.name}.stale.{os.getpid()}")
+            try:
+                os.rename(lock, grave)
+            except FileNotFoundError:
+                continue
+            moved = grave.read_text().strip()
+            if moved != text:
+                with contextlib.suppress(FileExistsError):
+                    os.link(grave, lock)
+                grave.unlink(missing_ok=True)
+                raise ValueError(f"--out {out_path}: process {moved or '?'} is writing this output (lock {lock}); "
+                                 "wait for it to finish or choose another --out")
+            grave.unlink(missing_ok=True)
+            continue
+        except OSError as error:
+            raise ValueError(f"--out {out_path}: cannot create the lock file {lock} ({error.strerror})") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return lock
+    raise ValueError(f"--out {out_path}: cannot take the lock {lock}; another run keeps taking it")
+
+
+def run_identity(checkpoint, inputs):
+    """What the rows of a run depend on: the checkpoint (path, size, SHA-256 of the weights and
+    of the config) and the inputs, as resolved paths."""
+    checkpoint = pathlib.Path(checkpoint)
+    identity = {"checkpoint": str(checkpoint.resolve()), "size": checkpoint.stat().st_size,
+                "sha256": _sha256(checkpoint)}
+    config = model.config_path_for(checkpoint) if checkpoint.name.endswith(".weights.h5") else None
+    if config is not None and config.exists():
+        identity["config_sha256"] = _sha256(config)
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    identity["inputs"] = [str(pathlib.Path(item).resolve()) for item in inputs]
+    return identity
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_identity(partial, identity):
+    """Refuse to resume rows that another checkpoint or other inputs produced."""
+    sidecar = identity_path(partial.with_name(partial.name[1:-len(".partial")]))
+    if not sidecar.exists():
+        logger.warning("%s: no record of the checkpoint that made these rows (%s); resuming without checking",
+                       partial, sidecar.name)
+        return
+    try:
+        stored = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{sidecar}: cannot resume, the record of the earlier run is unreadable ({error})") from None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{sidecar}: cannot resume, the record of the earlier run is unreadable")
+    if stored.get("inputs") != identity["inputs"]:
+        raise ValueError(f"cannot resume: the rows in {partial} were predicted from other inputs "
+                         f"({' '.join(stored.get('inputs') or [])}); rerun without --resume or with the same inputs")
+    for key in ("checkpoint", "size", "sha256", "config_sha256"):
+        if stored.get(key) != identity.get(key):
+            raise ValueError(f"cannot resume: the rows in {partial} were predicted with another checkpoint "
+                             f"({stored.get('checkpoint')}, sha256 {str(stored.get('sha256'))[:12]}), not "
+                             f"{identity['checkpoint']} (sha256 {identity['sha256'][:12]}); rerun without --resume "
+                             "or with the same --checkpoint")
+
+
+def _valid_row(row):
+    if len(row) != len(COLUMNS) or not row[1]:
+        return False
+    try:
+        return all(np.isfinite(float(value)) for value in row[2:])
+    except ValueError:
+        return False
+
+
+def read_finished_rows(out_path, partial, identity=None):
     """Rows already predicted by earlier runs (the finished CSV and an interrupted run's rows).
 
     Rows are keyed by ``source``; a file whose header is not this tool's is refused rather
-    than mixed into the new output.
+    than mixed into the new output. A torn row (too few fields or numbers that do not parse,
+    as an interrupted write leaves) is dropped, so its cutout is predicted again. With
+    ``identity`` (:func:`run_identity`), the partial file's rows must come from the same
+    checkpoint and inputs.
     """
     rows, seen = [], set()
     for path in (out_path, partial):
+        if path.is_symlink():
+            raise ValueError(f"{path}: is a symbolic link; refusing to read or replace it")
         if not path.exists():
             continue
+        if path == partial and identity is not None:
+            _check_identity(partial, identity)
         with open(path, newline="") as handle:
             reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None:
-                continue
-            if tuple(header) != COLUMNS:
-                raise ValueError(f"{path}: cannot resume, its columns {header} are not {list(COLUMNS)}")
-            for row in reader:
-                if len(row) == len(COLUMNS) and row[1] not in seen:
-                    seen.add(row[1])
-                    rows.append(row)
+            try:
+                header = next(reader, None)
+                if header is None:
+                    continue
+                if tuple(header) != COLUMNS and path == partial and ",".join(COLUMNS).startswith(",".join(header)):
+                    continue  # a header cut short: the interrupted run wrote no rows
+                if tuple(header) != COLUMNS:
+                    raise ValueError(f"{path}: cannot resume, its columns {header} are not {list(COLUMNS)}")
+                torn = 0
+                for row in reader:
+                    if not _valid_row(row):
+                        torn += 1
+                    elif row[1] not in seen:
+                        seen.add(row[1])
+                        rows.append(row)
+            except csv.Error as error:
+                raise ValueError(f"{path}: cannot resume, the file is not a readable CSV ({error})") from None
+        if torn:
+            logger.warning("%s: %d incomplete row(s) dropped; their cutouts are predicted again", path, torn)
     return rows
+
+
+def _open_partial(out):
+    """Create the partial file of ``out`` anew, never through a symbolic link."""
+    partial = partial_path(out)
+    if partial.is_symlink():
+        raise ValueError(f"{partial}: is a symbolic link; refusing to write through it (remove it)")
+    partial.unlink(missing_ok=True)
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot create {partial} ({error.strerror})") from None
+    return os.fdopen(fd, "w", newline="")
 
 
 def predicted_batches(refs, predictor, batch_size, image_size, errors, strict=False, log=True):
@@ -258,7 +417,8 @@ def _predict_on_cluster(client, parts, checkpoint, batch_size, gradcam_dir, styl
 
 
 def run(inputs, out=None, gradcam_dir=None, checkpoint=None, batch_size=BATCH_SIZE, strict=False, resume=False,
-        style=None, progress=True, client=None, partition_size=parallel.PARTITION_SIZE):
+        style=None, progress=True, client=None, partition_size=parallel.PARTITION_SIZE, summary=None,
+        gradcam_option="--gradcam-dir"):
     """Predict every cutout of ``inputs``: rows to the CSV ``out``, overlays to ``gradcam_dir``.
 
     Parameters
@@ -285,6 +445,15 @@ def run(inputs, out=None, gradcam_dir=None, checkpoint=None, batch_size=BATCH_SI
         Run the predictions on this Dask cluster, ``partition_size`` cutouts per task
         (:mod:`parallel`); the output is the same as without it.
     partition_size : int
+    summary : dict, optional
+        Filled with ``started`` (True once the partial file is written), ``kept`` (rows kept from
+        an earlier run) and ``rows`` (rows in ``out``).
+    gradcam_option : str
+        The option that named ``gradcam_dir``, for messages.
+
+    A second run on the same ``out`` while one is running is refused (a lock file beside it);
+    the partial file is created anew (never through a symbolic link), with a sidecar recording
+    the checkpoint and inputs, which ``resume`` checks.
 
     Returns
     -------
@@ -297,26 +466,45 @@ def run(inputs, out=None, gradcam_dir=None, checkpoint=None, batch_size=BATCH_SI
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    # Outputs and checkpoint first: a run that cannot finish fails before any work.
+    if out is not None:
+        out = common.check_output_file(out, "--out")
+    if gradcam_dir is not None:
+        common.check_output_dir(gradcam_dir, gradcam_option)
     checkpoint = pathlib.Path(checkpoint) if checkpoint else model.default_checkpoint()
     config = model.read_config(checkpoint)
-    refs, file_errors = prep_data.index_cutouts(inputs)
+    # Loaded here even for a cluster: a checkpoint that cannot be read fails before any work.
+    predictor = model.Predictor(model.load_icl_model(checkpoint, config), gradcam=gradcam_dir is not None)
+    refs, file_errors = prep_data.index_cutouts(inputs, missing_ok=True)
     errors = [message for _, message in file_errors]
     if errors and strict:
         raise prep_data.CutoutError(errors[0])
     for message in errors:
         logger.error("%s", message)
-    # Loaded here even for a cluster: a checkpoint that cannot be read fails before any work.
-    predictor = model.Predictor(model.load_icl_model(checkpoint, config), gradcam=gradcam_dir is not None)
 
+    lock = acquire_lock(out) if out is not None else None
+    try:
+        return _run_locked(refs, errors, predictor, config, checkpoint, inputs, out, gradcam_dir, batch_size,
+                           strict, resume, style, progress, client, partition_size, summary)
+    finally:
+        if lock is not None:
+            lock.unlink(missing_ok=True)
+
+
+def _run_locked(refs, errors, predictor, config, checkpoint, inputs, out, gradcam_dir, batch_size, strict, resume,
+                style, progress, client, partition_size, summary):
     done_rows, handle, writer = [], None, None
     if out is not None:
-        out = pathlib.Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        done_rows = read_finished_rows(out, partial_path(out)) if resume else []
-        handle = open(partial_path(out), "w", newline="")
+        identity = run_identity(checkpoint, inputs)
+        done_rows = read_finished_rows(out, partial_path(out), identity) if resume else []
+        handle = _open_partial(out)
+        if summary is not None:
+            summary["started"] = True
+        common.write_json(identity_path(out), identity)
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)
         writer.writerows(done_rows)
+        handle.flush()
     done = {row[1] for row in done_rows}
     todo = [ref for ref in refs if ref.source not in done]
     if done:
@@ -347,4 +535,7 @@ def run(inputs, out=None, gradcam_dir=None, checkpoint=None, batch_size=BATCH_SI
             handle.close()
     if out is not None:
         os.replace(partial_path(out), out)  # the partial file is complete: it becomes the CSV
+        identity_path(out).unlink(missing_ok=True)
+    if summary is not None:
+        summary.update(kept=len(done_rows), rows=len(done_rows) + n_predicted)
     return n_predicted, list(overlays), errors

@@ -190,24 +190,39 @@ def read_config(path):
     path = pathlib.Path(path)
     if path.suffix == ".keras":
         model = _load_keras_file(path)
-        _, size, _, _ = model.input_shape
-        encoder = model.get_layer(ENCODER_NAME)
-        n_blocks = sum(1 for layer in encoder.layers if layer.name.startswith("stage1_block") and layer.name.endswith("_add"))
-        hidden = model.get_layer("hidden").units
-        return ICLConfig(size, n_blocks, hidden, model.get_layer("mixture_params").units // 3)
+        try:
+            _, size, _, _ = model.input_shape
+            encoder = model.get_layer(ENCODER_NAME)
+            n_blocks = sum(1 for layer in encoder.layers
+                           if layer.name.startswith("stage1_block") and layer.name.endswith("_add"))
+            hidden = model.get_layer("hidden").units
+            return ICLConfig(size, n_blocks, hidden, model.get_layer("mixture_params").units // 3)
+        except (ValueError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"{path}: not an ICL model ({_first_line(error)})") from None
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found (no such file)" if not path.exists() else f"{path}: not a checkpoint file")
     config_file = config_path_for(path)
     if not config_file.exists():
         raise CheckpointError(f"{path}: no config file {config_file.name} beside the weights")
     try:
         return ICLConfig.from_json(config_file.read_text())
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, OSError, KeyError, AttributeError) as error:
         raise CheckpointError(f"{config_file}: not an ICL config ({error})") from None
 
 
+def _first_line(error):
+    """The first line of an exception's message (Keras puts whole layer dumps in some)."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text[:300] + ("..." if len(lines) > 1 or len(text) > 300 else "")
+
+
 def _load_keras_file(path):
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found (no such file)")
     try:
         return keras.saving.load_model(path, compile=False)
-    except (ValueError, OSError, TypeError, KeyError) as error:
+    except Exception as error:  # noqa: BLE001 - whatever a broken file raises, one line names it
         raise CheckpointError(f"{path}: cannot load the model ({error})") from None
 
 
@@ -230,7 +245,7 @@ def load_icl_model(path, config=None, augment=False, seed=None):
     """
     path = pathlib.Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        raise CheckpointError(f"{path}: checkpoint not found (no such file)")
     config = config or read_config(path)
     model = build_icl_model(config, augment=augment, seed=seed)
     if path.suffix == ".keras":
@@ -238,13 +253,15 @@ def load_icl_model(path, config=None, augment=False, seed=None):
         try:
             for name in (ENCODER_NAME, "hidden", "mixture_params"):
                 model.get_layer(name).set_weights(source.get_layer(name).get_weights())
-        except ValueError as error:
-            raise CheckpointError(f"{path}: does not match the ICL architecture {config} ({error})") from None
+        except (ValueError, KeyError, AttributeError) as error:
+            raise CheckpointError(f"{path}: does not match the ICL architecture {config} ({_first_line(error)})") from None
         return model
     try:
         model.load_weights(path)
-    except (ValueError, KeyError) as error:
-        raise CheckpointError(f"{path}: does not match the ICL architecture {config} ({error})") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read the weights file ({_first_line(error)})") from None
+    except Exception as error:  # noqa: BLE001 - a file of another model raises many kinds of error
+        raise CheckpointError(f"{path}: does not match the ICL architecture {config} ({_first_line(error)})") from None
     return model
 
 

@@ -51,6 +51,7 @@ import json
 import logging
 import os
 import pathlib
+import sys
 import threading
 import warnings
 
@@ -68,6 +69,18 @@ HDF5_FORMAT = "icl-cutouts"
 FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fits.fz")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 NPY_SUFFIXES = (".npy",)
+#: Largest value of a prepared image: arcsinh of the clip's top over the stretch scale (~7.05).
+PREPARED_MAX = float(np.arcsinh(hsc.CLIP_RANGE[1] / hsc.ARCSINH_SCALE))
+#: What a .npy input must hold, for the messages that refuse one.
+PREPARED_DESCRIPTION = (
+    "a .npy input must hold prepared images (prep_data.py output: arcsinh(clip(counts, 0, 10) / 0.017359), "
+    f"values in [0, {PREPARED_MAX:.2f}], masked pixels 0), shape (N, S, S), (N, S, S, 1) or (S, S) "
+    "with S the checkpoint's input size"
+)
+#: Smallest side, in pixels, of a cutout that is prepared (a smaller one is mostly interpolation).
+MIN_SIDE = 16
+#: Largest fraction of the padded square that may be masked or padding; the rest must be sky.
+MAX_UNUSABLE_FRACTION = 0.7
 
 
 class CutoutError(ValueError):
@@ -146,7 +159,7 @@ def file_kind(path):
     return None
 
 
-def find_files(inputs):
+def find_files(inputs, errors=None):
     """Expand files and directories into a list of readable cutout files, in input order.
 
     Directories are searched (not recursively) for FITS, HDF5 and .npy files, sorted by name.
@@ -154,37 +167,48 @@ def find_files(inputs):
     Raises
     ------
     CutoutError
-        If an input does not exist, has an unknown suffix, or a directory holds no cutouts.
+        If an input does not exist, has an unknown suffix, or a directory holds no cutouts;
+        when ``errors`` is a list, ``(input, message)`` is appended to it instead and the other
+        inputs are still listed.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     files = []
     for item in inputs:
-        path = pathlib.Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and file_kind(p))
-            if not found:
-                raise CutoutError(f"{path}: directory holds no FITS, HDF5 or .npy files")
-            files.extend(str(p) for p in found)
-        elif path.is_file():
-            if file_kind(path) is None:
-                raise CutoutError(
-                    f"{path}: unknown file type; expected one of "
-                    f"{', '.join(FITS_SUFFIXES + HDF5_SUFFIXES + NPY_SUFFIXES)}"
-                )
-            files.append(str(path))
-        else:
-            raise CutoutError(f"{path}: no such file or directory")
+        try:
+            files.extend(_expand_input(pathlib.Path(item)))
+        except CutoutError as error:
+            if errors is None:
+                raise
+            errors.append((str(item), str(error)))
     return files
 
 
-def index_cutouts(inputs):
+def _expand_input(path):
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.is_file() and file_kind(p))
+        if not found:
+            raise CutoutError(f"{path}: directory holds no FITS, HDF5 or .npy files")
+        return [str(p) for p in found]
+    if path.is_file():
+        if file_kind(path) is None:
+            raise CutoutError(
+                f"{path}: unknown file type; expected one of "
+                f"{', '.join(FITS_SUFFIXES + HDF5_SUFFIXES + NPY_SUFFIXES)}"
+            )
+        return [str(path)]
+    raise CutoutError(f"{path}: no such file or directory")
+
+
+def index_cutouts(inputs, missing_ok=False):
     """List every cutout in the inputs without reading pixels.
 
     Parameters
     ----------
     inputs : str or sequence of str
         Files and directories (see :func:`find_files`).
+    missing_ok : bool
+        Report a missing or unknown input in ``errors`` and go on, instead of raising.
 
     Returns
     -------
@@ -194,11 +218,15 @@ def index_cutouts(inputs):
         (source, message) for files that could not even be listed; they hold no refs.
     """
     refs, errors = [], []
-    for path in find_files(inputs):
+    for path in find_files(inputs, errors if missing_ok else None):
         try:
-            refs.extend(_list_file(path))
+            listed = _list_file(path)
         except CutoutError as error:
             errors.append((path, str(error)))
+            continue
+        if not listed:
+            errors.append((path, f"{path}: holds no cutouts"))
+        refs.extend(listed)
     return refs, errors
 
 
@@ -214,16 +242,47 @@ def _list_file(path):
             raise CutoutError(f"{path}: cannot read .npy file ({error})") from None
         if array.ndim == 2:
             return [CutoutRef(path, None, stem)]
+        if array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[-1] != 1):
+            raise CutoutError(f"{path}: {PREPARED_DESCRIPTION}; got an array of shape {array.shape}")
         return [CutoutRef(path, i, f"{stem}_{i}") for i in range(array.shape[0])]
     try:
         with h5py.File(path, "r") as f:
             if _is_stacked(f):
+                _check_stacked(f, path)
                 n = f["image"].shape[0]
                 ids = decode_strings(f["id"][()]) if "id" in f else [f"{stem}_{i}" for i in range(n)]
                 return [CutoutRef(path, i, str(ids[i])) for i in range(n)]
-            return [CutoutRef(path, key, key) for key in f.keys() if isinstance(f[key], h5py.Group)]
+            if "image" in f and isinstance(f["image"], h5py.Dataset):
+                shape = f["image"].shape
+                if len(shape) == 4 and shape[-1] == 5:
+                    raise CutoutError(f"{path}: holds 5-band tidal-feature cutouts (image {shape}), "
+                                      "not single-band ICL cluster cutouts")
+                raise CutoutError(f"{path}: dataset 'image' has shape {shape}; "
+                                  "the stacked layout needs (N, H, W) images")
+            groups = [key for key in f.keys() if isinstance(f[key], h5py.Group)]
+            if not groups:
+                found = sorted(f.keys())
+                raise CutoutError(
+                    f"{path}: unknown HDF5 layout; expected a stacked 'image' (N, H, W) dataset or one group per "
+                    f"cutout, found {found if found else 'an empty file'}"
+                )
+            return [CutoutRef(path, key, key) for key in groups]
     except OSError as error:
         raise CutoutError(f"{path}: cannot read HDF5 file ({error})") from None
+
+
+def _check_stacked(f, path):
+    """Refuse a stacked file whose per-cutout datasets do not have one entry per image."""
+    shape = f["image"].shape
+    if "mask" in f and f["mask"].shape != shape:
+        raise CutoutError(f"{path}: dataset 'mask' has shape {f['mask'].shape}, the images {shape}")
+    for name, dataset in f.items():
+        if name in ("image", "mask") or not isinstance(dataset, h5py.Dataset):
+            continue
+        if name == "id" or dataset.ndim == 1:
+            if dataset.ndim != 1 or dataset.shape[0] != shape[0]:
+                raise CutoutError(f"{path}: dataset '{name}' has shape {dataset.shape}, "
+                                  f"expected one entry per image ({shape[0]})")
 
 
 def _is_stacked(f):
@@ -273,7 +332,7 @@ def read_cutout(ref):
         return _read_hdf5(ref)
     except CutoutError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as error:
+    except (OSError, KeyError, ValueError, TypeError, IndexError) as error:
         raise CutoutError(f"{ref.source}: cannot read cutout ({error})") from None
 
 
@@ -307,7 +366,12 @@ def _read_fits(ref):
             for header in (hdus[0].header, image_hdu.header):
                 for key in ("Z", "REDSHIFT"):
                     if key in header and "z" not in meta:
-                        meta["z"] = float(header[key])
+                        try:
+                            meta["z"] = float(header[key])
+                        except (TypeError, ValueError):
+                            # The redshift is not needed to predict: ignore it, do not lose the cutout.
+                            logger.warning("%s: keyword %s = %r is not a number; ignored", ref.source, key,
+                                           header[key])
     return Cutout(ref, image, mask, mask_bits, meta)
 
 
@@ -456,17 +520,53 @@ def prepare_cutout(cutout, size=hsc.ICL_IMAGE_SIZE):
     Warns (and carries on) when more than half the cutout is masked.
     """
     if cutout.prepared:
-        image = cutout.image
-        if image.shape != (size, size):
-            raise CutoutError(f"{cutout.ref.source}: prepared image must be {size}x{size}, got shape {image.shape}")
-        if not np.isfinite(image).all():
-            raise CutoutError(f"{cutout.ref.source}: prepared image holds NaN or infinite values")
-        return image[..., None].astype(np.float32)
+        return check_prepared(cutout, size)[..., None].astype(np.float32)
     check_cutout(cutout)
     bad = bad_pixels(cutout)
+    check_usable(cutout, bad)
     if bad.mean() > 0.5:
         logger.warning("%s: %.0f%% of the pixels are masked", cutout.ref.source, 100 * bad.mean())
     return prepare_image(cutout.image, bad, size)
+
+
+def check_prepared(cutout, size=hsc.ICL_IMAGE_SIZE):
+    """The image of a prepared cutout (.npy), refused unless it is a prepared image of side ``size``."""
+    source, image = cutout.ref.source, cutout.image
+    if image.shape != (size, size):
+        raise CutoutError(
+            f"{source}: prepared image must be {size}x{size} to match the checkpoint's input size, got shape "
+            f"{image.shape}; prepare the cutouts with prep_data.py --size {size}"
+        )
+    if not np.isfinite(image).all():
+        raise CutoutError(f"{source}: prepared image holds NaN or infinite values")
+    low, high = float(image.min()), float(image.max())
+    if low < -1e-4 or high > PREPARED_MAX + 1e-3:
+        raise CutoutError(f"{source}: values in [{low:.3g}, {high:.3g}] are not a prepared image ({PREPARED_DESCRIPTION})")
+    if high - low == 0:
+        raise CutoutError(f"{source}: prepared image is constant ({low:.3g} everywhere); not a sky cutout")
+    return image
+
+
+def check_usable(cutout, bad):
+    """Refuse a cutout whose prediction would mean nothing: too small, mostly padding or masked, or flat."""
+    source, image = cutout.ref.source, cutout.image
+    height, width = image.shape
+    if min(height, width) < MIN_SIDE:
+        raise CutoutError(f"{source}: image of {height}x{width} px is too small (at least {MIN_SIDE} px a side)")
+    side = max(height, width)
+    padding = 1 - height * width / side**2
+    unusable = padding + (1 - padding) * float(bad.mean())
+    if padding > MAX_UNUSABLE_FRACTION:
+        raise CutoutError(f"{source}: aspect ratio of {height}x{width} px: padding to a square would be "
+                          f"{100 * padding:.0f}% of the image (at most {100 * MAX_UNUSABLE_FRACTION:.0f}%)")
+    if unusable > MAX_UNUSABLE_FRACTION:
+        raise CutoutError(f"{source}: {100 * unusable:.0f}% of the (padded) image is masked or non-finite "
+                          f"(at most {100 * MAX_UNUSABLE_FRACTION:.0f}%)")
+    sky = np.clip(image[~bad], *hsc.CLIP_RANGE)
+    if sky.size == 0 or float(sky.max() - sky.min()) == 0:
+        value = float(sky[0]) if sky.size else 0.0
+        raise CutoutError(f"{source}: image is constant ({value:.3g} counts everywhere after clipping to "
+                          f"[{hsc.CLIP_RANGE[0]:g}, {hsc.CLIP_RANGE[1]:g}]); not a sky cutout")
 
 
 def load_prepared(ref, size=hsc.ICL_IMAGE_SIZE):
@@ -514,6 +614,11 @@ def cutout_dataset(refs, batch_size, size=hsc.ICL_IMAGE_SIZE, labels=None, shuff
             if strict:
                 raise
             return np.zeros((size, size, 1), np.float32), str(error).encode()
+        except Exception as error:  # noqa: BLE001 - one broken cutout must never cost its batch
+            if strict:
+                raise
+            message = f"{refs[index].source}: cannot read cutout ({type(error).__name__}: {error})"
+            return np.zeros((size, size, 1), np.float32), message.encode()
 
     def load_tf(index):
         image, error = tf.numpy_function(load, [index], [tf.float32, tf.string], stateful=False)
@@ -545,31 +650,50 @@ def read_labels(refs, label_key):
     return np.asarray(labels, dtype=np.float32)
 
 
+def escape_id(identifier):
+    """An id fit for one line of ``ids.txt``: backslashes, line feeds and carriage returns escaped."""
+    return str(identifier).replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Prepare cluster cutouts (FITS, HDF5) into a .npy array of 224x224 model inputs."
+        description="Prepare cluster cutouts (FITS, HDF5) into a .npy array of SxS model inputs (S = 224 by default)."
     )
     parser.add_argument("inputs", nargs="+", help="FITS or HDF5 files, or directories of them")
-    parser.add_argument("--out", required=True, help="output .npy file; the ids go to OUT.ids.txt")
+    parser.add_argument("--out", required=True,
+                        help="output .npy file; the ids go to OUT.ids.txt, one a line (\\, line feeds and "
+                             "carriage returns escaped as \\\\, \\n and \\r)")
+    parser.add_argument("--size", type=int, default=hsc.ICL_IMAGE_SIZE,
+                        help=f"side of the prepared images in pixels: the checkpoint's input size "
+                             f"(default {hsc.ICL_IMAGE_SIZE}; the shipped checkpoints take 112)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.size < MIN_SIDE:
+        print(f"error: --size must be at least {MIN_SIDE}, got {args.size}", file=sys.stderr)
+        return 2
+    out = pathlib.Path(args.out)
+    ids_path = out.with_suffix(".ids.txt")
     try:
-        refs, errors = index_cutouts(args.inputs)
-    except CutoutError as error:
-        parser.exit(2, f"error: {error}\n")
+        common.check_output_file(out, "--out")
+        common.check_output_file(ids_path, "--out")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    refs, errors = index_cutouts(args.inputs, missing_ok=True)
     images, ids = [], []
     for ref in common.progress(refs, desc="preparing", unit="cutout", disable=len(refs) < 20):
         try:
-            images.append(load_prepared(ref)[..., 0])
+            images.append(load_prepared(ref, args.size)[..., 0])
             ids.append(ref.id)
         except CutoutError as error:
             errors.append((ref.source, str(error)))
     for _, message in errors:
-        print(f"error: {message}")
-    out = pathlib.Path(args.out)
-    common.save_array(out, np.asarray(images, dtype=np.float32).reshape(-1, hsc.ICL_IMAGE_SIZE, hsc.ICL_IMAGE_SIZE))
-    ids_path = out.with_suffix(".ids.txt")
-    common.write_text(ids_path, "".join(f"{i}\n" for i in ids))
+        print(f"error: {message}", file=sys.stderr)
+    escaped = [escape_id(i) for i in ids]
+    if escaped != [str(i) for i in ids]:
+        logger.warning("some ids hold backslashes or line breaks; they are escaped in %s", ids_path)
+    common.save_array(out, np.asarray(images, dtype=np.float32).reshape(-1, args.size, args.size))
+    common.write_text(ids_path, "".join(f"{i}\n" for i in escaped))
     print(f"wrote {len(images)} prepared images to {out} (ids in {ids_path})")
     return 1 if errors else 0
 

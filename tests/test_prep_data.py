@@ -96,7 +96,7 @@ def test_stacked_layout_round_trip(tmp_path):
 
 
 def test_prepared_npy_skips_preprocessing(tmp_path):
-    prepared = np.random.default_rng(0).normal(size=(3, 224, 224)).astype(np.float32)
+    prepared = np.random.default_rng(0).uniform(0, 7, size=(3, 224, 224)).astype(np.float32)
     np.save(tmp_path / "p.npy", prepared)
     refs, _ = prep_data.index_cutouts([tmp_path / "p.npy"])
     np.testing.assert_array_equal(prep_data.load_prepared(refs[1])[..., 0], prepared[1])
