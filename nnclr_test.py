@@ -349,13 +349,7 @@ def main(argv=None):
         parser.error("--label-counts must all be >= 2 (the probe cross-validates on them) and --label-seeds >= 1")
     if args.test_all and args.test_data:
         parser.error("--test-all makes the inputs the test set; it cannot be combined with --test-data")
-    if args.partition_size < 1:
-        parser.error(f"--partition-size must be at least 1, got {args.partition_size}")
-    if args.dask:
-        try:
-            parallel.parse_address(args.dask)
-        except ValueError as error:
-            parser.error(str(error))
+    parallel.check_dask_arguments(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_dir = pathlib.Path(args.run_dir)
     out_dir = pathlib.Path(args.out_dir) if args.out_dir else run_dir / "test"

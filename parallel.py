@@ -38,6 +38,17 @@ def add_dask_argument(parser, partition_size=True):
     return parser
 
 
+def check_dask_arguments(parser, args):
+    """Refuse a bad ``--dask`` address or ``--partition-size`` as a usage error (exit 2), before any work."""
+    if getattr(args, "partition_size", 1) < 1:
+        parser.error(f"--partition-size must be at least 1, got {args.partition_size}")
+    if args.dask:
+        try:
+            parse_address(args.dask)
+        except ValueError as error:
+            parser.error(str(error))
+
+
 def parse_address(address):
     """``("local", N)`` for ``local:N``, else ``("remote", address)``; raises ValueError on a bad one."""
     address = str(address).strip()

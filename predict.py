@@ -59,7 +59,9 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    parallel.check_dask_arguments(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     summary = {}
     kept = f"rows predicted so far are kept in {inference.partial_path(args.out)}; rerun with --resume to continue"

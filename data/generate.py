@@ -68,11 +68,7 @@ def main(argv=None):
         parser.error("--keep-shards goes with --out FILE; with --out-dir the shards are the output")
     if args.preview_count < 1:
         parser.error(f"--preview-count must be at least 1, got {args.preview_count}")
-    if args.dask:
-        try:
-            parallel.parse_address(args.dask)
-        except ValueError as error:
-            parser.error(str(error))
+    parallel.check_dask_arguments(parser, args)
     # --out and --out-dir are checked by data.shards before any rendering; the preview here.
     try:
         if args.preview:

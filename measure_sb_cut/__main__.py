@@ -169,13 +169,7 @@ def main(argv=None):
 
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    if args.partition_size < 1:
-        parser.error(f"--partition-size must be at least 1, got {args.partition_size}")
-    if args.dask:
-        try:
-            parallel.parse_address(args.dask)
-        except ValueError as error:
-            parser.error(str(error))
+    parallel.check_dask_arguments(parser, args)
     if args.z is not None:
         try:
             helpers.check_redshift(args.z)
