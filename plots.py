@@ -15,8 +15,12 @@ import common
 
 def new_figure(nrows=1, ncols=1, **options):
     """A figure and its axes (``Figure.subplots``), outside pyplot; ``options`` go to ``Figure``."""
+    import logging
+
     from matplotlib.figure import Figure
 
+    # A missing optional font (mathtext asks for "DejaVu Sans Display") falls back silently.
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     figure = Figure(**options)
     return figure, figure.subplots(nrows, ncols)
 

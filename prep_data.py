@@ -646,6 +646,10 @@ def read_labels(refs, label_key):
         label = float(cutout.meta[label_key])
         if not np.isfinite(label):
             raise CutoutError(f"{ref.source}: label '{label_key}' is {label}; remove the cutout or measure it again")
+        if not 0.0 <= label <= 1.0:
+            # An ICL fraction outside [0, 1] is a broken measurement, and the Beta mixture
+            # would silently clip it.
+            raise CutoutError(f"{ref.source}: label '{label_key}' is {label:g}, not a fraction in [0, 1]")
         labels.append(label)
     return np.asarray(labels, dtype=np.float32)
 

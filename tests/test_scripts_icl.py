@@ -12,6 +12,7 @@ import tensorflow as tf
 from synthetic import synthetic_clusters, write_cluster_hdf5, write_fits_cutout
 
 import common
+import data.files
 import finetune
 import inference
 import model
@@ -71,6 +72,14 @@ def test_train_refuses_to_resume_a_run_of_another_architecture(tmp_path, capsys)
     assert train.main([str(tmp_path / "train.h5"), "--tiny", "--out-dir", str(out)]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "\n" not in error and "holds a run of another architecture" in error
+
+
+def test_labels_outside_zero_one_are_refused(tmp_path):
+    images = np.ones((3, 32, 32), np.float32)
+    data.files.write_stacked_hdf5(tmp_path / "l.h5", images, ids=["a", "b", "c"], columns={"f_icl_sb": [0.1, 1.5, 0.2]})
+    refs, _ = prep_data.index_cutouts([tmp_path / "l.h5"])
+    with pytest.raises(prep_data.CutoutError, match=r"l.h5:1: label 'f_icl_sb' is 1.5, not a fraction in \[0, 1\]"):
+        prep_data.read_labels(refs, "f_icl_sb")
 
 
 def test_train_cli_reports_missing_label(tmp_path, capsys):
