@@ -65,6 +65,18 @@ def atomic_write(path):
     os.replace(temporary, path)
 
 
+def open_new_file(path):
+    """Open ``path`` as a new text file for writing, never through a symbolic link.
+
+    Whatever stands at the name is removed first (a planted link itself, never its target),
+    and the file is created with ``O_EXCL | O_NOFOLLOW``, so a link planted in between fails.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return open(descriptor, "w", newline="")
+
+
 def check_output_file(path, option="--out"):
     """The output file ``path``, checked before any work: its folder exists or can be made and is
     writable, and ``path`` is not a folder. Raises ValueError naming ``option`` and the path."""

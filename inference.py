@@ -320,12 +320,10 @@ def _open_partial(out):
     partial = partial_path(out)
     if partial.is_symlink():
         raise ValueError(f"{partial}: is a symbolic link; refusing to write through it (remove it)")
-    partial.unlink(missing_ok=True)
     try:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        return common.open_new_file(partial)
     except OSError as error:
         raise ValueError(f"--out {out}: cannot create {partial} ({error.strerror})") from None
-    return os.fdopen(fd, "w", newline="")
 
 
 def predicted_batches(refs, predictor, batch_size, image_size, errors, strict=False, log=True):

@@ -126,10 +126,7 @@ def open_partial(out):
     """A new hidden partial file next to ``out`` for this run, opened for writing without
     following a symbolic link planted at its name."""
     path = common.atomic_path(out)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    return path, open(descriptor, "w", newline="")
+    return path, common.open_new_file(path)
 
 
 def build_parser():
