@@ -241,9 +241,9 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def _check_identity(partial, identity):
+def _check_identity(out_path, partial, identity):
     """Refuse to resume rows that another checkpoint or other inputs produced."""
-    sidecar = identity_path(partial.with_name(partial.name[1:-len(".partial")]))
+    sidecar = identity_path(out_path)
     if not sidecar.exists():
         logger.warning("%s: no record of the checkpoint that made these rows (%s); resuming without checking",
                        partial, sidecar.name)
@@ -290,7 +290,7 @@ def read_finished_rows(out_path, partial, identity=None):
         if not path.exists():
             continue
         if path == partial and identity is not None:
-            _check_identity(partial, identity)
+            _check_identity(out_path, partial, identity)
         with open(path, newline="") as handle:
             reader = csv.reader(handle)
             try:
