@@ -6,6 +6,7 @@ so a seeded run is reproducible and no global random state is used.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import layers
 
@@ -84,53 +85,56 @@ NNCLR_NOISE_RANGE = (1.0, 3.0)
 
 @keras.saving.register_keras_serializable(package="nnclr")
 class StretchedGaussianNoise(layers.Layer):
-    """Add Gaussian noise of sigma = f x (per-band scale) in counts to arcsinh-stretched images.
+    """Add Gaussian noise of sigma = f x (per-band scale) to arcsinh-stretched images, as the original did.
 
-    The images hold y = arcsinh(x / (s * softening)) per band, with s the band's MAD-std scale
-    (``tidal_data.tidal_stretch``). Adding noise n ~ N(0, (f s)^2) to the counts x gives
-    y' = arcsinh(sinh(y) + f n' / softening), n' ~ N(0, 1): the band scale cancels, so the layer
-    needs only the softening. f is drawn from U(noise_range) once per image. The original code
-    added f x s to the *stretched* image, where s (a few hundredths of a count) is negligible
-    next to the stretched background noise (about 1 / softening); noise added before the
-    stretch is what "1 to 3 times the background noise" means. Acts only in training.
+    The images hold y = arcsinh(x / (3 s)) per band, with s the band's MAD-std scale in counts
+    (``tidal_data.tidal_stretch``). Like the original code (Desmons et al. 2023), the noise is
+    added to the *stretched* image with sigma = f s, f ~ U(noise_range) drawn once per batch: s
+    is a few hundredths of a count, so in stretched units the added noise is a small fraction
+    of the stretched sky noise (about 1 / 3): the views differ slightly in their noise, and
+    faint features stay as visible as in the data. Acts only in training.
 
     Parameters
     ----------
     noise_range : (float, float)
-        Lower and upper limits of the noise factor f, in units of the band scale.
-    softening : float
-        Softening of the stretch, in units of the band scale (3 in Desmons et al. 2023).
+        Lower and upper limits of the noise factor f.
+    band_scale : sequence of float
+        The per-band scale s of the stretch (counts), one per band.
     seed : int or None
         Seed of the layer's random generator.
     """
 
-    def __init__(self, noise_range=NNCLR_NOISE_RANGE, softening=hsc.TIDAL_STRETCH_SOFTENING, seed=None, **kwargs):
+    def __init__(self, noise_range=NNCLR_NOISE_RANGE, band_scale=(1.0,), seed=None, **kwargs):
         super().__init__(**kwargs)
         low, high = (float(value) for value in noise_range)
         if not 0 <= low <= high:
             raise ValueError(f"noise_range must satisfy 0 <= low <= high, got {tuple(noise_range)}")
-        if softening <= 0:
-            raise ValueError(f"softening must be > 0, got {softening}")
+        band_scale = tuple(float(value) for value in np.ravel(band_scale))
+        if not band_scale or not all(np.isfinite(value) and value > 0 for value in band_scale):
+            raise ValueError(f"band_scale must be positive numbers, one per band, got {band_scale}")
         self.noise_range = (low, high)
-        self.softening = float(softening)
+        self.band_scale = band_scale
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        bands = input_shape[-1]
+        if bands is not None and len(self.band_scale) not in (1, bands):
+            raise ValueError(f"band_scale has {len(self.band_scale)} values for images of {bands} bands")
 
     def call(self, images, training=None):
         if not training:
             return images
-        batch = tf.shape(images)[0]
-        factor = keras.random.uniform(
-            (batch, 1, 1, 1), *self.noise_range, dtype=images.dtype, seed=self.seed_generator
-        )
+        factor = keras.random.uniform((), *self.noise_range, dtype=images.dtype, seed=self.seed_generator)
+        scale = tf.constant(self.band_scale, dtype=images.dtype)
         noise = keras.random.normal(tf.shape(images), dtype=images.dtype, seed=self.seed_generator)
-        return tf.asinh(tf.sinh(images) + factor * noise / self.softening)
+        return images + factor * scale * noise
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "noise_range": self.noise_range, "softening": self.softening, "seed": self.seed}
+        return {**super().get_config(), "noise_range": self.noise_range, "band_scale": self.band_scale, "seed": self.seed}
 
 
 @keras.saving.register_keras_serializable(package="nnclr")
@@ -201,13 +205,14 @@ class JitteredCrop(layers.Layer):
 
 
 def nnclr_augmentation(
-    crop_size=NNCLR_CROP_SIZE, jitter=NNCLR_JITTER, noise_range=NNCLR_NOISE_RANGE, softening=hsc.TIDAL_STRETCH_SOFTENING, seed=None,
+    crop_size=NNCLR_CROP_SIZE, jitter=NNCLR_JITTER, noise_range=NNCLR_NOISE_RANGE, band_scale=(1.0,), seed=None,
     name="nnclr_augmentation",
 ):
     """Views of stretched tidal images for NNCLR (Desmons et al. 2023, section 3.2).
 
     Training (``training=True``): random horizontal and vertical flips, Gaussian noise of
-    sigma ~ U(noise_range) x the per-band scale (:class:`StretchedGaussianNoise`), centre crop
+    sigma = f x the per-band scale, f ~ U(noise_range), added to the stretched image
+    (:class:`StretchedGaussianNoise`), centre crop
     to ``crop_size + jitter`` and a random ``crop_size`` crop. Inference: the deterministic
     test-time view, a centre crop to ``crop_size`` with no flip and no noise.
 
@@ -217,8 +222,8 @@ def nnclr_augmentation(
         Output side and largest crop shift, in pixels.
     noise_range : (float, float)
         Range of the noise factor, in units of the per-band scale.
-    softening : float
-        Softening of the stretch the images went through, in units of the band scale.
+    band_scale : sequence of float
+        The per-band scale of the stretch the images went through (counts).
     seed : int or None
         Seed of the layers' random generators.
 
@@ -231,7 +236,7 @@ def nnclr_augmentation(
     return keras.Sequential(
         [
             layers.RandomFlip("horizontal_and_vertical", seed=seeds[0], name="random_flip"),
-            StretchedGaussianNoise(noise_range, softening, seed=seeds[1], name="random_noise"),
+            StretchedGaussianNoise(noise_range, band_scale, seed=seeds[1], name="random_noise"),
             JitteredCrop(crop_size, jitter, seed=seeds[2], name="jittered_crop"),
         ],
         name=name,

@@ -43,8 +43,11 @@ class NNCLRConfig:
     crop_size: int = augmentations.NNCLR_CROP_SIZE
     # Largest shift of the random crop in pixels; inputs must be at least crop_size + jitter.
     jitter: int = augmentations.NNCLR_JITTER
-    # Noise sigma ~ U(low, high) in units of the per-band scale.
+    # Noise sigma = f x noise_scale, f ~ U(low, high), added to the stretched views.
     noise_range: tuple = augmentations.NNCLR_NOISE_RANGE
+    # Per-band unit of the noise: the band scale of the stretch (counts; nnclr_train.py sets it
+    # from the data, the default is the mocks' Ultradeep sky noise in g, r, i, z, y).
+    noise_scale: tuple = (0.017, 0.020, 0.022, 0.061, 0.089)
     # Blocks per ResNet v2 stage (depth 9 N + 2; N = 2 gives depth 20).
     n_blocks: int = 2
     # The encoder first averages binning x binning pixels (1: the paper's full resolution; 2 costs
@@ -54,6 +57,12 @@ class NNCLRConfig:
     weight_decay: float = 5e-4
     # Batch normalisation inside the ResNet (the keras-idiomatic ResNet v2 the original used has it).
     batch_norm: bool = True
+    # End the ResNet with BN + ReLU before the pooling (the original encoder pools the last sum: False).
+    final_activation: bool = False
+    # Start the scale of the last BN of every identity block at zero (as the original).
+    zero_gamma: bool = True
+    # Initialiser of the convolution and Dense kernels (the original: Keras's default glorot_uniform).
+    initializer: str = "glorot_uniform"
     # Width of the representation (encoder output).
     representation_dim: int = 128
     # Width of the projection-head output, the space of the contrastive loss and the queue.
@@ -82,6 +91,11 @@ class NNCLRConfig:
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         object.__setattr__(self, "noise_range", tuple(float(value) for value in self.noise_range))
+        object.__setattr__(self, "noise_scale", tuple(float(value) for value in self.noise_scale))
+        if len(self.noise_scale) != self.n_bands or not all(value > 0 for value in self.noise_scale):
+            raise ValueError(f"noise_scale must hold {self.n_bands} positive values (one per band), got {self.noise_scale}")
+        if self.zero_gamma and not self.batch_norm:
+            raise ValueError("zero_gamma needs batch_norm")
 
     @property
     def input_shape(self):
@@ -122,7 +136,13 @@ TINY_CONFIG = NNCLRConfig(
 
 
 def build_encoder(config, name="nnclr_encoder"):
-    """Encoder: ResNet v2 (N = config.n_blocks) -> Dense-BN-ReLU-Dense-BN -> representation.
+    """Encoder: ResNet v2 (N = config.n_blocks) -> global pool -> Dense-BN-ReLU-Dense-BN -> representation.
+
+    As the original: the ResNet's last block feeds the pooling directly (no final BN + ReLU), the
+    last BN of each identity block starts with zero scale, kernels start glorot-uniform, and
+    the L2 factor ``weight_decay`` sits on the convolution and Dense kernels and the BN
+    parameters. (The NNCLR loss does not include it, as the original's training step did not;
+    the classifier's training does.)
 
     Parameters
     ----------
@@ -140,16 +160,22 @@ def build_encoder(config, name="nnclr_encoder"):
         weight_decay=config.weight_decay,
         batch_norm=config.batch_norm,
         name="resnet",
+        final_activation=config.final_activation,
+        zero_gamma=config.zero_gamma,
+        kernel_initializer=config.initializer,
+        batch_norm_decay=True,
     )
     if config.binning == 1:
         inputs, x = backbone.input, backbone.output
     else:
         inputs = keras.Input(config.encoder_input_shape, name="view")
         x = backbone(layers.AveragePooling2D(config.binning, name="binning")(inputs))
-    x = layers.Dense(config.representation_dim, use_bias=False, name="representation_dense1")(x)
+    regularizer = keras.regularizers.L2(config.weight_decay) if config.weight_decay else None
+    dense = dict(use_bias=False, kernel_initializer=config.initializer, kernel_regularizer=regularizer)
+    x = layers.Dense(config.representation_dim, name="representation_dense1", **dense)(x)
     x = layers.BatchNormalization(name="representation_bn1")(x)
     x = layers.ReLU(name="representation_relu")(x)
-    x = layers.Dense(config.representation_dim, use_bias=False, name="representation_dense2")(x)
+    x = layers.Dense(config.representation_dim, name="representation_dense2", **dense)(x)
     outputs = layers.BatchNormalization(name="representation_bn2")(x)
     return keras.Model(inputs, outputs, name=name)
 
@@ -168,7 +194,7 @@ def build_augmenter(config, seed=None):
         crop_size=config.crop_size,
         jitter=config.jitter,
         noise_range=config.noise_range,
-        softening=tidal_data.TIDAL_STRETCH_SOFTENING,
+        band_scale=config.noise_scale,
         seed=seed,
     )
 
@@ -364,7 +390,9 @@ class NNCLR(keras.Model):
     The queue is a non-trainable variable, so it is saved with the weights and restored on
     resume. After each step the L2-normalised projections of the first view enter at the
     front and the oldest leave at the back (a FIFO of the last ``queue_size`` projections).
-    The loss includes the encoder's L2 weight decay.
+    The loss is the NNCLR loss alone: the encoder's L2 weight decay is not added, as the
+    original's training step did not add it (its layers carried the regularisers, which only
+    the classifier's training applied).
 
     Under a ``tf.distribute`` strategy (build and compile the model inside its scope) the
     loss is that of the global batch (:func:`replica_nnclr_loss`), and the projections are
@@ -463,13 +491,10 @@ class NNCLR(keras.Model):
             contrastive_share, gathered_1 = replica_nnclr_loss(
                 projections_1, projections_2, self.queue, self.config.temperature
             )
-            # Every replica holds the whole weight decay; the optimizer sums the replicas' gradients.
-            decay = tf.add_n(self.encoder.losses) if self.encoder.losses else tf.zeros((), contrastive_share.dtype)
-            share = contrastive_share + decay / replica.num_replicas_in_sync
-        gradients = tape.gradient(share, self.trainable_variables)
+        gradients = tape.gradient(contrastive_share, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
         self.push_to_queue(tf.stop_gradient(gathered_1))
-        self.update_step_metrics(replica, contrastive_share, decay, features_1, features_2)
+        self.update_step_metrics(replica, contrastive_share, features_1, features_2)
         return {metric.name: metric.result() for metric in self.metrics}
 
     def replica_views(self, replica, images):
@@ -485,11 +510,11 @@ class NNCLR(keras.Model):
         gathered = replica.all_gather(tf.identity(images), axis=0)
         return tuple(self.augmenter(gathered, training=True)[offset : offset + local] for _ in range(2))
 
-    def update_step_metrics(self, replica, contrastive_share, decay, features_1, features_2):
+    def update_step_metrics(self, replica, contrastive_share, features_1, features_2):
         """Update the metrics with global-batch values (the same on every replica)."""
         contrastive_loss = replica.all_reduce("sum", tf.stop_gradient(contrastive_share))
         features_1, features_2 = replica.all_gather([tf.stop_gradient(features_1), tf.stop_gradient(features_2)], axis=0)
-        self.loss_tracker.update_state(contrastive_loss + decay)
+        self.loss_tracker.update_state(contrastive_loss)
         self.contrastive_loss_tracker.update_state(contrastive_loss)
         self.update_contrastive_accuracy(features_1, features_2)
         self.update_correlation_accuracy(features_1, features_2)
@@ -504,7 +529,7 @@ class NNCLR(keras.Model):
         contrastive_share, _ = replica_nnclr_loss(
             self.projection_head(features_1), self.projection_head(features_2), self.queue, self.config.temperature
         )
-        self.update_step_metrics(replica, contrastive_share, tf.zeros((), contrastive_share.dtype), features_1, features_2)
+        self.update_step_metrics(replica, contrastive_share, features_1, features_2)
         return {metric.name: metric.result() for metric in self.metrics}
 
 

@@ -65,10 +65,11 @@ class NNCLRTrainConfig:
     classifier_batch_size: int = 24  # labelled images per classifier step
     classifier_epochs: int = 50  # classifier epochs
     classifier_learning_rate: float = 1e-3  # Adam step of the classifier
-    fine_tune: bool = False  # train the encoder with the classifier (False: linear probe)
+    fine_tune: bool = True  # train the encoder with the classifier, as the original (False: linear probe)
     split_sizes: tuple = tidal_data.TIDAL_SPLIT_SIZES  # classifier galaxies per class: train, validation, test (HDF5 data)
     seed: int = 0  # seeds the splits, the shuffling, the augmentations and the initial weights
     strategy: str = "default"  # tf.distribute strategy: default (one device), mirrored or multiworker
+    keep_epoch_encoders: bool = False  # also save the encoder after every NNCLR epoch (encoder_epochs/epoch-NNN.keras)
 
     def __post_init__(self):
         object.__setattr__(self, "split_sizes", tuple(int(size) for size in self.split_sizes))
@@ -109,6 +110,7 @@ def add_config_arguments(parser, group_title, config, tiny, skip=()):
         if field.name == "strategy":
             options["choices"] = common.STRATEGIES
         group.add_argument("--" + field.name.replace("_", "-"), **options)
+    return group
 
 
 def config_changes(args, config_class):
@@ -139,7 +141,9 @@ def build_parser():
                         help="start from the tiny architecture and training (24 px images, for tests and smoke runs)")
     add_config_arguments(parser, "NNCLR architecture (nnclr_model.NNCLRConfig)", nnclr_model.NNCLRConfig(),
                          nnclr_model.TINY_CONFIG, skip=("image_size",))  # image_size is set from the data
-    add_config_arguments(parser, "training (NNCLRTrainConfig)", NNCLRTrainConfig(), TINY_TRAIN_CONFIG)
+    training = add_config_arguments(parser, "training (NNCLRTrainConfig)", NNCLRTrainConfig(), TINY_TRAIN_CONFIG)
+    training.add_argument("--linear-probe", dest="fine_tune", action="store_false", default=argparse.SUPPRESS,
+                          help="keep the encoder frozen and train only the classifier's Dense layer (same as --no-fine-tune)")
     common.add_verbose_argument(parser)
     return parser
 
@@ -201,6 +205,12 @@ def train_encoder(source, config, train_config, band_scale, folders, strategy=No
     with strategy.scope():
         model = nnclr_model.NNCLR(config, seed=train_config.seed)
         model.compile(optimizer=keras.optimizers.Adam(train_config.learning_rate))
+    callbacks = [common.backup_and_restore(folders, "backup_nnclr"), common.epoch_progress("NNCLR")]
+    if train_config.keep_epoch_encoders:
+        (folders.own / "encoder_epochs").mkdir(exist_ok=True)
+        # The encoder at every budget: what the label-efficiency curve against training budget reads.
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: nnclr_model.save_encoder(
+            model.encoder, folders.own / "encoder_epochs" / f"epoch-{epoch + 1:03d}.keras")))
     with global_batch_norm(model.encoder, strategy):
         history = model.fit(
             stream,
@@ -208,7 +218,7 @@ def train_encoder(source, config, train_config, band_scale, folders, strategy=No
             steps_per_epoch=train_config.steps_per_epoch,
             shuffle=False,
             verbose=0,
-            callbacks=[common.backup_and_restore(folders, "backup_nnclr"), common.epoch_progress("NNCLR")],
+            callbacks=callbacks,
         )
     if not history.history:
         raise ValueError(f"the unlabelled stream gave no batch of {train_config.batch_size} images; lower --batch-size")
@@ -309,6 +319,8 @@ def main(argv=None):
         if band_scale is None:
             first = list(source.unlabelled().take(tidal_data.TIDAL_SCALE_IMAGES).as_numpy_iterator())
             band_scale = tidal_data.tidal_band_scale(np.stack(first))
+        # The augmentation's noise is in units of the band scale of the stretch, as the original's.
+        config = dataclasses.replace(config, noise_scale=tuple(float(value) for value in band_scale))
     except (ValueError, OSError) as error:
         parser.exit(2, f"error: {error}\n")
     logger.info("data: %s; %d labelled galaxies; band scale %s", source.description, len(source.labels), band_scale)

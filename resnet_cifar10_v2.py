@@ -2,7 +2,7 @@
 
 Adapted in spirit from the keras-idiomatic-programmer ``resnet_cifar10_v2`` that both
 original codebases used. Depth is 9 N + 2: a 3x3 stem, three stages of one projection
-block and N - 1 identity blocks each, then ReLU and (optionally) global average pooling.
+block and N - 1 identity blocks each, then (optionally) ReLU and global average pooling.
 
 * ICL regressor (Canepa et al. 2025): N = 6 (depth 56), no batch normalisation, no weight decay.
 * NNCLR tidal encoder (Desmons et al. 2023): N = 2 (depth 20), L2 weight decay 5e-4.
@@ -15,7 +15,8 @@ from keras import layers
 STAGES = ((16, 64, 1), (64, 128, 2), (128, 256, 2))
 
 
-def build_resnet_v2(input_shape, n_blocks=6, weight_decay=0.0, batch_norm=False, pooling=True, name="resnet_v2"):
+def build_resnet_v2(input_shape, n_blocks=6, weight_decay=0.0, batch_norm=False, pooling=True, name="resnet_v2",
+                    final_activation=True, zero_gamma=False, kernel_initializer="he_normal", batch_norm_decay=False):
     """Build the encoder: image -> 256-d vector (global average of the last feature map).
 
     Parameters
@@ -33,6 +34,19 @@ def build_resnet_v2(input_shape, n_blocks=6, weight_decay=0.0, batch_norm=False,
         a model built around the encoder has the feature map as a tensor of its own graph.
     name : str
         Name of the returned model.
+    final_activation : bool
+        End the residual stages with (BN and) ReLU, as the ICL regressor does. The NNCLR encoder of
+        Desmons et al. 2023 pools the last block's sum directly (False).
+    zero_gamma : bool
+        Start the scale (gamma) of the batch normalisation before the last convolution of every
+        identity block at zero, so each identity block starts as the identity (as the tidal
+        encoder's original did); needs ``batch_norm``.
+    kernel_initializer : str
+        Initialiser of the convolution kernels ("he_normal"; Keras's default "glorot_uniform" is
+        what the tidal encoder's original used).
+    batch_norm_decay : bool
+        Also put the L2 factor ``weight_decay`` on the batch normalisation's gamma and beta (as the
+        tidal encoder's original did).
 
     Returns
     -------
@@ -44,17 +58,21 @@ def build_resnet_v2(input_shape, n_blocks=6, weight_decay=0.0, batch_norm=False,
         raise ValueError(f"n_blocks must be >= 1, got {n_blocks}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    builder = _Builder(weight_decay, batch_norm)
+    if zero_gamma and not batch_norm:
+        raise ValueError("zero_gamma needs batch_norm")
+    builder = _Builder(weight_decay, batch_norm, kernel_initializer, batch_norm_decay)
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     x = builder.conv(16, 3, name="stem_conv")(inputs)
     x = builder.activation(x, "stem")
     for stage, (width, out_width, stride) in enumerate(STAGES, start=1):
         x = builder.block(x, width, out_width, stride, projection=True, name=f"stage{stage}_block1")
         for block in range(2, n_blocks + 1):
-            x = builder.block(x, width, out_width, 1, projection=False, name=f"stage{stage}_block{block}")
-    if batch_norm:
-        x = layers.BatchNormalization(name="final_bn")(x)
-    x = layers.ReLU(name="final_activation")(x)
+            x = builder.block(x, width, out_width, 1, projection=False, name=f"stage{stage}_block{block}",
+                              zero_gamma=zero_gamma)
+    if final_activation:
+        if batch_norm:
+            x = layers.BatchNormalization(name="final_bn")(x)
+        x = layers.ReLU(name="final_activation")(x)
     if pooling:
         x = layers.GlobalAveragePooling2D(name="global_pool")(x)
     return keras.Model(inputs, x, name=name)
@@ -63,9 +81,11 @@ def build_resnet_v2(input_shape, n_blocks=6, weight_decay=0.0, batch_norm=False,
 class _Builder:
     """Holds the shared layer options so each block reads as its diagram."""
 
-    def __init__(self, weight_decay, batch_norm):
+    def __init__(self, weight_decay, batch_norm, kernel_initializer="he_normal", batch_norm_decay=False):
         self.regularizer = keras.regularizers.L2(weight_decay) if weight_decay else None
         self.batch_norm = batch_norm
+        self.kernel_initializer = kernel_initializer
+        self.batch_norm_regularizer = self.regularizer if batch_norm_decay else None
 
     def conv(self, filters, kernel_size, strides=1, name=None):
         return layers.Conv2D(
@@ -74,18 +94,26 @@ class _Builder:
             strides=strides,
             padding="same",
             use_bias=False,
-            kernel_initializer="he_normal",
+            kernel_initializer=self.kernel_initializer,
             kernel_regularizer=self.regularizer,
             name=name,
         )
 
-    def activation(self, x, name):
+    def activation(self, x, name, zero_gamma=False):
         if self.batch_norm:
-            x = layers.BatchNormalization(name=f"{name}_bn")(x)
+            x = layers.BatchNormalization(
+                gamma_initializer="zeros" if zero_gamma else "ones",
+                gamma_regularizer=self.batch_norm_regularizer,
+                beta_regularizer=self.batch_norm_regularizer,
+                name=f"{name}_bn",
+            )(x)
         return layers.ReLU(name=f"{name}_relu")(x)
 
-    def block(self, x, width, out_width, stride, projection, name):
-        """Pre-activation bottleneck: (BN) ReLU 1x1 -> (BN) ReLU 3x3 -> (BN) ReLU 1x1, plus shortcut."""
+    def block(self, x, width, out_width, stride, projection, name, zero_gamma=False):
+        """Pre-activation bottleneck: (BN) ReLU 1x1 -> (BN) ReLU 3x3 -> (BN) ReLU 1x1, plus shortcut.
+
+        ``zero_gamma`` starts the last batch normalisation's scale at zero (identity blocks).
+        """
         if projection:
             shortcut = self.conv(out_width, 1, strides=stride, name=f"{name}_shortcut")(x)
         else:
@@ -94,6 +122,6 @@ class _Builder:
         y = self.conv(width, 1, name=f"{name}_conv1")(y)
         y = self.activation(y, f"{name}_pre2")
         y = self.conv(width, 3, strides=stride, name=f"{name}_conv2")(y)
-        y = self.activation(y, f"{name}_pre3")
+        y = self.activation(y, f"{name}_pre3", zero_gamma=zero_gamma)
         y = self.conv(out_width, 1, name=f"{name}_conv3")(y)
         return layers.Add(name=f"{name}_add")([shortcut, y])

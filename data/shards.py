@@ -38,14 +38,18 @@ WORKERS = os.cpu_count() or 1
 SHARD_SIZE = 256
 PREVIEW_COUNT = 16
 #: Parameter distributions of the clusters (``data.clusters``), by name.
-DISTRIBUTIONS = ("training", "real-like")
-#: Kinds of cutout the generator writes.
-KINDS = ("clusters", "backgrounds", "tidal")
+#: ``visible`` applies to tidal pairs only: every pair's feature is visible (``data.tidal.feature_visibility``).
+DISTRIBUTIONS = ("training", "real-like", "visible")
+#: Kinds of cutout the generator writes. ``tidal_pairs``: host-matched twins, each scene with its
+#: tidal feature and without it (``data.tidal.render_tidal_pair``); ``--n`` counts the pairs.
+KINDS = ("clusters", "backgrounds", "tidal", "tidal_pairs")
+#: Kinds written in the tidal layout.
+TIDAL_KINDS = ("tidal", "tidal_pairs")
 #: Mixed into every cutout's seed so that each kind draws its own streams from the same seed.
-KIND_CODES = {"clusters": 1, "backgrounds": 2, "tidal": 3}
+KIND_CODES = {"clusters": 1, "backgrounds": 2, "tidal": 3, "tidal_pairs": 4}
 #: Version of the generator recorded in every shard; a rerun refuses shards of another version.
-GENERATOR_VERSION = 1
-_SHARD_PATTERN = re.compile(r"^(?P<kind>[a-z]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.h5$")
+GENERATOR_VERSION = 2
+_SHARD_PATTERN = re.compile(r"^(?P<kind>[a-z_]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.h5$")
 
 
 class GenerationError(ValueError):
@@ -80,6 +84,8 @@ def render_one(kind, seed, index, distribution="training"):
 
         image, truth = tidal.render_tidal_galaxy(rng)
         return image, None, truth
+    if kind == "tidal_pairs":
+        raise ValueError("tidal pairs are two cutouts per index: use render_cutouts")
     from data import clusters
 
     population = {"training": clusters.TRAINING_DISTRIBUTION, "real-like": clusters.REAL_LIKE_DISTRIBUTION}[distribution]
@@ -87,6 +93,25 @@ def render_one(kind, seed, index, distribution="training"):
         population = clusters.BACKGROUND_DISTRIBUTION if distribution == "training" else population
         return clusters.render_cluster(rng, population, include_icl=False)
     return clusters.render_cluster(rng, population, include_icl=True)
+
+
+def render_cutouts(kind, seed, index, distribution="training"):
+    """The cutouts of index ``index``: one, or the two twins of a tidal pair (with, then without, its feature).
+
+    Returns
+    -------
+    list of (image, mask, truth, id)
+    """
+    if kind != "tidal_pairs":
+        return [(*render_one(kind, seed, index, distribution), cutout_id(kind, seed, index))]
+    from data import tidal
+
+    pair_id = cutout_id(kind, seed, index)
+    visible = True if distribution == "visible" else None
+    image_with, image_without, truth_with, truth_without = tidal.render_tidal_pair(
+        cutout_rng(kind, seed, index), pair_id, visible=visible
+    )
+    return [(image_with, None, truth_with, f"{pair_id}-with"), (image_without, None, truth_without, f"{pair_id}-without")]
 
 
 def measure_sb_label(image, mask, z):
@@ -135,7 +160,7 @@ def write_shard(path, kind, images, masks, truths, ids, attributes):
     layout (``image`` (N, 128, 128, 5) float32 counts in g, r, i, z, y, ``id`` and the columns of
     :func:`data.tidal.truth_columns`).
     """
-    if kind == "tidal":
+    if kind in TIDAL_KINDS:
         from data import tidal
 
         images, masks, columns = np.asarray(images, dtype=np.float32), None, tidal.truth_columns(truths)
@@ -167,13 +192,13 @@ def make_shard(path, kind, seed, start, count, distribution, attributes, measure
     """
     images, masks, truths, ids = [], [], [], []
     for index in range(start, start + count):
-        image, mask, truth = render_one(kind, seed, index, distribution)
-        if measure_sb:
-            truth["f_icl_sb"] = measure_sb_label(image.astype(np.float16).astype(np.float32), mask, truth["z"])
-        images.append(image)
-        masks.append(mask)
-        truths.append(truth)
-        ids.append(cutout_id(kind, seed, index))
+        for image, mask, truth, cutout in render_cutouts(kind, seed, index, distribution):
+            if measure_sb:
+                truth["f_icl_sb"] = measure_sb_label(image.astype(np.float16).astype(np.float32), mask, truth["z"])
+            images.append(image)
+            masks.append(mask)
+            truths.append(truth)
+            ids.append(cutout)
         if _progress_counter is not None:
             with _progress_counter.get_lock():
                 _progress_counter.value += 1
@@ -267,8 +292,10 @@ def _check_arguments(kind, n, seed, workers, shard_size, distribution, measure_s
         raise GenerationError(f"--shard-size must be at least 1, got {shard_size}")
     if distribution not in DISTRIBUTIONS:
         raise GenerationError(f"--distribution must be one of {', '.join(DISTRIBUTIONS)}, got {distribution!r}")
-    if measure_sb and kind == "tidal":
+    if measure_sb and kind in TIDAL_KINDS:
         raise GenerationError("--measure-sb applies to clusters and backgrounds, not tidal galaxies")
+    if (distribution == "visible") != (kind == "tidal_pairs" and distribution == "visible"):
+        raise GenerationError("--distribution visible applies to tidal_pairs only")
     if measure_sb:
         try:
             import measure_sb_cut  # noqa: F401
@@ -407,7 +434,7 @@ def preview_shards(kind, paths, preview_path, count=PREVIEW_COUNT):
     """Draw a PNG grid of the first ``count`` cutouts of ``kind`` stored in ``paths``, with their truth."""
     from data import profiles
 
-    if kind == "tidal":
+    if kind in TIDAL_KINDS:
         import tidal_data
         from data import tidal
 

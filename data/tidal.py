@@ -10,9 +10,17 @@ cropped like the real cutouts, never resized) in the five bands g, r, i, z, y, i
   mass-size relations of van der Wel et al. 2014;
 * neighbouring field galaxies (about 40 per arcmin^2 brighter than 25 mag, counts rising
   0.3 dex/mag), sometimes a close companion, and stars;
-* in about 6% of hosts (:data:`TIDAL_FRACTION`), one tidal feature: a shell system, a stream
-  (from the test-particle library of :mod:`data.tidal_streams`), a tidal tail (or two) or a
-  plume, holding about 2% of the host's light.
+* in 6% of hosts (:data:`TIDAL_FRACTION`, Desmons et al. 2025), whatever their mass, one tidal
+  feature: a shell system (around early types only), a stream (from the test-particle library
+  of :mod:`data.tidal_streams`), a tidal tail (or two) or a plume, holding 1-5% of the host's
+  light (:data:`FEATURE_LIGHT_SHARE_RANGE`).
+
+The host population is that of the HSC-SSP sample of Desmons et al. 2025 ("Analysing the
+prevalence of tidal features in HSC-SSP using self-supervised representation learning":
+log10 M*/Msun >= 9.5, z <= 0.4, tidal-feature fraction 0.06). Whether a host has a feature,
+and the feature's light share and surface brightness, are drawn independently of the host's
+mass: the observed rise of the tidal fraction with mass is deliberately not modelled, because a
+label tied to host mass lets a classifier score well from the host's brightness alone.
 
 The scene is convolved with a per-band Moffat PSF (seeing about 0.6" in i, Aihara et al.
 2019) and Gaussian sky noise at the Ultradeep depth of each band is added. Numbers and their
@@ -29,15 +37,29 @@ the mean intensity seen by the feature's own light. For a feature of uniform bri
 is exactly its surface brightness, and it needs no footprint threshold. It is drawn
 uniformly in :data:`FEATURE_SB_RANGE` and is never fainter than :data:`FEATURE_SB_LIMIT`.
 
-The feature's size (the radius holding 90% of its points) is chosen so that its flux at the
-drawn SB is about :data:`FEATURE_LIGHT_FRACTION` of the host's, within limits: at most
-:data:`FEATURE_MAX_RADIUS_ARCSEC` (features lie within about 10" of the centre), at least
-:data:`FEATURE_MIN_RADIUS_ARCSEC` and :data:`FEATURE_MIN_RADIUS_HOST` host half-light radii
-(a feature hidden under the host's bright body would be a label nobody could see). Its flux
-is capped at :data:`FEATURE_FLUX_CAP` of the host's: a capped feature is fainter than drawn
-(``params["feature"]`` keeps ``drawn_sb`` and ``capped``), and one that capping would push
-below the SB limit is made smaller instead. Where the limits bind, the light share departs
-from its target, so bright features around small hosts carry up to the cap.
+The feature's light share is drawn log-uniformly in :data:`FEATURE_LIGHT_SHARE_RANGE` and
+always honoured. Its size (the radius holding 90% of its points) is chosen so that at that flux
+its mean SB is the drawn one, within limits: at most :data:`FEATURE_MAX_RADIUS_ARCSEC`
+(features lie within about 10" of the centre), at least :data:`FEATURE_MIN_RADIUS_ARCSEC` and
+:data:`FEATURE_MIN_RADIUS_HOST` host half-light radii (features reach beyond the host's bright
+body). Where a limit binds, the realised SB departs from the drawn one (``params["feature"]``
+keeps ``drawn_sb``); a feature that would be fainter than :data:`FEATURE_SB_LIMIT` at the
+smallest size is made smaller still, down to :data:`FEATURE_FLOOR_RADIUS_ARCSEC`.
+
+Visibility
+----------
+People label the features they see. Each feature records how visible it is
+(:func:`feature_visibility`): on the noiseless g + r + i detection image, its footprint is
+where it is at least :data:`FOOTPRINT_THRESHOLD` sky sigmas; ``feature_snr`` is its integrated
+S/N over that footprint and ``feature_contrast`` its light over the light of everything else
+in the footprint. ``visible`` is ``feature_snr >= VISIBLE_MIN_SNR and feature_contrast >=
+VISIBLE_MIN_CONTRAST``.
+
+Host-matched pairs
+------------------
+The sky noise of a scene comes from its own seed (``params["noise_seed"]``), so
+:func:`render_tidal_pair` renders the same scene with and without its feature, with the same
+noise: the twins differ by the feature's light alone.
 
 Pixel conventions
 -----------------
@@ -77,10 +99,11 @@ MOFFAT_BETA_RANGE = (2.5, 4.0)
 #: Resolution of the PSF parameters (FWHM in pixels, beta); PSFs are cached on this grid.
 PSF_GRID = (0.05, 0.25)
 
-#: Probability that a host has a tidal feature, averaged over hosts (Desmons et al. 2025).
+#: Probability that a host has a tidal feature (Desmons et al. 2025), whatever its mass.
 TIDAL_FRACTION = 0.06
-#: The tidal-feature probability scales as stellar mass to this power (see :func:`tidal_probability`).
-TIDAL_MASS_SLOPE = 0.5
+#: The tidal-feature probability scales as stellar mass to this power (see :func:`tidal_probability`):
+#: 0, so that the label carries no information about the host's brightness.
+TIDAL_MASS_SLOPE = 0.0
 #: Feature kinds and their probabilities.
 FEATURE_TYPES = ("shell", "stream", "tail", "plume")
 FEATURE_TYPE_PROBABILITIES = (0.2, 0.3, 0.25, 0.25)
@@ -88,15 +111,24 @@ FEATURE_TYPE_PROBABILITIES = (0.2, 0.3, 0.25, 0.25)
 FEATURE_SB_RANGE = (25.0, 27.5)
 #: No feature is fainter than this mean surface brightness (i, mag/arcsec^2).
 FEATURE_SB_LIMIT = 27.8
-#: Median share of the host's light in its feature, the log10 scatter, and the range.
-FEATURE_LIGHT_FRACTION = (0.02, 0.25, (0.005, 0.08))
-#: The feature's flux never exceeds this share of the host's light (except to stay above the SB limit).
-FEATURE_FLUX_CAP = 0.1
+#: Range of the share of the host's light in its feature, drawn log-uniformly (MOCKS.md: about 2%).
+FEATURE_LIGHT_SHARE_RANGE = (0.01, 0.05)
 #: The radius holding 90% of the feature's particles is at most this (arcsec) ...
 FEATURE_MAX_RADIUS_ARCSEC = 10.0
 #: ... and at least this (arcsec), and at least this many host half-light radii ...
-FEATURE_MIN_RADIUS_ARCSEC = 3.0
-FEATURE_MIN_RADIUS_HOST = 4.0
+FEATURE_MIN_RADIUS_ARCSEC = 4.0
+FEATURE_MIN_RADIUS_HOST = 3.0
+#: ... unless the feature would be fainter than the SB limit: then it shrinks, down to this (arcsec).
+FEATURE_FLOOR_RADIUS_ARCSEC = 2.0
+
+#: Bands summed into the detection image of the visibility measure (those of a gri colour image).
+VISIBILITY_BANDS = (0, 1, 2)
+#: The feature's footprint: where its detection image is at least this many sky sigmas.
+FOOTPRINT_THRESHOLD = 0.25
+#: A feature is ``visible`` with at least this integrated S/N over its footprint ...
+VISIBLE_MIN_SNR = 30.0
+#: ... and at least this share of the light of everything else in its footprint.
+VISIBLE_MIN_CONTRAST = 0.3
 #: Points drawn per geometric feature (shells, tails, plumes).
 FEATURE_POINTS = 6000
 
@@ -535,12 +567,14 @@ def _feature_shape_stats(transform, psf):
 
 
 def _draw_feature(rng, host, host_flux_i, psf):
-    """Feature type, geometry seed, size and flux honouring the SB draw, the light share and the cap."""
-    feature_type = str(rng.choice(FEATURE_TYPES, p=FEATURE_TYPE_PROBABILITIES))
+    """Feature type, geometry seed, size and flux: the drawn light share exactly, the drawn SB where the size limits allow."""
+    types = FEATURE_TYPES if host["early_type"] else tuple(t for t in FEATURE_TYPES if t != "shell")
+    probabilities = np.asarray([FEATURE_TYPE_PROBABILITIES[FEATURE_TYPES.index(t)] for t in types])
+    feature_type = str(rng.choice(types, p=probabilities / probabilities.sum()))
     seed = int(rng.integers(2**31))
     drawn_sb = float(rng.uniform(*FEATURE_SB_RANGE))
-    median, scatter, (low, high) = FEATURE_LIGHT_FRACTION
-    light_fraction = float(np.clip(median * 10.0 ** rng.normal(0.0, scatter), low, high))
+    low, high = FEATURE_LIGHT_SHARE_RANGE
+    light_fraction = float(np.exp(rng.uniform(np.log(low), np.log(high))))
     colour_mix = rng.uniform(0.0, 1.0)
     # Debris carries the colours of the disrupted satellite: between the host's and a bluer galaxy's.
     colours = (1 - colour_mix) * np.asarray(host["colours"]) + colour_mix * observed_colours(host["z"], 0.0)
@@ -548,38 +582,29 @@ def _draw_feature(rng, host, host_flux_i, psf):
 
     centre = (host["components"][0]["x"], host["components"][0]["y"])
     max_radius = FEATURE_MAX_RADIUS_ARCSEC / hsc.PIXEL_SCALE
-    # Features reach beyond the host's bright body, where a classifier (or a person) can see them.
     min_radius = min(
         max(FEATURE_MIN_RADIUS_ARCSEC / hsc.PIXEL_SCALE, FEATURE_MIN_RADIUS_HOST * host["r_e_pixels"]), max_radius
     )
-    target_intensity = float(hsc.sb_to_counts(drawn_sb))
-    cap = FEATURE_FLUX_CAP * host_flux_i
+    flux_i = light_fraction * host_flux_i
 
-    def effective_area(radius):
-        """sum(I)^2 / sum(I^2) of the feature at this size (and the two sums)."""
+    def mean_intensity(radius):
+        """Intensity-weighted mean intensity (counts/px) of the feature at this size and flux."""
         total, squares = _feature_shape_stats(_feature_transform(feature_type, seed, radius, centre), psf)
-        return total * total / squares, total, squares
+        return flux_i * squares / total
 
-    # The effective area grows as the size squared, near enough to aim with one trial.
+    # The mean intensity falls as the size squared, near enough to aim with one trial.
     trial_radius = np.sqrt(min_radius * max_radius)
-    trial_area, _, _ = effective_area(trial_radius)
-    wanted_area = light_fraction * host_flux_i / target_intensity
-    radius = float(np.clip(trial_radius * np.sqrt(wanted_area / trial_area), min_radius, max_radius))
-    area, total, squares = effective_area(radius)
-    faintest_intensity = float(hsc.sb_to_counts(FEATURE_SB_LIMIT))
-    if cap * squares / total < faintest_intensity:
-        # Capped at this size the feature would fall below the SB limit: make it smaller instead.
-        radius = float(radius * np.sqrt(cap / (faintest_intensity * area)))
-        area, total, squares = effective_area(radius)
-    # A feature of flux F has mean intensity F * squares / total: solve for the drawn SB, then cap.
-    flux_i = target_intensity * total / squares
-    capped = flux_i > cap
-    if capped:
-        flux_i = cap
-    flux_i = max(flux_i, faintest_intensity * total / squares)
-    if capped:
-        logger.debug("%s feature capped at %.0f%% of the host's light", feature_type, 100 * FEATURE_FLUX_CAP)
-    mean_sb = float(hsc.counts_to_sb(flux_i * squares / total))
+    wanted = float(hsc.sb_to_counts(drawn_sb))
+    radius = float(np.clip(trial_radius * np.sqrt(mean_intensity(trial_radius) / wanted), min_radius, max_radius))
+    intensity = mean_intensity(radius)
+    faintest = float(hsc.sb_to_counts(FEATURE_SB_LIMIT))
+    floor = min(FEATURE_FLOOR_RADIUS_ARCSEC / hsc.PIXEL_SCALE, radius)
+    for _ in range(3):
+        if intensity >= faintest * 0.98 or radius <= floor:
+            break
+        # Even at its smallest size the feature is fainter than any seen: shrink it to the limit.
+        radius = float(max(radius * np.sqrt(intensity / faintest), floor))
+        intensity = mean_intensity(radius)
     return {
         "type": feature_type,
         "seed": seed,
@@ -587,10 +612,8 @@ def _draw_feature(rng, host, host_flux_i, psf):
         "centre": [float(centre[0]), float(centre[1])],
         "flux": [float(flux_i * c) for c in colour_ratio],
         "drawn_sb": drawn_sb,
-        "mean_sb": mean_sb,
-        "light_fraction_target": light_fraction,
-        "light_fraction": float(flux_i / host_flux_i),
-        "capped": bool(capped),
+        "mean_sb": float(hsc.counts_to_sb(intensity)),
+        "light_fraction": light_fraction,
     }
 
 
@@ -626,22 +649,13 @@ def _add_component(scene, component):
     scene[:, row_lo:row_hi, col_lo:col_hi] += np.asarray(component["flux"], np.float32)[:, None, None] * profile
 
 
-def render_scene(params, noise_rng=None, include_feature=True):
-    """Render a scene from its parameters (as stored in the truth's ``params``).
-
-    Parameters
-    ----------
-    params : dict
-        Scene parameters, as drawn by :func:`draw_scene`.
-    noise_rng : numpy.random.Generator, optional
-        Source of the sky noise; None renders the noiseless image.
-    include_feature : bool
-        False leaves the tidal feature out (to isolate it in tests and studies).
+def render_components(params):
+    """The noiseless scene without its feature, and the feature alone (zeros without one).
 
     Returns
     -------
-    ndarray, shape (128, 128, 5), float32
-        Counts per native pixel in g, r, i, z, y.
+    rest, feature : ndarray, shape (128, 128, 5), float32
+        Counts per native pixel in g, r, i, z, y, PSF-convolved.
     """
     scene = np.zeros((len(BANDS), _CANVAS, _CANVAS), dtype=np.float32)
     for component in params["host"]["components"] + params["neighbours"]:
@@ -652,21 +666,87 @@ def render_scene(params, noise_rng=None, include_feature=True):
         y = np.array([s["y"] for s in stars])
         for band in range(len(BANDS)):
             scene[band] += bin_points(x, y, np.array([s["flux"][band] for s in stars]), (_CANVAS, _CANVAS))
-    transform = scipy.fft.rfft2(scene)
+    psf = np.stack([_psf_transform(fwhm, params["psf"]["beta"]) for fwhm in params["psf"]["fwhm_pixels"]])
+
+    def image_of(transform):
+        image = _crop(scipy.fft.irfft2(transform * psf, s=(_CANVAS, _CANVAS))).transpose(1, 2, 0)
+        return np.ascontiguousarray(image, dtype=np.float32)
+
+    rest = image_of(scipy.fft.rfft2(scene))
     feature = params.get("feature")
-    if include_feature and feature is not None:
-        feature_transform = _feature_transform(
-            feature["type"], feature["seed"], feature["radius_90_pixels"], feature["centre"]
-        )
-        transform += np.asarray(feature["flux"], np.float32)[:, None, None] * feature_transform[None]
-    psf = params["psf"]
-    for band in range(len(BANDS)):
-        transform[band] *= _psf_transform(psf["fwhm_pixels"][band], psf["beta"])
-    image = _crop(scipy.fft.irfft2(transform, s=(_CANVAS, _CANVAS))).transpose(1, 2, 0)
-    image = np.ascontiguousarray(image, dtype=np.float32)
-    if noise_rng is not None:
-        image += noise_rng.standard_normal(image.shape, dtype=np.float32) * np.asarray(NOISE_SIGMA, np.float32)
+    if feature is None:
+        return rest, np.zeros_like(rest)
+    transform = _feature_transform(feature["type"], feature["seed"], feature["radius_90_pixels"], feature["centre"])
+    return rest, image_of(np.asarray(feature["flux"], np.float32)[:, None, None] * transform[None])
+
+
+def scene_noise(params):
+    """The sky noise of a scene, from its own ``noise_seed``: the same for both twins of a pair."""
+    rng = np.random.default_rng(params["noise_seed"])
+    shape = (IMAGE_SIZE, IMAGE_SIZE, len(BANDS))
+    return rng.standard_normal(shape, dtype=np.float32) * np.asarray(NOISE_SIGMA, np.float32)
+
+
+def render_scene(params, noise_rng=None, include_feature=True):
+    """Render a scene from its parameters (as stored in the truth's ``params``).
+
+    Parameters
+    ----------
+    params : dict
+        Scene parameters, as drawn by :func:`draw_scene`.
+    noise_rng : numpy.random.Generator or True, optional
+        Source of the sky noise; True takes the scene's own noise (:func:`scene_noise`), as
+        :func:`render_tidal_galaxy` does; None renders the noiseless image.
+    include_feature : bool
+        False leaves the tidal feature out (the twin of a host-matched pair).
+
+    Returns
+    -------
+    ndarray, shape (128, 128, 5), float32
+        Counts per native pixel in g, r, i, z, y.
+    """
+    rest, feature = render_components(params)
+    image = rest + feature if include_feature else rest
+    if noise_rng is True:
+        image = image + scene_noise(params)
+    elif noise_rng is not None:
+        image = image + noise_rng.standard_normal(image.shape, dtype=np.float32) * np.asarray(NOISE_SIGMA, np.float32)
     return image
+
+
+def feature_visibility(feature, rest, noise_sigma=NOISE_SIGMA, bands=VISIBILITY_BANDS):
+    """How visible a feature is against the sky noise and the light beneath it.
+
+    Parameters
+    ----------
+    feature, rest : ndarray, shape (H, W, 5)
+        Noiseless counts of the feature alone and of everything else in the scene.
+    noise_sigma : sequence of float
+        Sky noise per band (counts per pixel).
+    bands : sequence of int
+        Bands summed into the detection image.
+
+    Returns
+    -------
+    dict
+        ``snr`` (integrated S/N of the feature over its footprint), ``contrast`` (its light over
+        that of everything else in the footprint), ``footprint_pixels`` and ``visible``
+        (``snr >= VISIBLE_MIN_SNR and contrast >= VISIBLE_MIN_CONTRAST``); zeros and False
+        when no pixel reaches the footprint threshold.
+    """
+    bands = list(bands)
+    sigma = float(np.sqrt(np.sum(np.asarray(noise_sigma, dtype=np.float64)[bands] ** 2)))
+    detection = np.asarray(feature, dtype=np.float64)[..., bands].sum(axis=-1)
+    footprint = detection >= FOOTPRINT_THRESHOLD * sigma
+    pixels = int(footprint.sum())
+    if pixels == 0:
+        return {"snr": 0.0, "contrast": 0.0, "footprint_pixels": 0, "visible": False}
+    light = float(detection[footprint].sum())
+    beneath = float(np.asarray(rest, dtype=np.float64)[..., bands].sum(axis=-1)[footprint].clip(min=0).sum())
+    snr = light / (sigma * np.sqrt(pixels))
+    contrast = light / beneath if beneath > 0 else float("inf")
+    visible = bool(snr >= VISIBLE_MIN_SNR and contrast >= VISIBLE_MIN_CONTRAST)
+    return {"snr": float(snr), "contrast": float(min(contrast, 1e6)), "footprint_pixels": pixels, "visible": visible}
 
 
 def _host_flux_i(host):
@@ -693,19 +773,41 @@ def draw_scene(rng, has_tidal=None):
         JSON-ready parameters: ``host``, ``neighbours``, ``stars``, ``psf``, ``feature``
         (None without a feature).
     """
-    # A forced outcome redraws the host, so that positives and negatives keep the host
-    # populations they have in a survey (hosts with features are more massive).
+    # Whether the host has a feature is drawn independently of the host (TIDAL_MASS_SLOPE = 0);
+    # with a slope, a forced outcome redraws the host so that both classes keep their populations.
     while True:
         log_mass = _draw_log_mass(rng)
         drawn = bool(rng.uniform() < tidal_probability(log_mass))
-        if has_tidal is None or drawn == bool(has_tidal):
+        if has_tidal is None or drawn == bool(has_tidal) or TIDAL_MASS_SLOPE == 0:
             break
-    has_tidal = drawn
+    has_tidal = drawn if has_tidal is None else bool(has_tidal)
     host = _draw_host(rng, log_mass)
     psf = _draw_psf(rng)
     params = {"host": host, "neighbours": _draw_neighbours(rng, host), "stars": _draw_stars(rng), "psf": psf}
     params["feature"] = _draw_feature(rng, host, _host_flux_i(host), psf) if has_tidal else None
+    params["noise_seed"] = int(rng.integers(2**63))
     return params
+
+
+def _truth(params, rest, feature):
+    """The truth of a rendered scene (see :func:`render_tidal_galaxy`)."""
+    drawn = params["feature"]
+    truth = {
+        "has_tidal": int(drawn is not None),
+        "feature_type": drawn["type"] if drawn else "none",
+        "feature_sb": drawn["mean_sb"] if drawn else float("nan"),
+        "feature_light_fraction": drawn["light_fraction"] if drawn else float("nan"),
+        "feature_snr": float("nan"),
+        "feature_contrast": float("nan"),
+        "visible": 0,
+        "pair_id": "",
+        "params": params,
+    }
+    if drawn is not None:
+        visibility = feature_visibility(feature, rest)
+        truth.update(feature_snr=visibility["snr"], feature_contrast=visibility["contrast"],
+                     visible=int(visibility["visible"]))
+    return truth
 
 
 def render_tidal_galaxy(rng, has_tidal=None):
@@ -726,23 +828,60 @@ def render_tidal_galaxy(rng, has_tidal=None):
     truth : dict
         ``has_tidal`` (int 0/1), ``feature_type`` (none, shell, stream, tail, plume),
         ``feature_sb`` (intensity-weighted mean i-band surface brightness of the feature,
-        mag/arcsec^2; NaN without one) and ``params`` (the scene parameters, a JSON-ready
-        dict that :func:`render_scene` renders again).
+        mag/arcsec^2), ``feature_light_fraction``, ``feature_snr``, ``feature_contrast``
+        (NaN without a feature), ``visible`` (int 0/1, see :func:`feature_visibility`),
+        ``pair_id`` ("" for a single galaxy) and ``params`` (the scene parameters, a
+        JSON-ready dict that :func:`render_scene` renders again).
     """
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
     if has_tidal is not None and not isinstance(has_tidal, (bool, np.bool_)):
         raise ValueError(f"has_tidal must be True, False or None, got {has_tidal!r}")
     params = draw_scene(rng, has_tidal)
-    image = render_scene(params, noise_rng=rng)
-    feature = params["feature"]
-    truth = {
-        "has_tidal": int(feature is not None),
-        "feature_type": feature["type"] if feature else "none",
-        "feature_sb": feature["mean_sb"] if feature else float("nan"),
-        "params": params,
-    }
-    return image, truth
+    rest, feature = render_components(params)
+    return rest + feature + scene_noise(params), _truth(params, rest, feature)
+
+
+#: Scenes drawn at most to find one whose feature is visible (:func:`render_tidal_pair`).
+VISIBLE_MAX_TRIES = 1000
+
+
+def render_tidal_pair(rng, pair_id="", visible=None):
+    """Render one scene with a tidal feature twice: with it, and without it (host-matched twins).
+
+    The twins share the host, neighbours, stars, PSF and noise realisation; they differ by the
+    feature's light alone. On such pairs any statistic of the host alone scores AUC 0.5.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator or int or None
+    pair_id : str
+        Recorded in both truths.
+    visible : bool, optional
+        True redraws the scene until its feature is visible (:func:`feature_visibility`), as the
+        features people label are; the host population of such pairs leans to bright hosts,
+        shared by both twins.
+
+    Returns
+    -------
+    image_with, image_without : ndarray, shape (128, 128, 5), float32
+    truth_with, truth_without : dict
+        As :func:`render_tidal_galaxy`; both carry ``pair_id`` and the same ``params``
+        (``truth_without`` has ``has_tidal`` 0 and no feature columns).
+    """
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    for _ in range(VISIBLE_MAX_TRIES if visible else 1):
+        params = draw_scene(rng, True)
+        rest, feature = render_components(params)
+        if not visible or feature_visibility(feature, rest)["visible"]:
+            break
+    else:
+        raise RuntimeError(f"no visible feature in {VISIBLE_MAX_TRIES} scenes")
+    noise = scene_noise(params)
+    truth_with = dict(_truth(params, rest, feature), pair_id=pair_id)
+    truth_without = dict(_truth(dict(params, feature=None), rest, feature), pair_id=pair_id, params=params)
+    return rest + feature + noise, rest + noise, truth_with, truth_without
 
 
 # ----------------------------------------------------------------------------------------
@@ -801,10 +940,15 @@ def write_tidal_hdf5(path, images, truths, ids):
 
 def truth_columns(truths):
     """The columns of the tidal layout from truth dicts of :func:`render_tidal_galaxy`: ``has_tidal``
-    (int), ``feature_type`` (text), ``feature_sb`` (float, NaN without a feature), ``params`` (JSON text)."""
-    return {
-        "has_tidal": np.asarray([int(t["has_tidal"]) for t in truths], dtype=np.int64),
-        "feature_type": [str(t["feature_type"]) for t in truths],
-        "feature_sb": np.asarray([float(t["feature_sb"]) for t in truths], dtype=np.float64),
-        "params": [json.dumps(t["params"], sort_keys=True) for t in truths],
-    }
+    (int), ``feature_type`` (text), ``feature_sb``, ``feature_light_fraction``, ``feature_snr``,
+    ``feature_contrast`` (float, NaN without a feature), ``visible`` (int), ``pair_id`` (text, ""
+    outside a pair) and ``params`` (JSON text)."""
+    floats = ("feature_sb", "feature_light_fraction", "feature_snr", "feature_contrast")
+    columns = {"has_tidal": np.asarray([int(t["has_tidal"]) for t in truths], dtype=np.int64),
+               "feature_type": [str(t["feature_type"]) for t in truths]}
+    for name in floats:
+        columns[name] = np.asarray([float(t.get(name, np.nan)) for t in truths], dtype=np.float64)
+    columns["visible"] = np.asarray([int(t.get("visible", 0)) for t in truths], dtype=np.int64)
+    columns["pair_id"] = [str(t.get("pair_id", "")) for t in truths]
+    columns["params"] = [json.dumps(t["params"], sort_keys=True) for t in truths]
+    return columns

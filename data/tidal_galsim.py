@@ -74,8 +74,7 @@ noise              fixed per-band sigma                 sigma x 0.8-1.3 per imag
 
 The two share no rendering code: only the constants of :mod:`hsc` (pixel scale, zero point), the
 file and plot plumbing (:mod:`tidal_data`, :mod:`common`, :mod:`plots`) and, for the visibility of
-a feature, :func:`data.tidal.feature_visibility` when it exists (otherwise a local copy of its
-rule: g + r + i detection image, footprint at 0.25 sigma, visible if S/N >= 20 and contrast >= 0.25).
+a feature, :func:`data.tidal.feature_visibility` (one definition of ``visible`` for both renderers).
 
 Truth
 -----
@@ -103,6 +102,7 @@ import scipy.special
 
 import common
 import hsc
+from data.tidal import feature_visibility
 
 logger = logging.getLogger(__name__)
 
@@ -157,59 +157,8 @@ FEATURE_SB_WINDOW = (24.5, 28.0)
 MAP_SIZE = 272
 MAP_SCALE = PIXEL_SCALE / 2.0
 
-#: Visibility rule (used when :func:`data.tidal.feature_visibility` does not exist).
-VISIBILITY_BANDS = (0, 1, 2)
-FOOTPRINT_THRESHOLD = 0.25
-VISIBLE_MIN_SNR = 20.0
-VISIBLE_MIN_CONTRAST = 0.25
-
 #: GalSim accuracy: looser than the defaults, far below the sky noise, five times faster.
 GSPARAMS = galsim.GSParams(folding_threshold=1e-2, maxk_threshold=2e-3)
-
-
-# ----------------------------------------------------------------------------------------
-# Visibility
-
-
-def _local_feature_visibility(feature, rest, noise_sigma=None):
-    """How visible a feature is: integrated S/N over its footprint and contrast against the rest.
-
-    The detection image is the sum of the g, r, i bands; the footprint is where the feature's
-    detection image is at least :data:`FOOTPRINT_THRESHOLD` times the detection sigma.
-
-    Parameters
-    ----------
-    feature, rest : ndarray, shape (H, W, 5)
-        Noiseless counts of the feature alone and of the rest of the scene.
-    noise_sigma : sequence of float, optional
-        Sky noise per band; :data:`NOISE_SIGMA` by default.
-
-    Returns
-    -------
-    dict
-        ``snr``, ``contrast``, ``footprint_pixels`` and ``visible`` (``snr >= 20`` and
-        ``contrast >= 0.25``); zeros and False when no pixel reaches the threshold.
-    """
-    bands = list(VISIBILITY_BANDS)
-    noise_sigma = NOISE_SIGMA if noise_sigma is None else noise_sigma
-    sigma = float(np.sqrt(np.sum(np.asarray(noise_sigma, dtype=np.float64)[bands] ** 2)))
-    detection = np.asarray(feature, dtype=np.float64)[..., bands].sum(axis=-1)
-    footprint = detection >= FOOTPRINT_THRESHOLD * sigma
-    pixels = int(footprint.sum())
-    if pixels == 0:
-        return {"snr": 0.0, "contrast": 0.0, "footprint_pixels": 0, "visible": False}
-    light = float(detection[footprint].sum())
-    beneath = float(np.asarray(rest, dtype=np.float64)[..., bands].sum(axis=-1)[footprint].clip(min=0).sum())
-    snr = light / (sigma * np.sqrt(pixels))
-    contrast = light / beneath if beneath > 0 else float("inf")
-    visible = bool(snr >= VISIBLE_MIN_SNR and contrast >= VISIBLE_MIN_CONTRAST)
-    return {"snr": float(snr), "contrast": float(min(contrast, 1e6)), "footprint_pixels": pixels, "visible": visible}
-
-
-try:  # One definition of visibility for both renderers, where the main one has it.
-    from data.tidal import feature_visibility
-except ImportError:
-    feature_visibility = _local_feature_visibility
 
 
 # ----------------------------------------------------------------------------------------

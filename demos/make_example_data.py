@@ -7,10 +7,11 @@ remake them.
   has IMAGE, MASK (with ``MP_*`` keywords) and VARIANCE HDUs and the redshift in the primary
   header (``Z``), as a user's own cutouts would; ``clusters_truth.csv`` holds what the
   generator knows about each cluster.
-* ``galaxies.h5``: mock HSC Ultradeep galaxies for the tidal-feature demo, half of them with a
-  tidal feature, 128 x 128 px in g, r, i, z, y, in the tidal stacked HDF5 layout of
-  ``prep_data`` (``image``, ``id``, ``has_tidal``, ``feature_type``, ``feature_sb``,
-  ``params``). The counts are stored as float16, which the tidal readers turn back into
+* ``galaxies.h5``: mock HSC Ultradeep galaxies for the tidal-feature demo: host-matched pairs,
+  each scene with a visible tidal feature and the same scene without it (same host, neighbours,
+  PSF and noise), 128 x 128 px in g, r, i, z, y, in the tidal stacked HDF5 layout
+  (``image``, ``id``, ``has_tidal``, ``pair_id``, ``visible``, ``feature_type``, ``feature_sb``,
+  ``params``...). The counts are stored as float16, which the tidal readers turn back into
   float32: it halves the file, and the rounding (relative 5e-4) is far below the sky noise.
 * ``finetune_clusters.h5``: a small real-like cluster set for the fine-tuning notebook,
   written by ``python -m data.generate clusters --distribution real-like --measure-sb`` (the
@@ -90,9 +91,10 @@ def write_example_galaxies(out_dir, n_per_class=N_GALAXIES_PER_CLASS, seed=GALAX
     n_per_class : int
         Galaxies with a tidal feature, and galaxies without; >= 1.
     seed : int
-        Galaxy ``i`` is rendered from ``data.shards.cutout_rng("tidal", seed, i)``, the
-        generator's own seeding, so one galaxy can be remade alone. Even ``i`` have a tidal
-        feature, odd ``i`` none.
+        The galaxies are host-matched pairs with visible features, as ``python -m data.generate
+        tidal_pairs --distribution visible`` renders them: galaxy ``2 k`` is pair ``k`` with its
+        feature, galaxy ``2 k + 1`` the same scene without it (``data.shards.render_cutouts``), so
+        one pair can be remade alone.
 
     Returns
     -------
@@ -111,11 +113,11 @@ def write_example_galaxies(out_dir, n_per_class=N_GALAXIES_PER_CLASS, seed=GALAX
     folder = pathlib.Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     images, ids, truths = [], [], []
-    for index in range(2 * n_per_class):
-        image, truth = tidal.render_tidal_galaxy(shards.cutout_rng("tidal", seed, index), has_tidal=index % 2 == 0)
-        images.append(image)
-        truths.append(truth)
-        ids.append(f"galaxy{index:02d}")
+    for pair in range(n_per_class):
+        for image, _, truth, _ in shards.render_cutouts("tidal_pairs", seed, pair, "visible"):
+            images.append(image)
+            truths.append(dict(truth, pair_id=f"pair{pair:02d}"))
+            ids.append(f"galaxy{len(ids):02d}")
     path = folder / GALAXIES_FILE
     data.files.write_stacked_hdf5(path, np.stack(images).astype(np.float16), ids=ids, columns=tidal.truth_columns(truths),
                                  pixel_scale=hsc.PIXEL_SCALE, attributes={"bands": tidal_data.TIDAL_BANDS})

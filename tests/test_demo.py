@@ -54,7 +54,7 @@ def test_example_clusters_are_readable_hsc_style_fits():
 
 
 def test_example_galaxies_are_balanced_and_reproducible():
-    from data import shards, tidal
+    from data import shards
 
     make_example_data = load_script("make_example_data")
     catalogue = tidal_data.index_tidal_hdf5([GALAXIES])
@@ -64,11 +64,17 @@ def test_example_galaxies_are_balanced_and_reproducible():
     assert ((catalogue.feature_type == "none") == (catalogue.has_tidal == 0)).all()
     with h5py.File(GALAXIES, "r") as f:
         assert f["image"].dtype == np.float16 and f.attrs["bands"] == "grizy"
-    # Galaxy i is the generator's galaxy i of the seed: remade alone, it matches to float16 rounding.
-    stored = tidal_data.read_tidal_images(catalogue, [2])[0]
-    image, truth = tidal.render_tidal_galaxy(shards.cutout_rng("tidal", make_example_data.GALAXY_SEED, 2), has_tidal=True)
-    np.testing.assert_allclose(stored, image, rtol=1e-3, atol=1e-4)
-    assert truth["feature_type"] == catalogue.feature_type[2]
+    # Galaxies 2 and 3 are the generator's visible pair 1 of the seed: remade alone, they match to
+    # float16 rounding, and the twins differ by the feature alone.
+    stored = tidal_data.read_tidal_images(catalogue, [2, 3])
+    twins = shards.render_cutouts("tidal_pairs", make_example_data.GALAXY_SEED, 1, "visible")
+    for position, (image, _, truth, _) in enumerate(twins):
+        np.testing.assert_allclose(stored[position], image, rtol=1e-3, atol=1e-4)
+        assert truth["feature_type"] == catalogue.feature_type[2 + position]
+    assert twins[0][2]["visible"] == 1
+    with h5py.File(GALAXIES, "r") as f:
+        pair_ids = [value.decode() for value in f["pair_id"][()]]
+    assert pair_ids[2] == pair_ids[3] != pair_ids[0]
 
 
 def test_finetune_clusters_have_labels_in_range():

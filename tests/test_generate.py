@@ -203,7 +203,8 @@ def test_tidal_kind_writes_the_tidal_layout(stand_in_tidal, tmp_path):
     with h5py.File(out, "r") as f:
         assert f["image"].shape == (5, 128, 128, 5) and f["image"].dtype == np.float32
         assert f.attrs["bands"] == "grizy"
-        assert set(f.keys()) == {"image", "id", "has_tidal", "feature_type", "feature_sb", "params"}
+        assert set(f.keys()) == {"image", "id", "has_tidal", "feature_type", "feature_sb", "params", "pair_id", "visible",
+                                 "feature_light_fraction", "feature_snr", "feature_contrast"}
         has_tidal = f["has_tidal"][()]
         types_ = [v.decode() for v in f["feature_type"][()]]
         assert [t != "none" for t in types_] == [bool(h) for h in has_tidal]
@@ -272,3 +273,24 @@ def test_unmeasurable_cutout_gets_nan_label_that_training_refuses(tmp_path, monk
     refs, _ = prep_data.index_cutouts(paths)
     with pytest.raises(prep_data.CutoutError, match="label 'f_icl_sb' is nan"):
         prep_data.read_labels(refs, "f_icl_sb")
+
+
+def test_tidal_pairs_kind_writes_host_matched_twins(tmp_path):
+    out = tmp_path / "pairs.h5"
+    assert generate.main(["tidal_pairs", "--n", "2", "--seed", "5", "--distribution", "visible", "--out", str(out),
+                          "--workers", "1", "--quiet"]) == 0
+    with h5py.File(out, "r") as f:
+        assert f["image"].shape == (4, 128, 128, 5)
+        assert list(f["has_tidal"][()]) == [1, 0, 1, 0] and list(f["visible"][()]) == [1, 0, 1, 0]
+        pair_ids = [value.decode() for value in f["pair_id"][()]]
+        assert pair_ids[0] == pair_ids[1] != pair_ids[2] == pair_ids[3]
+        images = f["image"][()]
+    # The twins share the scene and the noise: far from the centre (no feature there) they agree.
+    np.testing.assert_allclose(images[0, :4, :4], images[1, :4, :4], atol=1e-5)
+
+
+def test_visible_distribution_is_for_tidal_pairs_only(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        generate.main(["tidal", "--n", "2", "--distribution", "visible", "--out", str(tmp_path / "t.h5"), "--quiet"])
+    assert stopped.value.code == 2
+    assert "--distribution visible applies to tidal_pairs only" in capsys.readouterr().err

@@ -63,25 +63,6 @@ def test_truth_is_json_ready_and_consistent(pair):
     assert truth["visible"] in (0, 1)
 
 
-def test_local_visibility_rule():
-    sigma = np.sqrt(0.017**2 + 0.020**2 + 0.022**2)
-    feature = np.zeros((128, 128, 5))
-    rest = np.zeros((128, 128, 5))
-    # 100 pixels at one detection sigma (a third in each of g, r, i): S/N 100 sigma / (sigma sqrt(100)) = 10.
-    feature[:10, :10, :3] = sigma / 3
-    rest[:10, :10, :3] = sigma / 3
-    result = tidal_galsim._local_feature_visibility(feature, rest)
-    assert result["footprint_pixels"] == 100
-    assert result["snr"] == pytest.approx(10.0)
-    assert result["contrast"] == pytest.approx(1.0)
-    assert not result["visible"]
-    feature[:10, :10, :3] *= 4  # S/N 40 and contrast 4: visible
-    assert tidal_galsim._local_feature_visibility(feature, rest)["visible"]
-    feature[:] = 0.2 * sigma / 3  # below the footprint threshold everywhere
-    assert tidal_galsim._local_feature_visibility(feature, rest) == {
-        "snr": 0.0, "contrast": 0.0, "footprint_pixels": 0, "visible": False}
-
-
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     path = tmp_path_factory.mktemp("pairs") / "pairs.h5"
