@@ -142,7 +142,7 @@ class JitteredCrop(layers.Layer):
     """Crop square views: jittered around the centre in training, exactly centred otherwise.
 
     Training: centre crop to ``crop_size + jitter``, then a random ``crop_size`` crop inside it,
-    with its own offset per image (the original drew one offset per batch). Inference: the
+    one offset per batch, as the original. Inference: the
     deterministic test-time view, a centre crop to ``crop_size``.
 
     Parameters
@@ -188,14 +188,11 @@ class JitteredCrop(layers.Layer):
             top = (height - self.crop_size) // 2
             left = (width - self.crop_size) // 2
             return images[:, top : top + self.crop_size, left : left + self.crop_size, :]
-        batch = tf.shape(images)[0]
-        offsets = keras.random.randint((batch, 2), 0, self.jitter + 1, seed=self.seed_generator)
-        top = (height - self.crop_size - self.jitter) // 2 + offsets[:, :1]
-        left = (width - self.crop_size - self.jitter) // 2 + offsets[:, 1:]
-        steps = tf.range(self.crop_size)[None, :]
-        # Per-image windows by gathering rows then columns: vectorised, no map_fn.
-        rows = tf.gather(images, top + steps, axis=1, batch_dims=1)
-        return tf.gather(rows, left + steps, axis=2, batch_dims=1)
+        # One offset for the whole batch, as the original's random crop of the batch tensor.
+        offsets = keras.random.randint((2,), 0, self.jitter + 1, seed=self.seed_generator)
+        top = (height - self.crop_size - self.jitter) // 2 + offsets[0]
+        left = (width - self.crop_size - self.jitter) // 2 + offsets[1]
+        return images[:, top : top + self.crop_size, left : left + self.crop_size, :]
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.crop_size, self.crop_size, input_shape[3])
