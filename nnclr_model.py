@@ -829,11 +829,19 @@ def add_source_arguments(parser):
     group.add_argument("--tfds-dir", metavar="DIR", help="TFDS data_dir holding the tidal builders")
     group.add_argument("--tfds-unlabelled", default=TFDS_UNLABELLED, help="unlabelled builder (default %(default)s)")
     group.add_argument("--tfds-labelled", default=TFDS_LABELLED, help="labelled builder (default %(default)s)")
+    parser.add_argument("--labelled", nargs="+", metavar="PATH",
+                        help="tidal HDF5 files whose galaxies alone form the classifier's labelled sets (for example "
+                        "host-matched pairs of visible features, python -m data.generate tidal_pairs); they also join "
+                        "the unlabelled stream")
     return parser
 
 
-def open_tidal_source(inputs=(), tfds_dir=None, unlabelled=TFDS_UNLABELLED, labelled=TFDS_LABELLED):
+def open_tidal_source(inputs=(), tfds_dir=None, unlabelled=TFDS_UNLABELLED, labelled=TFDS_LABELLED, labelled_files=()):
     """The :class:`tidal_data.TidalSource` of tidal HDF5 ``inputs`` or of the TFDS builders in ``tfds_dir``.
+
+    With ``labelled_files``, the labelled pool (and the classifier sets drawn from it) is every
+    galaxy of those tidal HDF5 files, and the unlabelled stream is that of ``inputs`` (or the
+    TFDS builder) followed by them, as the original joined its tidal set to the unlabelled one.
 
     Raises
     ------
@@ -843,11 +851,23 @@ def open_tidal_source(inputs=(), tfds_dir=None, unlabelled=TFDS_UNLABELLED, labe
     if bool(inputs) == bool(tfds_dir):
         raise ValueError("give the tidal data either as INPUT files or folders, or as --tfds-dir, not both or neither")
     if inputs:
-        return tidal_data.tidal_source_from_hdf5(inputs)
-    # Imported here: the TFDS builders are heavy and only this branch needs them.
-    import data.tidal_datasets
+        source = tidal_data.tidal_source_from_hdf5(inputs)
+    else:
+        # Imported here: the TFDS builders are heavy and only this branch needs them.
+        import data.tidal_datasets
 
-    return data.tidal_datasets.tidal_source_from_tfds(unlabelled, labelled, tfds_dir)
+        source = data.tidal_datasets.tidal_source_from_tfds(unlabelled, labelled, tfds_dir)
+    if not labelled_files:
+        return source
+    pool = tidal_data.tidal_source_from_hdf5(labelled_files)
+    if tuple(pool.image_shape) != tuple(source.image_shape):
+        raise ValueError(f"--labelled {pool.description}: images are {tuple(pool.image_shape)}, "
+                         f"the unlabelled data's are {tuple(source.image_shape)}")
+    return dataclasses.replace(
+        pool,
+        description=f"{source.description} (unlabelled) + {pool.description} (labelled)",
+        unlabelled=lambda: source.unlabelled().concatenate(pool.unlabelled()),
+    )
 
 
 # ----------------------------------------------------------------------------------------

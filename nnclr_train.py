@@ -26,6 +26,7 @@ global batch, and the batch normalisation uses the global batch's statistics
 Example::
 
     python nnclr_train.py mocks/tidal.h5 --out-dir runs/nnclr
+    python nnclr_train.py mocks/tidal.h5 --labelled mocks/visible_pairs.h5 --out-dir runs/nnclr
     python nnclr_train.py mocks/tidal.h5 --out-dir runs/probe --load-encoder runs/nnclr/encoder.keras
     python nnclr_train.py mocks/tidal.h5 --out-dir runs/nnclr --strategy mirrored
     python nnclr_train.py mocks/tidal.h5 --out-dir runs/smoke --tiny    # minutes on a CPU
@@ -310,7 +311,8 @@ def main(argv=None):
     out_dir = folders.own
     keras.utils.set_random_seed(train_config.seed)
     try:
-        source = nnclr_model.open_tidal_source(args.inputs, args.tfds_dir, args.tfds_unlabelled, args.tfds_labelled)
+        source = nnclr_model.open_tidal_source(args.inputs, args.tfds_dir, args.tfds_unlabelled, args.tfds_labelled,
+                                               args.labelled)
         config = model_config_from_arguments(args, source.image_shape)
         band_scale = None
         if args.load_encoder:
@@ -328,7 +330,7 @@ def main(argv=None):
     nnclr_model.save_config(
         config, out_dir / "config.json", band_scale=[float(value) for value in band_scale],
         softening=tidal_data.TIDAL_STRETCH_SOFTENING, data=source.description,
-        settings={**dataclasses.asdict(train_config), "load_encoder": args.load_encoder},
+        settings={**dataclasses.asdict(train_config), "load_encoder": args.load_encoder, "labelled": args.labelled},
     )
 
     if not args.load_encoder:
