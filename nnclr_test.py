@@ -5,22 +5,44 @@ classifier sets from the same data (``INPUT...`` or ``--tfds-dir``) and seed, an
 classifier to the test set with the deterministic test-time view (centre crop, no noise, no
 flip). Outputs in ``--out-dir`` (default: the run folder's ``test/``):
 
-* ``roc.png``, ``fpr.npy``, ``tpr.npy``, ``thresholds.npy`` (sklearn ``roc_curve``) and
-  ``scores.npy`` / ``labels.npy`` of the test galaxies;
+* ``roc.png`` (the classifier's ROC curve and its baselines'), ``fpr.npy``, ``tpr.npy``,
+  ``thresholds.npy`` (sklearn ``roc_curve``), ``scores.npy`` / ``labels.npy`` of the test
+  galaxies and ``baseline_<name>.npy``, the baselines' scores of the same galaxies;
 * ``metrics.json``: AUC, and the completeness (true-positive rate) at 22% contamination with
   contamination read both as the false-positive rate and as 1 - precision (Desmons et al. 2023
-  quote 96% completeness at 22% contamination; sources differ on the definition). When the
-  data carry the mock truth (``feature_type``, ``feature_sb``), ``by_feature`` gives the AUC
-  and completeness of each kind of feature and of each feature surface-brightness bin.
+  quote 96% completeness at 22% contamination; sources differ on the definition), each next
+  to the same numbers of classical baselines on the same galaxies (``baselines``,
+  :mod:`tidal_baselines`): ``host_flux``, the i-band light of the host's core, which sees
+  only the host (what the detector would score if it had only learnt "bright host");
+  ``rotation_residual``, the asymmetric faint light left after subtracting the image rotated
+  about the host; and, when the run has a training split, ``boosting``, gradient-boosted trees
+  on a dozen residual features trained on the classifier's training galaxies. When the data
+  carry the mock truth (``feature_type``, ``feature_sb``, ``visible``), ``by_feature`` gives
+  the AUC and completeness of the classifier and of the baselines for each kind of feature,
+  each feature surface-brightness bin and visible / not visible features.
+
+Host-matched pairs: a test file whose galaxies carry ``pair_id`` (``--test-data`` or
+``--test-all``) holds each scene twice, with and without its tidal feature (same host,
+neighbours, PSF and noise). Its pairs are checked (:func:`tidal_data.check_pairs`) and the
+test galaxies are evaluated as pairs: any host-only statistic scores AUC 0.5 by
+construction (a warning says so when the host flux departs from 0.5 by more than 0.05), the
+negatives of every ``by_feature`` bin are the twins of its positives, and ``pair_win_rate``
+is the fraction of pairs in which the twin with the feature scores higher. With a
+``visible`` column, ``auc_all`` and ``auc_visible`` (visible features, and their twins or
+all galaxies without features) are both given; ``--visible-only`` makes the latter the
+headline (``auc``, the completeness, the ROC curve; ``headline.npy`` marks its galaxies).
 
 Options:
 
 * ``--label-efficiency``: linear probes on the frozen encoder with 10, 25, 50, 100 and 300
-  labelled galaxies per class (several seeds) against the same ResNet trained fully supervised
+  labelled galaxies per class (5 seeds) against the same ResNet trained fully supervised
   from scratch on the same galaxies, and against the same linear probe on an *untrained*
   (randomly initialised) encoder of the same architecture: the control that says how much of
-  the probe's score the self-supervision earned. ``label_efficiency.json`` and
-  ``label_efficiency.png``.
+  the probe's score the self-supervision earned. The supervised ResNet is trained to
+  convergence: at least ``--baseline-min-steps`` (3000) optimizer steps, then early stopping
+  on the AUC of the run's validation galaxies (best weights restored), at most
+  ``--baseline-max-steps`` (6000); ``--baseline-epochs N`` trains a fixed N epochs instead
+  (quick checks). ``label_efficiency.json`` and ``label_efficiency.png``.
 * ``--test-data PATH``: the test set is every labelled galaxy of these (independent) files
   instead of the run's test split (50 per class, too few to tell AUCs 0.05 apart). The
   label-efficiency galaxies still come from the run's training split of the inputs.
@@ -35,13 +57,15 @@ Options:
   partitions of ``--partition-size`` galaxies, each worker loading the run's models once. The
   workers read the galaxies of HDF5 inputs themselves (every machine must see the files and the
   run folder). The outputs equal the single-process ones to float32 precision (scores within
-  1e-6); the linear probes, the supervised baselines and the ROC stay in this process.
+  1e-6); the linear probes, the supervised baselines, the classical baselines (which read the
+  test galaxies a chunk at a time) and the ROC stay in this process.
 
 Example::
 
     python nnclr_test.py mocks/tidal.h5 --run-dir runs/nnclr --label-efficiency
     python nnclr_test.py mocks/tidal.h5 --run-dir runs/nnclr --test-data mocks/tidal_heldout.h5 --label-efficiency
     python nnclr_test.py mocks/tidal_heldout.h5 --run-dir runs/nnclr --test-all --out-dir runs/nnclr/heldout
+    python nnclr_test.py mocks/tidal.h5 --run-dir runs/nnclr --test-data mocks/tidal_pairs.h5 --visible-only
     python nnclr_test.py /shared/tidal_survey.h5 --run-dir /shared/runs/nnclr --test-all --dask tcp://scheduler:8786
 """
 
@@ -61,19 +85,25 @@ import numpy as np
 import nnclr_model
 import parallel
 import plots
+import tidal_baselines
 import tidal_data
 from nnclr_model import CONTAMINATION
 
 # Defaults; every one can be set from the command line.
 LABEL_COUNTS = (10, 25, 50, 100, 300)  # labelled galaxies per class in the label-efficiency study
-LABEL_SEEDS = 3  # random draws of the labelled galaxies per count
+LABEL_SEEDS = 5  # random draws of the labelled galaxies per count
 PROBE_STRENGTHS = np.logspace(-4, 2, 13)  # inverse L2 strengths C tried by the label-efficiency probe
 PROBE_FOLDS = 5  # cross-validation folds (at most) that choose C on the labelled galaxies
-BASELINE_EPOCHS = 50  # epochs of the supervised ResNet trained from scratch (the classifier's epochs)
+BASELINE_MIN_STEPS = 3000  # optimizer steps the supervised ResNet trained from scratch takes at least
+BASELINE_MAX_STEPS = 6000  # ... and at most
+BASELINE_CHECKS = 15  # validation AUC checks within the first BASELINE_MIN_STEPS (every 200 steps by default)
+BASELINE_HOLDOUT = 0.25  # share of a draw's labelled galaxies held out for early stopping when no validation set is given
 BATCH_SIZE = 24  # classifier batch size
 TOP_K = 16  # galaxies shown and counted in a similarity search
 SIMILARITY_POOL = 2000  # galaxies ranked in a similarity search (random, always with the query)
 SB_BINS = 4  # feature surface-brightness bins (equal counts of tidal test galaxies) of the mock breakdown
+HOST_MATCH_TOLERANCE = 0.05  # on host-matched pairs, a host-only AUC further than this from 0.5 is warned about
+BASELINE_CHUNK = 256  # test galaxies read at a time for the classical baselines
 
 #: Curves of the label-efficiency study: result key and legend.
 LABEL_EFFICIENCY_CURVES = (
@@ -85,42 +115,99 @@ LABEL_EFFICIENCY_CURVES = (
 logger = logging.getLogger("nnclr_test")
 
 
-def detection_by_feature(labels, scores, truth, contamination=CONTAMINATION, sb_bins=SB_BINS):
-    """How well each kind of feature and each feature surface brightness is detected (mock truth).
+def pair_win_rate(scores, twins, labels):
+    """Fraction of host-matched pairs in which the twin with the feature scores higher (ties count half).
 
-    Every subset of tidal galaxies is scored against all the galaxies without features: its AUC,
-    and its completeness at the threshold that gives ``contamination`` (as FPR) on the whole
-    test set, so the completeness of the bins averages to the overall one.
+    Sensitive to any light the feature adds, however little: a statistic that the feature
+    changes at all (even by its faint light in the host's core) wins nearly every pair.
+    """
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    tidal = np.flatnonzero(labels == 1)
+    if tidal.size == 0:
+        return None
+    with_feature, without = scores[tidal], scores[np.asarray(twins)[tidal]]
+    return float(np.mean((with_feature > without) + 0.5 * (with_feature == without)))
+
+
+def score_summary(labels, scores, contamination=CONTAMINATION, twins=None):
+    """AUC and completeness at ``contamination`` (as FPR and as 1 - precision) of one scorer;
+    with ``twins`` (host-matched pairs) also its :func:`pair_win_rate`."""
+    result = nnclr_model.evaluate_scores(labels, scores, contamination)
+    summary = {
+        "auc": result["auc"],
+        "completeness_at_contamination_fpr": result["completeness"]["fpr"],
+        "completeness_at_contamination_one_minus_precision": result["completeness"]["one_minus_precision"],
+    }
+    if twins is not None:
+        summary["pair_win_rate"] = pair_win_rate(scores, twins, labels)
+    return summary
+
+
+def _threshold_at(labels, scores, contamination):
+    """The score threshold whose false-positive rate is the largest at most ``contamination``."""
+    from sklearn.metrics import roc_curve
+
+    fpr, _, thresholds = roc_curve(labels, scores)
+    return float(thresholds[np.flatnonzero(fpr <= contamination + 1e-12).max()])
+
+
+def detection_by_feature(labels, scores, truth, contamination=CONTAMINATION, sb_bins=SB_BINS, baselines=None,
+                         twins=None):
+    """How well each kind of feature, each feature surface brightness and each visibility is detected.
+
+    Every subset of tidal galaxies is scored against galaxies without features: all of them,
+    or with ``twins`` (host-matched pairs) only the twins of the subset's galaxies, so that a
+    host-only statistic stays at AUC 0.5 in every bin. Each bin gives the AUC, and the
+    completeness at the threshold that gives ``contamination`` (as FPR) on the whole test
+    set, so the completeness of the bins averages to the overall one; for the classifier and
+    for each of ``baselines``.
 
     Parameters
     ----------
     labels, scores : arrays, shape (N,)
+        Labels and classifier scores of the test galaxies.
     truth : dict
-        ``feature_type`` (str) and ``feature_sb`` (mag/arcsec^2, NaN when unknown) per galaxy.
+        ``feature_type`` (str) and ``feature_sb`` (mag/arcsec^2, NaN when unknown) per galaxy,
+        and optionally ``visible`` (1, 0, or -1 when unknown).
     sb_bins : int
         Surface-brightness bins, with equal numbers of tidal galaxies.
+    baselines : dict of str -> array, optional
+        Scores of other statistics on the same galaxies (``host_flux``, ``rotation_residual``).
+    twins : array of int, optional
+        Position of each galaxy's twin (:func:`tidal_data.check_pairs`).
 
     Returns
     -------
     dict
-        ``threshold``, and lists ``feature_type`` and ``feature_sb`` of rows with ``n``,
-        ``auc`` and ``completeness`` (SB rows also ``sb_min`` and ``sb_max``).
+        ``threshold`` (the classifier's), ``contamination``, ``paired``, and lists
+        ``feature_type``, ``feature_sb`` and ``visibility`` of rows with ``n`` (tidal galaxies),
+        ``auc``, ``completeness`` and ``baselines`` (``{name: {auc, completeness}}``); SB rows
+        also have ``sb_min`` and ``sb_max``, visibility rows ``visible`` (bool).
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    labels, scores = np.asarray(labels), np.asarray(scores)
-    fpr, _, thresholds = roc_curve(labels, scores)
-    threshold = float(thresholds[np.flatnonzero(fpr <= contamination + 1e-12).max()])
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    scorers = {"classifier": scores, **{name: np.asarray(values, dtype=np.float64)
+                                        for name, values in (baselines or {}).items()}}
+    thresholds = {name: _threshold_at(labels, values, contamination) for name, values in scorers.items()}
     negatives = labels == 0
+    tidal = labels == 1
 
     def row(members, **extra):
-        chosen = members | negatives
-        return {**extra, "n": int(members.sum()), "auc": float(roc_auc_score(labels[chosen], scores[chosen])),
-                "completeness": float(np.mean(scores[members] >= threshold))}
+        from sklearn.metrics import roc_auc_score
 
-    tidal = labels == 1
+        if twins is not None:
+            chosen = members.copy()
+            chosen[np.asarray(twins)[members]] = True
+        else:
+            chosen = members | negatives
+        measured = {name: {"auc": float(roc_auc_score(labels[chosen], values[chosen])),
+                           "completeness": float(np.mean(values[members] >= thresholds[name]))}
+                    for name, values in scorers.items()}
+        classifier = measured.pop("classifier")
+        return {**extra, "n": int(members.sum()), **classifier, "baselines": measured}
+
     kinds = np.asarray(truth["feature_type"]).astype(str)
-    result = {"threshold": threshold, "contamination": contamination, "feature_type": [], "feature_sb": []}
+    result = {"threshold": thresholds["classifier"], "contamination": contamination, "paired": twins is not None,
+              "feature_type": [], "feature_sb": [], "visibility": []}
     for kind in sorted(set(kinds[tidal])):
         result["feature_type"].append(row(tidal & (kinds == kind), feature_type=kind))
     sb = np.asarray(truth["feature_sb"], dtype=np.float64)
@@ -131,18 +218,45 @@ def detection_by_feature(labels, scores, truth, contamination=CONTAMINATION, sb_
             members = known & (sb >= low) & ((sb < high) | (high == edges[-1]))
             if members.any():  # tied surface brightnesses can leave a bin empty
                 result["feature_sb"].append(row(members, sb_min=round(float(low), 2), sb_max=round(float(high), 2)))
+    if "visible" in truth:
+        visible = np.asarray(truth["visible"])
+        for flag in (1, 0):
+            members = tidal & (visible == flag)
+            if members.any():
+                result["visibility"].append(row(members, visible=bool(flag)))
     return result
 
 
-def plot_roc(fpr, tpr, auc, contamination, path):
-    """The ROC curve of the test set, with chance and the quoted contamination marked."""
-    figure, axes = plots.new_figure(figsize=(4.5, 4.5))
-    axes.plot(fpr, tpr, label=f"NNCLR classifier (AUC {auc:.3f})")
+def bin_name(entry):
+    """How a row of :func:`detection_by_feature` is named in the printed breakdown."""
+    if "feature_type" in entry:
+        return entry["feature_type"]
+    if "visible" in entry:
+        return "visible" if entry["visible"] else "not visible"
+    return f"SB {entry['sb_min']:.2f}-{entry['sb_max']:.2f}"
+
+
+def baseline_text(baselines, key="auc"):
+    """``host flux alone 0.503, rotation residual 0.781``: the baselines' values of ``key``."""
+    return ", ".join(f"{tidal_baselines.BASELINE_NAMES.get(name, name)} {values[key]:.3f}"
+                     for name, values in baselines.items())
+
+
+def plot_roc(curves, contamination, path):
+    """ROC curves on the test set (the classifier's first, then the baselines'), with chance and
+    the quoted contamination marked.
+
+    ``curves`` is a list of ``(label, fpr, tpr, auc)``.
+    """
+    figure, axes = plots.new_figure(figsize=(4.8, 4.8))
+    for position, (label, fpr, tpr, auc) in enumerate(curves):
+        axes.plot(fpr, tpr, label=f"{label} (AUC {auc:.3f})", linewidth=1.6 if position == 0 else 1.0,
+                  linestyle="-" if position == 0 else "-.")
     axes.plot([0, 1], [0, 1], color="0.6", linestyle=":", label="chance")
     axes.axvline(contamination, color="0.4", linestyle="--", linewidth=0.8, label=f"FPR = {contamination:g}")
     axes.set(xlabel="false-positive rate (contamination)", ylabel="true-positive rate (completeness)",
              xlim=(0, 1), ylim=(0, 1.02))
-    axes.legend(loc="lower right")
+    axes.legend(loc="lower right", fontsize="small")
     plots.save_figure(figure, path)
 
 
@@ -178,24 +292,98 @@ def fit_linear_probe(train_features, train_labels, seed):
     return make_pipeline(StandardScaler(), search).fit(train_features, train_labels)
 
 
-def train_supervised_baseline(config, train_images, train_labels, epochs, seed, batch_size=BATCH_SIZE):
-    """The same encoder architecture plus Dense(1), all trained from scratch on the labels only."""
+def _holdout(labels, fraction, seed):
+    """Stratified split of positions into (train, held out), at least one of each class on each side."""
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for label in (0, 1):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        if members.size < 2:
+            raise ValueError("the supervised baseline needs at least 2 labelled galaxies of each class")
+        count = int(np.clip(round(fraction * members.size), 1, members.size - 1))
+        held.append(members[:count])
+        train.append(members[count:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
+
+
+def train_supervised_baseline(config, train_images, train_labels, seed, validation=None, min_steps=BASELINE_MIN_STEPS,
+                              max_steps=BASELINE_MAX_STEPS, epochs=None, batch_size=BATCH_SIZE):
+    """The same encoder architecture plus Dense(1), all trained from scratch on the labels only.
+
+    Trained to convergence: at least ``min_steps`` optimizer steps (batches of ``batch_size``
+    drawn from the reshuffled labelled galaxies), at most ``max_steps``, checking the AUC on
+    ``validation`` every ``min_steps / BASELINE_CHECKS`` steps (at least 1). After
+    ``min_steps``, training stops once the validation AUC has not improved for a third of
+    ``min_steps``; the weights of the best check are restored. ``validation`` is
+    ``(images, labels)`` (the run's validation galaxies); without it a stratified
+    :data:`BASELINE_HOLDOUT` of the labelled galaxies is held out (and not trained on).
+    ``epochs`` (a fixed schedule instead: that many passes over the labelled galaxies, no
+    early stopping) is for quick checks. Deterministic for a seed.
+
+    Returns
+    -------
+    classifier : keras.Model
+    record : dict
+        ``steps`` trained, ``best_step`` and ``validation_auc`` (None with ``epochs``).
+    """
+    import tensorflow as tf
+    from sklearn.metrics import roc_auc_score
+
     keras.utils.set_random_seed(seed)
+    train_labels = np.asarray(train_labels)
     classifier = nnclr_model.build_classifier(nnclr_model.build_encoder(config), config, fine_tune=True, seed=seed)
     classifier.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
-    classifier.fit(train_images, train_labels.astype(np.float32), epochs=epochs, batch_size=batch_size, verbose=0)
-    return classifier
+    if epochs is not None:
+        classifier.fit(train_images, train_labels.astype(np.float32), epochs=epochs, batch_size=batch_size, verbose=0,
+                       shuffle=True)
+        steps = int(epochs * np.ceil(len(train_labels) / batch_size))
+        return classifier, {"steps": steps, "best_step": steps, "validation_auc": None}
+    if min_steps < 1 or max_steps < min_steps:
+        raise ValueError(f"the baseline needs 1 <= min_steps <= max_steps, got {min_steps} and {max_steps}")
+    if validation is None:
+        kept, held = _holdout(train_labels, BASELINE_HOLDOUT, seed)
+        validation = (train_images[held], train_labels[held])
+        train_images, train_labels = train_images[kept], train_labels[kept]
+    validation_images, validation_labels = validation
+    every = max(1, min_steps // BASELINE_CHECKS)
+    patience = max(every, min_steps // 3)
+    dataset = (tf.data.Dataset.from_tensor_slices((np.asarray(train_images, np.float32), train_labels.astype(np.float32)))
+               .shuffle(len(train_labels), seed=seed, reshuffle_each_iteration=True).repeat().batch(batch_size))
+
+    class Convergence(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.best = (-np.inf, 0, None)  # AUC, step, weights
+
+        def on_epoch_end(self, epoch, logs=None):
+            step = (epoch + 1) * every
+            scores = self.model.predict(validation_images, batch_size=batch_size, verbose=0)[:, 0]
+            auc = float(roc_auc_score(validation_labels, scores))
+            if auc > self.best[0]:
+                self.best = (auc, step, self.model.get_weights())
+            if step >= max_steps or (step >= min_steps and step - self.best[1] >= patience):
+                self.model.stop_training = True
+            self.steps = step
+
+    convergence = Convergence()
+    classifier.fit(dataset, steps_per_epoch=every, epochs=-(-max_steps // every), verbose=0, shuffle=False,
+                   callbacks=[convergence])
+    auc, best_step, weights = convergence.best
+    classifier.set_weights(weights)
+    return classifier, {"steps": int(convergence.steps), "best_step": int(best_step), "validation_auc": auc}
 
 
 def label_efficiency(encoder, config, train_images, train_labels, test_images, test_labels, label_counts=LABEL_COUNTS,
-                     label_seeds=LABEL_SEEDS, baseline_epochs=BASELINE_EPOCHS, contamination=CONTAMINATION,
-                     trained_features=None):
+                     label_seeds=LABEL_SEEDS, contamination=CONTAMINATION, trained_features=None, validation=None,
+                     baseline_min_steps=BASELINE_MIN_STEPS, baseline_max_steps=BASELINE_MAX_STEPS, baseline_epochs=None):
     """AUC of the linear probe, its untrained-encoder control and the supervised baseline.
 
     For each labels-per-class count in ``label_counts`` (capped at the smaller class) and each
     of ``label_seeds`` seeds, the same galaxies train the probe on the trained encoder, the
     probe on an encoder of the same architecture left at its random initial weights (drawn from
-    the seed) and the ResNet trained from scratch for ``baseline_epochs``.
+    the seed) and the ResNet trained from scratch (:func:`train_supervised_baseline`, to
+    convergence on ``validation`` between ``baseline_min_steps`` and ``baseline_max_steps``
+    steps, or for ``baseline_epochs`` epochs when given).
 
     ``trained_features``, when given, are the trained encoder's representations of the train
     and test images, ``(train, test)``, already computed (on a Dask cluster).
@@ -203,9 +391,10 @@ def label_efficiency(encoder, config, train_images, train_labels, test_images, t
     Returns
     -------
     list of dict
-        One row per count and seed: ``labels_per_class``, ``seed``, and ``<model>_auc`` and
+        One row per count and seed: ``labels_per_class``, ``seed``, ``<model>_auc`` and
         ``<model>_completeness`` (at ``contamination``) for the models of
-        :data:`LABEL_EFFICIENCY_CURVES`.
+        :data:`LABEL_EFFICIENCY_CURVES`, and the baseline's ``supervised_steps``,
+        ``supervised_best_step`` and ``supervised_validation_auc``.
     """
     def features_of(model):
         return (nnclr_model.representations(model, train_images, config),
@@ -232,13 +421,15 @@ def label_efficiency(encoder, config, train_images, train_labels, test_images, t
                                                      ("untrained_probe", untrained_features[seed])):
             probe = fit_linear_probe(train_features[chosen], train_labels[chosen], seed)
             scores[key] = probe.predict_proba(test_features)[:, 1]
-        baseline = train_supervised_baseline(config, train_images[chosen], train_labels[chosen], baseline_epochs, seed)
+        baseline, record = train_supervised_baseline(config, train_images[chosen], train_labels[chosen], seed, validation,
+                                                     baseline_min_steps, baseline_max_steps, baseline_epochs)
         scores["supervised"] = baseline.predict(test_images, verbose=0)[:, 0]
         row = {"labels_per_class": count, "seed": seed}
         for key, values in scores.items():
             result = nnclr_model.evaluate_scores(test_labels, values, contamination)
             row[f"{key}_auc"] = result["auc"]
             row[f"{key}_completeness"] = result["completeness"]
+        row.update({f"supervised_{key}": value for key, value in record.items()})
         results.append(row)
     return results
 
@@ -327,17 +518,58 @@ def build_parser():
     parser.add_argument("--label-efficiency", action="store_true", help="run the label-efficiency study")
     parser.add_argument("--label-counts", type=int, nargs="+", default=LABEL_COUNTS, help="labelled galaxies per class")
     parser.add_argument("--label-seeds", type=int, default=LABEL_SEEDS, help="random draws of the labels per count")
-    parser.add_argument("--baseline-epochs", type=int, default=BASELINE_EPOCHS, help="epochs of each supervised baseline")
+    parser.add_argument("--baseline-min-steps", type=int, default=BASELINE_MIN_STEPS,
+                        help="optimizer steps each supervised baseline takes at least (then early stopping on validation AUC)")
+    parser.add_argument("--baseline-max-steps", type=int, default=BASELINE_MAX_STEPS,
+                        help="optimizer steps each supervised baseline takes at most")
+    parser.add_argument("--baseline-epochs", type=int, metavar="N",
+                        help="a fixed schedule of N epochs for the supervised baselines instead of training to convergence "
+                        "(quick checks)")
     parser.add_argument("--test-data", nargs="+", metavar="PATH",
                         help="independent tidal HDF5 files: every labelled galaxy in them is the test set")
     parser.add_argument("--test-all", action="store_true",
                         help="every labelled galaxy of the inputs is a test galaxy (independent data, e.g. a fresh mock set)")
+    parser.add_argument("--visible-only", action="store_true",
+                        help="headline metric on the visible features only (and, on host-matched pairs, their twins); "
+                        "needs the 'visible' column")
     parser.add_argument("--similar-to", metavar="ID", help="similarity search around this galaxy id")
     parser.add_argument("--top-k", type=int, default=TOP_K, help="matches shown and counted")
     parser.add_argument("--similarity-pool", type=int, default=SIMILARITY_POOL, help="galaxies ranked (random subset)")
     parallel.add_dask_argument(parser)
     common.add_verbose_argument(parser)
     return parser
+
+
+def select_headline(labels, truth, twins, visible_only):
+    """The test galaxies of the metrics: ``{"all": mask}``, plus ``"visible"`` when visibility is known.
+
+    The visible set is the tidal galaxies whose feature is visible, with (on host-matched pairs)
+    their twins or (otherwise) every galaxy without a feature. Returns the masks and the name
+    of the headline one (``visible`` with ``visible_only``).
+
+    Raises
+    ------
+    ValueError
+        ``visible_only`` without visibility, or without a visible feature.
+    """
+    labels = np.asarray(labels)
+    selections = {"all": np.ones(len(labels), bool)}
+    visible = np.asarray(truth["visible"]) if truth is not None and "visible" in truth else None
+    if visible is not None and (visible[labels == 1] != tidal_data.VISIBLE_UNKNOWN).any():
+        members = (labels == 1) & (visible == 1)
+        if members.any():
+            chosen = members.copy()
+            if twins is not None:
+                chosen[twins[members]] = True
+            else:
+                chosen |= labels == 0
+            selections["visible"] = chosen
+    if visible_only and "visible" not in selections:
+        reason = ("no tidal test galaxy has a visible feature" if visible is not None
+                  and (visible[labels == 1] != tidal_data.VISIBLE_UNKNOWN).any()
+                  else "the test galaxies have no 'visible' column")
+        raise ValueError(f"--visible-only: {reason}")
+    return selections, "visible" if visible_only else "all"
 
 
 def main(argv=None):
@@ -349,6 +581,11 @@ def main(argv=None):
         parser.error("--label-counts must all be >= 2 (the probe cross-validates on them) and --label-seeds >= 1")
     if args.test_all and args.test_data:
         parser.error("--test-all makes the inputs the test set; it cannot be combined with --test-data")
+    if not 1 <= args.baseline_min_steps <= args.baseline_max_steps:
+        parser.exit(2, f"error: --baseline-min-steps ({args.baseline_min_steps}) must be >= 1 and at most "
+                       f"--baseline-max-steps ({args.baseline_max_steps})\n")
+    if args.baseline_epochs is not None and args.baseline_epochs < 1:
+        parser.exit(2, f"error: --baseline-epochs must be >= 1, got {args.baseline_epochs}\n")
     parallel.check_dask_arguments(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_dir = pathlib.Path(args.run_dir)
@@ -369,10 +606,12 @@ def main(argv=None):
                 raise ValueError(
                     f"{data.description}: images are {tuple(data.image_shape)}, the run was trained on {config.input_shape}"
                 )
-        if args.test_data:
-            tidal_data.check_tidal_labels(test_source.labels)
+        if args.test_data or args.test_all:
+            try:
+                tidal_data.check_tidal_labels(test_source.labels)
+            except ValueError as error:
+                raise ValueError(f"{test_source.description}: {error}") from None
         if args.test_all:
-            tidal_data.check_tidal_labels(source.labels)
             splits = {"test": np.arange(len(source.labels))}
         else:
             splits = tidal_data.tidal_source_splits(
@@ -385,6 +624,20 @@ def main(argv=None):
                         f"--test-data shares {shared.size} galaxies (e.g. {shared[0]}) with the run's training and "
                         "validation sets: test on galaxies the classifier has not seen"
                     )
+        test_rows = np.arange(len(test_source.labels)) if args.test_data else splits["test"]
+        test_labels = test_source.labels[test_rows]
+        truth = None
+        if test_source.truth is not None:
+            truth = {key: np.asarray(values)[test_rows] for key, values in test_source.truth.items()}
+        twins = None
+        if truth is not None and "pair_id" in truth:
+            if args.test_data or args.test_all:  # a whole file: its pairs are whole
+                twins = tidal_data.check_pairs(truth["pair_id"], test_labels, test_source.description,
+                                               ids=test_source.ids[test_rows])
+            else:
+                logger.warning("the run's test split of a file of host-matched pairs does not keep the twins together: "
+                               "evaluated as single galaxies (test on a pair file with --test-data or --test-all)")
+        selections, headline = select_headline(test_labels, truth, twins, args.visible_only)
     except (ValueError, OSError) as error:
         parser.exit(2, f"error: {error}\n")
     saved_splits = run_dir / "splits.json"
@@ -397,8 +650,6 @@ def main(argv=None):
     def stretched(indices, data=source):
         return tidal_data.tidal_stretch(data.read_labelled(indices), band_scale)
 
-    test_rows = np.arange(len(test_source.labels)) if args.test_data else splits["test"]
-    test_labels = test_source.labels[test_rows]
     pool = None
     if args.similar_to is not None:
         pool = similarity_pool(source.ids, args.similar_to, args.similarity_pool, seed)
@@ -413,38 +664,94 @@ def main(argv=None):
         except (ValueError, OSError) as error:  # a scheduler that cannot be reached, files the workers cannot read
             parser.exit(2, f"error: {error}\n")
     # Without a cluster every test image is needed here; with one, only the label-efficiency study's.
-    test_images = stretched(test_rows, test_source) if not computed or args.label_efficiency else None
+    # The classical baselines read the counts of the test galaxies themselves, a chunk at a time.
+    # The boosted trees learn from the classifier's training galaxies: there are none with --test-all.
+    boosting = "train" in splits and np.bincount(source.labels[splits["train"]], minlength=2).min() >= 2
+    statistics = ("features",) if boosting else ("host_flux", "rotation_residual")
+    counts, test_images = None, None
+    if not computed or args.label_efficiency:
+        counts = test_source.read_labelled(test_rows)
+        test_images = tidal_data.tidal_stretch(counts, band_scale)
+
+    def read_counts(positions):
+        return counts[positions] if counts is not None else test_source.read_labelled(test_rows[positions])
+
+    measured = tidal_baselines.baseline_scores(read_counts, np.arange(len(test_rows)), statistics, BASELINE_CHUNK,
+                                               lambda starts: common.progress(starts, desc="baselines", unit="chunk"))
+    counts = None
+    if boosting:
+        features = measured.pop("features")
+        names = tidal_baselines.RESIDUAL_FEATURE_NAMES
+        measured = {"host_flux": features[:, names.index("host_flux_i")],
+                    "rotation_residual": features[:, names.index("rotation_residual")]}
+        train_features = tidal_baselines.baseline_scores(source.read_labelled, splits["train"], ("features",),
+                                                         BASELINE_CHUNK)["features"]
+        model = tidal_baselines.fit_boosting_baseline(train_features, source.labels[splits["train"]], seed)
+        measured["boosting"] = model.predict_proba(features)[:, 1]
     if "scores" in computed:
         scores = computed["scores"]
     else:
         scores = classifier.predict(test_images, batch_size=BATCH_SIZE, verbose=0)[:, 0]
-    result = nnclr_model.evaluate_scores(test_labels, scores, args.contamination)
+
+    chosen = selections[headline]
+    result = nnclr_model.evaluate_scores(test_labels[chosen], scores[chosen], args.contamination)
+    summaries = {name: {key: score_summary(test_labels[mask], values[mask], args.contamination,
+                                           None if twins is None else _twins_within(twins, mask))
+                        for key, mask in selections.items()}
+                 for name, values in {"classifier": scores, **measured}.items()}
     arrays = {"fpr": result["fpr"], "tpr": result["tpr"], "thresholds": result["thresholds"], "scores": scores,
-              "labels": test_labels}
+              "labels": test_labels, **{f"baseline_{name}": values for name, values in measured.items()}}
+    if args.visible_only:
+        arrays["headline"] = chosen
     for name, values in arrays.items():
         common.save_array(out_dir / f"{name}.npy", values)
-    plot_roc(result["fpr"], result["tpr"], result["auc"], args.contamination, out_dir / "roc.png")
+    curves = [("NNCLR classifier", result["fpr"], result["tpr"], result["auc"])]
+    for name, values in measured.items():
+        baseline = nnclr_model.evaluate_scores(test_labels[chosen], values[chosen], args.contamination)
+        curves.append((tidal_baselines.BASELINE_NAMES[name], baseline["fpr"], baseline["tpr"], baseline["auc"]))
+    plot_roc(curves, args.contamination, out_dir / "roc.png")
+    classifier_summary = summaries.pop("classifier")
     metrics = {
         "auc": result["auc"],
+        "headline": headline,
+        **{f"auc_{key}": values["auc"] for key, values in classifier_summary.items()},
         "contamination": args.contamination,
         "completeness_at_contamination_fpr": result["completeness"]["fpr"],
         "completeness_at_contamination_one_minus_precision": result["completeness"]["one_minus_precision"],
         "n_test": int(len(test_labels)),
         "n_test_tidal": int(test_labels.sum()),
+        "n_headline": int(chosen.sum()),
+        "n_headline_tidal": int(test_labels[chosen].sum()),
+        "paired": twins is not None,
         "data": test_source.description,
         "run": str(run_dir),
+        "by_selection": classifier_summary,
+        "baselines": {name: {**values[headline], **{f"auc_{key}": entry["auc"] for key, entry in values.items()},
+                             "by_selection": values} for name, values in summaries.items()},
     }
-    if test_source.truth is not None:
-        truth = {key: np.asarray(values)[test_rows] for key, values in test_source.truth.items()}
-        metrics["by_feature"] = detection_by_feature(test_labels, scores, truth, args.contamination)
-        for entry in metrics["by_feature"]["feature_type"] + metrics["by_feature"]["feature_sb"]:
-            name = entry.get("feature_type") or f"SB {entry['sb_min']:.2f}-{entry['sb_max']:.2f}"
-            print(f"{name:>17}: {entry['n']:4d} tidal, AUC {entry['auc']:.3f}, completeness {entry['completeness']:.2f}")
+    if twins is not None:
+        metrics["n_pairs"] = int(test_labels.sum())
+        metrics["pair_win_rate"] = classifier_summary[headline]["pair_win_rate"]
+        host = summaries["host_flux"]["all"]["auc"]
+        if abs(host - 0.5) > HOST_MATCH_TOLERANCE:
+            warning = (f"host flux alone scores AUC {host:.3f} on the host-matched pairs, not 0.5 +- "
+                       f"{HOST_MATCH_TOLERANCE}: the twins differ in more than their tidal feature")
+            logger.warning("warning: %s", warning)
+            metrics["warnings"] = [warning]
+    if truth is not None:
+        metrics["by_feature"] = detection_by_feature(test_labels, scores, truth, args.contamination, baselines=measured,
+                                                     twins=twins)
+        for entry in (metrics["by_feature"]["feature_type"] + metrics["by_feature"]["feature_sb"]
+                      + metrics["by_feature"]["visibility"]):
+            print(f"{bin_name(entry):>17}: {entry['n']:4d} tidal, AUC {entry['auc']:.3f}, completeness "
+                  f"{entry['completeness']:.2f} ({baseline_text(entry['baselines'])})")
     if args.label_efficiency:
         train_images, train_labels = stretched(splits["train"]), source.labels[splits["train"]]
+        validation = (stretched(splits["validation"]), source.labels[splits["validation"]])
         trained_features = (computed["train_features"], computed["test_features"]) if computed else None
         rows = label_efficiency(encoder, config, train_images, train_labels, test_images, test_labels, args.label_counts,
-                                args.label_seeds, args.baseline_epochs, args.contamination, trained_features)
+                                args.label_seeds, args.contamination, trained_features, validation,
+                                args.baseline_min_steps, args.baseline_max_steps, args.baseline_epochs)
         common.write_json(out_dir / "label_efficiency.json", rows)
         plot_label_efficiency(rows, out_dir / "label_efficiency.png")
         metrics["label_efficiency"] = str(out_dir / "label_efficiency.json")
@@ -467,12 +774,26 @@ def main(argv=None):
         common.write_json(out_dir / f"similar_to_{safe_id}.json", {**found, "pool_size": int(len(pool))})
         metrics["similarity_tidal_fraction_top_k"] = found["tidal_fraction_top_k"]
     common.write_json(out_dir / "metrics.json", metrics)
+    def on(key):
+        return f" on {int(test_labels[selections[key]].sum())} host-matched pairs" if twins is not None else ""
+
+    for key in sorted(selections, key=lambda key: key != headline)[1:]:
+        print(f"{'visible features only' if key == 'visible' else 'all features'}: AUC {classifier_summary[key]['auc']:.3f} "
+              f"({baseline_text({name: values[key] for name, values in summaries.items()})}){on(key)}")
     print(
-        f"test AUC {metrics['auc']:.3f}; completeness at {args.contamination:.0%} contamination: "
+        f"test AUC{' (visible features)' if headline == 'visible' else ''} {metrics['auc']:.3f} "
+        f"({baseline_text(metrics['baselines'])}){on(headline)}; completeness at {args.contamination:.0%} contamination: "
         f"{metrics['completeness_at_contamination_fpr']:.3f} (FPR), "
         f"{metrics['completeness_at_contamination_one_minus_precision']:.3f} (1 - precision); outputs in {out_dir}"
     )
     return 0
+
+
+def _twins_within(twins, mask):
+    """The twins of a pair-closed subset (``mask``), as positions within the subset."""
+    positions = np.full(len(twins), -1)
+    positions[mask] = np.arange(mask.sum())
+    return positions[twins[mask]]
 
 
 if __name__ == "__main__":

@@ -5,6 +5,13 @@ splits, the ``tf.data`` pipelines and the :class:`TidalSource` the NNCLR scripts
 stacked HDF5 layout (``image`` (N, H, W, 5) float32, ``id``, ``has_tidal``, ``feature_type``,
 ``feature_sb``, ``params``; file attribute ``bands = "grizy"``) or read from the TFDS builders
 ``tidal_unlabelled`` / ``tidal_labelled`` (:func:`data.tidal_datasets.tidal_source_from_tfds`).
+
+Mock files may also carry the columns of host-matched pairs and of feature visibility:
+``pair_id`` (text; the two renderings of one scene, with and without its feature, share it;
+"" for a galaxy in no pair), ``visible`` (0/1: whether a person would see the feature; 0
+without one), ``feature_snr``, ``feature_contrast`` and ``feature_light_fraction`` (floats,
+NaN without a feature). In a *pair file* every galaxy has a pair id and each pair id is held
+by exactly two galaxies, one with ``has_tidal`` = 1 and one with 0 (:func:`check_pairs`).
 """
 
 import dataclasses
@@ -28,6 +35,10 @@ TIDAL_SCALE_IMAGES = 1000
 #: Names of the classifier sets, and their default sizes per class (Desmons et al. 2023).
 TIDAL_SPLITS = ("train", "validation", "test")
 TIDAL_SPLIT_SIZES = (300, 30, 50)
+#: Optional float columns of the mock truth (NaN where a file lacks them).
+TIDAL_FLOAT_COLUMNS = ("feature_sb", "feature_snr", "feature_contrast", "feature_light_fraction")
+#: Value of ``visible`` where it is unknown (a file without the column).
+VISIBLE_UNKNOWN = -1
 
 
 def check_tidal_shape(shape, min_size=0, n_bands=len(TIDAL_BANDS), name="images"):
@@ -275,6 +286,17 @@ class TidalCatalogue:
         has no ``feature_sb`` column and for galaxies without a feature.
     image_shape : tuple of int
         (H, W, bands) of every image.
+    pair_id : ndarray of str, shape (N,)
+        Host-matched pair of each galaxy; "" for galaxies in no pair and where the file has
+        no ``pair_id`` column.
+    visible : ndarray of int, shape (N,)
+        1 when a person would see the feature, 0 when not (and for galaxies without one),
+        :data:`VISIBLE_UNKNOWN` (-1) where the file has no ``visible`` column.
+    feature_snr, feature_contrast, feature_light_fraction : ndarray of float, shape (N,)
+        Mock truth of the feature; NaN where the file lacks the column
+        (``feature_light_fraction`` also for galaxies without a feature).
+
+    The last five default to their "absent" values when not given.
     """
 
     paths: tuple
@@ -285,6 +307,19 @@ class TidalCatalogue:
     feature_type: np.ndarray
     feature_sb: np.ndarray
     image_shape: tuple
+    pair_id: np.ndarray = None
+    visible: np.ndarray = None
+    feature_snr: np.ndarray = None
+    feature_contrast: np.ndarray = None
+    feature_light_fraction: np.ndarray = None
+
+    def __post_init__(self):
+        count = len(self.ids)
+        defaults = {"pair_id": np.full(count, "", dtype="<U1"), "visible": np.full(count, VISIBLE_UNKNOWN, np.int64),
+                    **{name: np.full(count, np.nan) for name in TIDAL_FLOAT_COLUMNS[1:]}}
+        for name, default in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
 
     def __len__(self):
         return len(self.ids)
@@ -301,7 +336,8 @@ def index_tidal_hdf5(inputs):
     paths = [path for path in find_files(inputs) if file_kind(pathlib.Path(path)) == "hdf5"]
     if not paths:
         raise CutoutError(f"{inputs}: no HDF5 files found")
-    columns = {"file_index": [], "rows": [], "ids": [], "has_tidal": [], "feature_type": [], "feature_sb": []}
+    columns = {"file_index": [], "rows": [], "ids": [], "has_tidal": [], "feature_type": [], "pair_id": [],
+               "visible": [], **{name: [] for name in TIDAL_FLOAT_COLUMNS}}
     image_shape = None
     for position, path in enumerate(paths):
         try:
@@ -317,9 +353,22 @@ def index_tidal_hdf5(inputs):
                 columns["ids"].extend(decode_strings(f["id"][()]) if "id" in f else [f"{pathlib.Path(path).stem}_{i}" for i in range(count)])
                 columns["has_tidal"].append(np.asarray(f["has_tidal"][()], dtype=np.int64))
                 columns["feature_type"].extend(decode_strings(f["feature_type"][()]) if "feature_type" in f else ["unknown"] * count)
-                columns["feature_sb"].append(
-                    np.asarray(f["feature_sb"][()], dtype=np.float64) if "feature_sb" in f else np.full(count, np.nan)
+                pair_id = decode_strings(f["pair_id"][()]) if "pair_id" in f else [""] * count
+                if len(pair_id) != count:
+                    raise CutoutError(f"{path}: column 'pair_id' has {len(pair_id)} values for {count} images")
+                columns["pair_id"].extend(pair_id)
+                columns["visible"].append(
+                    np.asarray(f["visible"][()], dtype=np.int64) if "visible" in f else np.full(count, VISIBLE_UNKNOWN)
                 )
+                for name in TIDAL_FLOAT_COLUMNS:
+                    columns[name].append(
+                        np.asarray(f[name][()], dtype=np.float64) if name in f else np.full(count, np.nan)
+                    )
+                for name in ("has_tidal", "visible", *TIDAL_FLOAT_COLUMNS):
+                    if columns[name][-1].shape != (count,):
+                        raise CutoutError(
+                            f"{path}: column {name!r} has shape {columns[name][-1].shape}, expected ({count},)"
+                        )
         except OSError as error:
             raise CutoutError(f"{path}: cannot read HDF5 file ({error})") from None
         except ValueError as error:
@@ -330,6 +379,9 @@ def index_tidal_hdf5(inputs):
         columns["file_index"].append(np.full(count, position))
         columns["rows"].append(np.arange(count))
     has_tidal = np.concatenate(columns["has_tidal"])
+    floats = {name: np.concatenate(columns[name]) for name in TIDAL_FLOAT_COLUMNS}
+    for name in ("feature_sb", "feature_light_fraction"):
+        floats[name] = np.where(has_tidal == 1, floats[name], np.nan)
     return TidalCatalogue(
         paths=tuple(paths),
         file_index=np.concatenate(columns["file_index"]),
@@ -337,8 +389,10 @@ def index_tidal_hdf5(inputs):
         ids=np.asarray(columns["ids"]),
         has_tidal=has_tidal,
         feature_type=np.asarray(columns["feature_type"]),
-        feature_sb=np.where(has_tidal == 1, np.concatenate(columns["feature_sb"]), np.nan),
         image_shape=image_shape,
+        pair_id=np.asarray(columns["pair_id"], dtype=str),
+        visible=np.concatenate(columns["visible"]),
+        **floats,
     )
 
 
@@ -363,6 +417,11 @@ def read_tidal_images(catalogue, indices):
     return images
 
 
+#: The per-galaxy columns of a :class:`TidalCatalogue`.
+CATALOGUE_COLUMNS = ("file_index", "rows", "ids", "has_tidal", "feature_type", "pair_id", "visible",
+                     *TIDAL_FLOAT_COLUMNS)
+
+
 def catalogue_subset(catalogue, indices):
     """The galaxies at ``indices`` of a :class:`TidalCatalogue`, as a catalogue of their own.
 
@@ -371,8 +430,7 @@ def catalogue_subset(catalogue, indices):
     indices = np.asarray(indices, dtype=np.int64)
     return dataclasses.replace(
         catalogue,
-        **{name: getattr(catalogue, name)[indices] for name in ("file_index", "rows", "ids", "has_tidal", "feature_type",
-                                                              "feature_sb")},
+        **{name: getattr(catalogue, name)[indices] for name in CATALOGUE_COLUMNS},
     )
 
 
@@ -436,7 +494,9 @@ class TidalSource:
         ``ids``; None when :func:`tidal_classifier_splits` draws them.
     truth : dict of str -> ndarray, or None
         Mock truth of the labelled pool when the storage has it: ``feature_type`` (str) and
-        ``feature_sb`` (mag/arcsec^2, NaN without a feature), each of shape (N,).
+        ``feature_sb`` (mag/arcsec^2, NaN without a feature), and where the files carry them
+        ``pair_id`` (str, "" outside pairs), ``visible`` (int, -1 unknown), ``feature_snr``,
+        ``feature_contrast`` and ``feature_light_fraction`` (float), each of shape (N,).
     catalogue : TidalCatalogue or None
         The files of the labelled pool (same order as ``ids``) when it is stored in HDF5
         files, so that other processes can read the galaxies themselves; None otherwise.
@@ -475,9 +535,17 @@ def tidal_source_splits(source, sizes=TIDAL_SPLIT_SIZES, seed=0):
 
 def tidal_source_from_hdf5(inputs):
     """A :class:`TidalSource` over tidal HDF5 files: every galaxy is in the unlabelled stream,
-    and the labelled pool is every galaxy with its ``has_tidal`` truth (mock data)."""
+    and the labelled pool is every galaxy with its ``has_tidal`` truth (mock data).
+
+    ``truth`` holds ``feature_type`` and ``feature_sb``, plus each of ``pair_id``, ``visible``,
+    ``feature_snr``, ``feature_contrast`` and ``feature_light_fraction`` that some file carries
+    (a pair id that is not empty, a known visibility, a finite value)."""
     catalogue = index_tidal_hdf5(inputs)
-    has_truth = (catalogue.feature_type != "unknown").any() or np.isfinite(catalogue.feature_sb).any()
+    truth = {"feature_type": catalogue.feature_type, "feature_sb": catalogue.feature_sb}
+    present = {"pair_id": (catalogue.pair_id != "").any(), "visible": (catalogue.visible != VISIBLE_UNKNOWN).any(),
+               **{name: np.isfinite(getattr(catalogue, name)).any() for name in TIDAL_FLOAT_COLUMNS[1:]}}
+    truth.update({name: getattr(catalogue, name) for name, found in present.items() if found})
+    has_truth = (catalogue.feature_type != "unknown").any() or np.isfinite(catalogue.feature_sb).any() or any(present.values())
     return TidalSource(
         description=", ".join(catalogue.paths),
         ids=catalogue.ids,
@@ -485,6 +553,65 @@ def tidal_source_from_hdf5(inputs):
         image_shape=catalogue.image_shape,
         read_labelled=lambda indices: read_tidal_images(catalogue, indices),
         unlabelled=lambda: tidal_hdf5_dataset(catalogue).map(lambda element: element["image"]),
-        truth={"feature_type": catalogue.feature_type, "feature_sb": catalogue.feature_sb} if has_truth else None,
+        truth=truth if has_truth else None,
         catalogue=catalogue,
     )
+
+
+def check_pairs(pair_ids, labels, description, ids=None):
+    """Check that the galaxies of a pair file form host-matched pairs.
+
+    In a pair file every galaxy has a pair id, and each pair id is held by exactly two
+    galaxies: the scene with its tidal feature (label 1) and the same scene without (label 0).
+
+    Parameters
+    ----------
+    pair_ids : array of str, shape (N,)
+    labels : array of int, shape (N,)
+        ``has_tidal`` of each galaxy.
+    description : str
+        The file(s), for the message.
+    ids : array of str, shape (N,), optional
+        Galaxy ids, to name a galaxy that has no pair id.
+
+    Returns
+    -------
+    ndarray of int, shape (N,)
+        Position of each galaxy's twin.
+
+    Raises
+    ------
+    ValueError
+        One line naming ``description`` and the first offending pair (in file order): a pair
+        id held by one galaxy or by more than two, twins with the same label, or galaxies
+        without a pair id among paired ones.
+    """
+    pair_ids = np.asarray(pair_ids).astype(str)
+    labels = np.asarray(labels)
+    if len(pair_ids) != len(labels):
+        raise ValueError(f"{description}: {len(pair_ids)} pair ids for {len(labels)} galaxies")
+    empty = np.flatnonzero(pair_ids == "")
+    if empty.size:
+        name = f"galaxy {ids[empty[0]]}" if ids is not None else f"galaxy {empty[0]} (position)"
+        raise ValueError(
+            f"{description}: {empty.size} of {len(pair_ids)} galaxies have no pair_id (e.g. {name}) in a file of "
+            "host-matched pairs; every galaxy of a pair file must have a twin"
+        )
+    unique, first, inverse, counts = np.unique(pair_ids, return_index=True, return_inverse=True, return_counts=True)
+    ones = np.bincount(inverse, weights=(labels == 1), minlength=len(unique))
+    bad = (counts != 2) | (ones != 1)
+    if bad.any():
+        worst = np.flatnonzero(bad)[np.argmin(first[bad])]
+        pair, count = str(unique[worst]), int(counts[worst])
+        if count != 2:
+            problem = f"appears {'once' if count == 1 else f'{count} times'}, not twice"
+        else:
+            problem = f"has both twins with has_tidal={int(labels[first[worst]])}"
+        raise ValueError(
+            f"{description}: pair_id {pair!r} {problem}; each pair must be one galaxy with its tidal feature "
+            "(has_tidal=1) and the same scene without it (has_tidal=0)"
+        )
+    order = np.argsort(inverse, kind="stable")  # the two members of each pair side by side
+    twins = np.empty(len(labels), dtype=np.int64)
+    twins[order[0::2]], twins[order[1::2]] = order[1::2], order[0::2]
+    return twins

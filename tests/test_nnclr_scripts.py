@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -44,6 +45,38 @@ def _write(path, count=40, size=24, bands=5, has_tidal=None, id_prefix="g"):
         with h5py.File(path, "w") as f:
             f["image"] = images
             f["has_tidal"] = has_tidal
+    return path
+
+
+def _write_pairs(path, pairs=12, size=24, seed=1, visible=True, drop=None, host_boost=1.0):
+    """A file of host-matched pairs: each scene (a host of its own brightness, its own noise)
+    written twice, once plus a faint band far from the core (has_tidal 1) and once without (0).
+    ``host_boost`` brightens the host of the twin with the feature (twins that are not host-matched)."""
+    rng = np.random.default_rng(seed)
+    rows, columns = np.mgrid[:size, :size]
+    galaxy = np.exp(-((rows - (size - 1) / 2) ** 2 + (columns - (size - 1) / 2) ** 2) / 8.0)
+    feature = np.zeros((size, size))
+    feature[1:4, 4:-4] = 1.0  # >= 7.5 px from the centre: outside the host-flux aperture
+    images, has_tidal, pair_ids, kinds, sb, flags = [], [], [], [], [], []
+    for pair in range(pairs):
+        scene = rng.uniform(0.5, 3.0) * galaxy[..., None] + rng.normal(0, 0.02, (size, size, 5))
+        amplitude = rng.uniform(0.03, 0.2)
+        for label in (1, 0):
+            boost = host_boost if label else 1.0
+            images.append(scene + (boost - 1) * galaxy[..., None] + label * amplitude * feature[..., None])
+            has_tidal.append(label)
+            pair_ids.append(f"pair{pair}")
+            kinds.append(("shell", "stream")[pair % 2] if label else "none")
+            sb.append(27.0 - 5 * amplitude if label else np.nan)
+            flags.append(int(label and amplitude > 0.1))
+    columns = {"has_tidal": np.array(has_tidal), "feature_type": kinds, "feature_sb": np.array(sb), "pair_id": pair_ids}
+    if visible:
+        columns["visible"] = np.array(flags)
+    ids = [f"{pair}_{'with' if label else 'without'}" for pair, label in zip(pair_ids, has_tidal)]
+    keep = np.ones(len(ids), bool) if drop is None else ~np.isin(np.arange(len(ids)), drop)
+    columns = {name: np.asarray(values)[keep] if not isinstance(values, list) else [v for v, k in zip(values, keep) if k]
+               for name, values in columns.items()}
+    tidal_data.write_tidal_hdf5(path, np.asarray(images, np.float32)[keep], [i for i, k in zip(ids, keep) if k], columns)
     return path
 
 
@@ -167,6 +200,43 @@ def test_unlabelled_stream_is_stretched_and_batched(tmp_path):
     np.testing.assert_allclose(batches[0], tidal_data.tidal_stretch(images[:4], scale), rtol=1e-5)
 
 
+def test_pair_and_visibility_columns_are_read_or_default(tmp_path):
+    paired = tidal_data.index_tidal_hdf5(_write_pairs(tmp_path / "pairs.h5", pairs=4))
+    assert list(paired.pair_id) == [f"pair{i // 2}" for i in range(8)]
+    assert list(paired.has_tidal) == [1, 0] * 4 and set(paired.visible[1::2]) == {0}
+    assert np.isnan(paired.feature_snr).all() and np.isnan(paired.feature_light_fraction).all()
+    subset = tidal_data.catalogue_subset(paired, [3, 0])
+    assert list(subset.pair_id) == ["pair1", "pair0"] and list(subset.visible) == [0, paired.visible[0]]
+    source = tidal_data.tidal_source_from_hdf5(tmp_path / "pairs.h5")
+    assert {"pair_id", "visible"} <= set(source.truth) and "feature_snr" not in source.truth
+    plain = tidal_data.index_tidal_hdf5(_write(tmp_path / "plain.h5", count=6))
+    assert list(plain.pair_id) == [""] * 6 and list(plain.visible) == [-1] * 6
+    assert np.isnan(plain.feature_contrast).all()
+    assert set(tidal_data.tidal_source_from_hdf5(tmp_path / "plain.h5").truth) == {"feature_type", "feature_sb"}
+
+    import h5py
+
+    with h5py.File(tmp_path / "pairs.h5", "a") as f:  # the generator's float columns
+        f["feature_snr"] = np.where(paired.has_tidal == 1, 12.5, np.nan)
+    source = tidal_data.tidal_source_from_hdf5(tmp_path / "pairs.h5")
+    np.testing.assert_array_equal(source.truth["feature_snr"][:2], [12.5, np.nan])
+
+
+def test_check_pairs_finds_each_twin_and_names_the_first_bad_pair():
+    twins = tidal_data.check_pairs(["b", "a", "a", "b"], [0, 1, 0, 1], "pairs.h5")
+    assert list(twins) == [3, 2, 1, 0]
+    cases = [
+        (["a", "b", "a", "c"], [1, 1, 0, 0], "pairs.h5: pair_id 'b' appears once, not twice"),
+        (["a", "a", "a", "b", "b"], [1, 0, 0, 1, 0], "pairs.h5: pair_id 'a' appears 3 times, not twice"),
+        (["a", "a", "b", "b"], [1, 0, 0, 0], "pairs.h5: pair_id 'b' has both twins with has_tidal=0"),
+        (["a", "a", ""], [1, 0, 1], "pairs.h5: 1 of 3 galaxies have no pair_id (e.g. galaxy g2)"),
+    ]
+    for pair_ids, labels, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)) as error:
+            tidal_data.check_pairs(pair_ids, labels, "pairs.h5", ids=np.array(["g0", "g1", "g2", "g3", "g4"][:len(labels)]))
+        assert "\n" not in str(error.value)
+
+
 # ----------------------------------------------------------------------------------------
 # Completeness at fixed contamination
 
@@ -218,11 +288,15 @@ def test_train_writes_every_promised_file(trained_run):
 def test_evaluation_writes_every_promised_file(trained_run, tidal_file, tmp_path):
     out = tmp_path / "test"
     argv = [str(tidal_file), "--run-dir", str(trained_run), "--out-dir", str(out), "--label-efficiency",
-            "--label-counts", "4", "--label-seeds", "1", "--baseline-epochs", "1",
+            "--label-counts", "4", "--label-seeds", "1", "--baseline-min-steps", "4", "--baseline-max-steps", "8",
             "--similar-to", "g3", "--top-k", "5"]
     assert nnclr_test.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["auc"] <= 1 and metrics["n_test"] == 8 and metrics["n_test_tidal"] == 4
+    assert not metrics["paired"] and metrics["auc"] == metrics["auc_all"] and "auc_visible" not in metrics
+    assert set(metrics["baselines"]) == {"host_flux", "rotation_residual", "boosting"}
+    for name, entry in metrics["baselines"].items():
+        assert 0 <= entry["auc"] <= 1 and len(np.load(out / f"baseline_{name}.npy")) == 8
     for key in ("completeness_at_contamination_fpr", "completeness_at_contamination_one_minus_precision"):
         assert 0 <= metrics[key] <= 1
     fpr, tpr = np.load(out / "fpr.npy"), np.load(out / "tpr.npy")
@@ -233,6 +307,8 @@ def test_evaluation_writes_every_promised_file(trained_run, tidal_file, tmp_path
     rows = json.loads((out / "label_efficiency.json").read_text())
     assert [(row["labels_per_class"], row["seed"]) for row in rows] == [(4, 0)]
     assert all(0 <= row[key] <= 1 for row in rows for key in ("nnclr_probe_auc", "untrained_probe_auc", "supervised_auc"))
+    assert all(4 <= row["supervised_steps"] <= 8 and 1 <= row["supervised_best_step"] <= row["supervised_steps"]
+               for row in rows)
     [summary] = metrics["label_efficiency_summary"]
     assert summary["labels_per_class"] == 4 and summary["nnclr_probe_auc"]["mean"] == rows[0]["nnclr_probe_auc"]
     similar = json.loads((out / "similar_to_g3.json").read_text())
@@ -267,6 +343,63 @@ def test_independent_test_data_is_the_whole_test_set(trained_run, tidal_file, tm
     assert metrics["n_test"] == 12 and "by_feature" not in metrics
 
 
+def test_pair_file_is_evaluated_as_pairs_next_to_the_baselines(trained_run, tmp_path, capsys):
+    pairs = _write_pairs(tmp_path / "pairs.h5", pairs=12)
+    out = tmp_path / "pairs"
+    argv = [str(pairs), "--run-dir", str(trained_run), "--test-all", "--out-dir", str(out)]
+    assert nnclr_test.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["paired"] and metrics["n_pairs"] == 12 and metrics["headline"] == "all"
+    assert set(metrics["baselines"]) == {"host_flux", "rotation_residual"}  # no training split: no boosted trees
+    host = metrics["baselines"]["host_flux"]
+    assert abs(host["auc"] - 0.5) <= 0.05 and abs(host["auc_visible"] - 0.5) <= 0.05 and "warnings" not in metrics
+    for entry in metrics["baselines"].values():
+        assert 0 <= entry["auc"] <= 1 and 0 <= entry["completeness_at_contamination_fpr"] <= 1
+    assert metrics["auc"] == metrics["auc_all"] and 0 <= metrics["auc_visible"] <= 1
+    rows = sum((metrics["by_feature"][key] for key in ("feature_type", "feature_sb", "visibility")), [])
+    assert all(abs(row["baselines"]["host_flux"]["auc"] - 0.5) <= 0.05 for row in rows)
+    assert [row["visible"] for row in metrics["by_feature"]["visibility"]] == [True, False]
+    printed = capsys.readouterr().out
+    assert re.search(r"test AUC \d\.\d{3} \(host flux alone 0\.5\d\d, rotation residual \d\.\d{3}\) on 12 host-matched pairs",
+                     printed)
+    assert re.search(r"visible: +\d+ tidal, AUC .* \(host flux alone 0\.500, rotation residual", printed)
+    np.testing.assert_array_equal(np.load(out / "baseline_host_flux.npy")[0::2], np.load(out / "baseline_host_flux.npy")[1::2])
+
+    assert nnclr_test.main([*argv, "--visible-only"]) == 0
+    visible = json.loads((out / "metrics.json").read_text())
+    shown = np.load(out / "headline.npy")
+    assert visible["headline"] == "visible" and visible["auc"] == visible["auc_visible"] == metrics["auc_visible"]
+    assert visible["n_headline"] == 2 * visible["n_headline_tidal"] == shown.sum() and 0 < shown.sum() < 24
+    assert visible["auc_all"] == metrics["auc_all"]
+
+    unmatched = _write_pairs(tmp_path / "unmatched.h5", pairs=12, host_boost=1.5)
+    assert nnclr_test.main([str(unmatched), *argv[1:]]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["baselines"]["host_flux"]["auc"] > 0.55
+    assert "the twins differ in more than their tidal feature" in metrics["warnings"][0]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("one_twin_missing", "pairs.h5: pair_id 'pair2' appears once, not twice"),
+    ("one_class", "one_class.h5: the labelled set has one class only (label 1 for all 40 galaxies)"),
+    ("visible_only_without_visibility", "--visible-only: the test galaxies have no 'visible' column"),
+])
+def test_bad_test_files_are_one_line(trained_run, tmp_path, capsys, case, message):
+    if case == "one_twin_missing":
+        path = _write_pairs(tmp_path / "pairs.h5", pairs=6, drop=[5])
+    elif case == "one_class":
+        path = _write(tmp_path / "one_class.h5", has_tidal=np.ones(40, int))
+    else:
+        path = _write_pairs(tmp_path / "pairs.h5", pairs=6, visible=False)
+    argv = [str(path), "--run-dir", str(trained_run), "--test-all", "--out-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        nnclr_test.main(argv + (["--visible-only"] if case.startswith("visible") else []))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 def test_detection_by_feature_separates_bright_from_faint_features():
     rng = np.random.default_rng(1)
     labels = np.repeat([0, 1], [400, 200])
@@ -281,6 +414,24 @@ def test_detection_by_feature_separates_bright_from_faint_features():
     assert abs(faint["auc"] - 0.5) < 0.1 and faint["completeness"] < 0.4
     assert [row["feature_type"] for row in result["feature_type"]] == ["shell", "stream"]
     assert result["feature_type"][0]["auc"] == 1.0
+
+
+def test_on_pairs_every_bin_is_scored_against_the_twins_of_its_galaxies():
+    rng = np.random.default_rng(2)
+    host = np.repeat(rng.uniform(0, 1, 50), 2)  # a host-only statistic: the same for both twins
+    labels = np.tile([1, 0], 50)
+    twins = tidal_data.check_pairs(np.repeat([f"p{i}" for i in range(50)], 2), labels, "pairs")
+    sb = np.where(labels == 1, np.repeat(rng.uniform(24, 28, 50), 2), np.nan)
+    truth = {"feature_type": np.where(labels == 1, np.tile(["shell", "stream"], 50), "none"), "feature_sb": sb,
+             "visible": np.where(labels == 1, (sb < 26).astype(int), 0)}
+    scores = host + labels * (sb < 26)  # the detector sees the bright features only
+    result = nnclr_test.detection_by_feature(labels, scores, truth, sb_bins=2, baselines={"host_flux": host}, twins=twins)
+    assert result["paired"]
+    rows = result["feature_type"] + result["feature_sb"] + result["visibility"]
+    assert all(row["baselines"]["host_flux"]["auc"] == 0.5 for row in rows)
+    visible, hidden = result["visibility"]
+    assert visible["visible"] and not hidden["visible"] and visible["n"] + hidden["n"] == 50
+    assert visible["auc"] > 0.8 and hidden["auc"] == 0.5
 
 
 def test_test_data_overlapping_the_training_set_is_refused(trained_run, tidal_file, tmp_path, capsys):
