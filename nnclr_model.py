@@ -640,6 +640,37 @@ def build_classifier(encoder, config, fine_tune=False, seed=None, name="tidal_cl
     return keras.Model(inputs, outputs, name=name)
 
 
+def original_view_scores(classifier, config, images, seed=0, batch_size=24):
+    """Classifier scores with the original code's test-time view: its augmenter ran at test time
+    too, so each batch got the training noise and one random crop (its flips act only in training).
+
+    Parameters
+    ----------
+    classifier : keras.Model
+        Built by :func:`build_classifier` (its ``nnclr_encoder`` and ``tidal_probability`` layers are used).
+    config : NNCLRConfig
+    images : ndarray, shape (N, H, W, bands)
+        Stretched cutouts.
+    seed : int
+        Seeds the noise and the crops, so the scores are reproducible.
+
+    Returns
+    -------
+    ndarray of float, shape (N,)
+    """
+    noise = augmentations.StretchedGaussianNoise(config.noise_range, config.noise_scale, seed=seed)
+    crop = augmentations.JitteredCrop(config.crop_size, config.jitter, seed=seed + 1)
+    # The classifier's layers: the input, the augmenter (a Sequential), the encoder, the Dense layer.
+    encoder = next(layer for layer in classifier.layers
+                   if isinstance(layer, keras.Model) and not isinstance(layer, keras.Sequential))
+    dense = classifier.get_layer("tidal_probability")
+    scores = []
+    for start in range(0, len(images), batch_size):
+        views = crop(noise(images[start : start + batch_size], training=True), training=True)
+        scores.append(keras.ops.convert_to_numpy(dense(encoder(views, training=False)))[:, 0])
+    return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+
 def load_classifier(path, config):
     """Load a classifier saved with :func:`common.save_keras_model` and check its input and output shapes.
 

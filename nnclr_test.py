@@ -532,6 +532,9 @@ def build_parser():
     parser.add_argument("--visible-only", action="store_true",
                         help="headline metric on the visible features only (and, on host-matched pairs, their twins); "
                         "needs the 'visible' column")
+    parser.add_argument("--test-view", choices=("centre", "original"), default="centre",
+                        help="the classifier's view of the test galaxies: the deterministic centre crop (default), or "
+                        "the original code's test-time view (the training noise and a random crop, seeded by the run)")
     parser.add_argument("--similar-to", metavar="ID", help="similarity search around this galaxy id")
     parser.add_argument("--top-k", type=int, default=TOP_K, help="matches shown and counted")
     parser.add_argument("--similarity-pool", type=int, default=SIMILARITY_POOL, help="galaxies ranked (random subset)")
@@ -586,6 +589,8 @@ def main(argv=None):
                        f"--baseline-max-steps ({args.baseline_max_steps})\n")
     if args.baseline_epochs is not None and args.baseline_epochs < 1:
         parser.exit(2, f"error: --baseline-epochs must be >= 1, got {args.baseline_epochs}\n")
+    if args.test_view == "original" and args.dask:
+        parser.error("--test-view original is computed in this process; it cannot be combined with --dask")
     parallel.check_dask_arguments(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_dir = pathlib.Path(args.run_dir)
@@ -598,7 +603,10 @@ def main(argv=None):
         seed = int(settings.get("seed", 0))
         encoder = nnclr_model.load_encoder(run_dir / "encoder.keras", config)
         classifier = nnclr_model.load_classifier(run_dir / "classifier.keras", config)
-        source = nnclr_model.open_tidal_source(args.inputs, args.tfds_dir, args.tfds_unlabelled, args.tfds_labelled)
+        # The labelled pool of the run (its --labelled files) unless the inputs are the test set.
+        labelled = args.labelled or (None if args.test_all else settings.get("labelled"))
+        source = nnclr_model.open_tidal_source(args.inputs, args.tfds_dir, args.tfds_unlabelled, args.tfds_labelled,
+                                               labelled)
         test_source = tidal_data.tidal_source_from_hdf5(args.test_data) if args.test_data else source
         for data in (source,) if test_source is source else (source, test_source):
             tidal_data.check_tidal_shape(data.image_shape, config.min_image_size, config.n_bands)
@@ -631,7 +639,9 @@ def main(argv=None):
             truth = {key: np.asarray(values)[test_rows] for key, values in test_source.truth.items()}
         twins = None
         if truth is not None and "pair_id" in truth:
-            if args.test_data or args.test_all:  # a whole file: its pairs are whole
+            # A whole file has whole pairs, and so has the run's test split of a pair pool (split by pairs).
+            whole = args.test_data or args.test_all or (np.asarray(truth["pair_id"]) != "").all()
+            if whole:
                 twins = tidal_data.check_pairs(truth["pair_id"], test_labels, test_source.description,
                                                ids=test_source.ids[test_rows])
             else:
@@ -688,7 +698,9 @@ def main(argv=None):
                                                          BASELINE_CHUNK)["features"]
         model = tidal_baselines.fit_boosting_baseline(train_features, source.labels[splits["train"]], seed)
         measured["boosting"] = model.predict_proba(features)[:, 1]
-    if "scores" in computed:
+    if args.test_view == "original":
+        scores = nnclr_model.original_view_scores(classifier, config, test_images, seed, BATCH_SIZE)
+    elif "scores" in computed:
         scores = computed["scores"]
     else:
         scores = classifier.predict(test_images, batch_size=BATCH_SIZE, verbose=0)[:, 0]

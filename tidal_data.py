@@ -199,6 +199,40 @@ def tidal_classifier_splits(labels, sizes=TIDAL_SPLIT_SIZES, seed=0):
     return {name: np.sort(np.concatenate(parts)) for name, parts in splits.items()}
 
 
+def tidal_pair_splits(twins, labels, sizes=TIDAL_SPLIT_SIZES, seed=0):
+    """Classifier sets of whole host-matched pairs: ``sizes`` = (train, validation, test) pairs,
+    each pair giving one galaxy of each class.
+
+    Parameters
+    ----------
+    twins : array of int, shape (N,)
+        Position of each galaxy's twin (:func:`check_pairs`).
+    labels : array of int, shape (N,)
+    sizes : (int, int, int)
+    seed : int
+        The pairs are shuffled with ``numpy.random.default_rng(seed)`` and cut in that order.
+
+    Returns
+    -------
+    dict of str -> ndarray of int
+        Indices of both twins of the chosen pairs for "train", "validation" and "test", sorted.
+    """
+    labels = np.asarray(labels)
+    sizes = tuple(int(size) for size in sizes)
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ValueError(f"sizes must be three positive counts (train, validation, test), got {sizes}")
+    with_feature = np.flatnonzero(labels == 1)
+    if with_feature.size < sum(sizes):
+        raise ValueError(
+            f"the pair file has {with_feature.size} pairs, the splits need {sum(sizes)} "
+            f"(train {sizes[0]} + validation {sizes[1]} + test {sizes[2]})"
+        )
+    chosen = np.random.default_rng(seed).permutation(with_feature)
+    edges = np.cumsum((0,) + sizes)
+    return {name: np.sort(np.concatenate([chosen[start:stop], np.asarray(twins)[chosen[start:stop]]]))
+            for name, start, stop in zip(TIDAL_SPLITS, edges[:-1], edges[1:])}
+
+
 def tidal_unlabelled_dataset(
     images, band_scale, batch_size, shuffle_buffer, seed=None, min_size=0, softening=TIDAL_STRETCH_SOFTENING
 ):
@@ -516,12 +550,20 @@ class TidalSource:
 def tidal_source_splits(source, sizes=TIDAL_SPLIT_SIZES, seed=0):
     """The classifier sets of a :class:`TidalSource`: its own splits if it has them, else drawn.
 
+    A pool of host-matched pairs (every galaxy with a ``pair_id``, :func:`check_pairs`) is split
+    by whole pairs (:func:`tidal_pair_splits`), so that no scene is in two sets.
+
     Raises
     ------
     ValueError
-        If a set lacks one of the classes, or the pool is too small for ``sizes``.
+        If a set lacks one of the classes, the pool is too small for ``sizes``, or its pairs do
+        not match.
     """
     if source.splits is None:
+        pair_ids = (source.truth or {}).get("pair_id")
+        if pair_ids is not None and (np.asarray(pair_ids) != "").all():
+            twins = check_pairs(pair_ids, source.labels, source.description, source.ids)
+            return tidal_pair_splits(twins, source.labels, sizes, seed)
         return tidal_classifier_splits(source.labels, sizes, seed)
     for name in TIDAL_SPLITS:
         if name not in source.splits:

@@ -582,3 +582,41 @@ def test_data_come_from_inputs_or_tfds_and_settings_are_checked(tmp_path, capsys
     with pytest.raises(SystemExit):
         nnclr_train.main(["x.h5", "--out-dir", str(tmp_path / "out"), "--batch-size", "0"])
     assert "batch_size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_pair_pool_is_split_by_whole_pairs(tmp_path):
+    source = tidal_data.tidal_source_from_hdf5([_write_pairs(tmp_path / "pairs.h5", pairs=12)])
+    splits = tidal_data.tidal_source_splits(source, (6, 2, 3), seed=4)
+    pair_ids = source.truth["pair_id"]
+    seen = set()
+    for name, rows in splits.items():
+        assert np.bincount(source.labels[rows]).tolist() == [len(rows) // 2] * 2
+        pairs = set(pair_ids[rows])
+        assert len(pairs) == len(rows) // 2 and not pairs & seen  # both twins, never in two sets
+        seen |= pairs
+    assert [len(splits[name]) for name in ("train", "validation", "test")] == [12, 4, 6]
+    with pytest.raises(ValueError, match="the pair file has 12 pairs, the splits need 13"):
+        tidal_data.tidal_source_splits(source, (8, 2, 3), seed=4)
+
+
+def test_classifier_on_labelled_pairs_with_the_original_test_view(trained_run, tidal_file, tmp_path, capsys):
+    pairs = _write_pairs(tmp_path / "pairs.h5", pairs=14)
+    out = tmp_path / "paired_run"
+    argv = [str(tidal_file), "--labelled", str(pairs), "--out-dir", str(out), "--load-encoder",
+            str(trained_run / "encoder.keras"), "--tiny", "--classifier-epochs", "1", "--split-sizes", "8", "2", "4"]
+    assert nnclr_train.main(argv) == 0
+    splits = json.loads((out / "splits.json").read_text())
+    assert all(galaxy.startswith("pair") for rows in splits.values() for galaxy in rows)
+    _, extra = nnclr_model.load_config(out / "config.json")
+    assert extra["settings"]["labelled"] == [str(pairs)] and extra["settings"]["fine_tune"] is True
+    # nnclr_test rebuilds the run's sets from its --labelled files: the test split is whole pairs.
+    capsys.readouterr()
+    assert nnclr_test.main([str(tidal_file), "--run-dir", str(out), "--out-dir", str(tmp_path / "t1")]) == 0
+    metrics = json.loads((tmp_path / "t1" / "metrics.json").read_text())
+    assert metrics["paired"] and metrics["n_pairs"] == 4
+    for name in ("t2", "t3"):
+        assert nnclr_test.main([str(tidal_file), "--run-dir", str(out), "--out-dir", str(tmp_path / name),
+                                "--test-view", "original"]) == 0
+    first = np.load(tmp_path / "t2" / "scores.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "t3" / "scores.npy"), first)  # seeded: reproducible
+    assert not np.allclose(first, np.load(tmp_path / "t1" / "scores.npy"))  # noise and crops change the scores
