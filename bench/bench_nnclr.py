@@ -49,6 +49,8 @@ def device_description():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny NNCLR configuration instead of the paper's")
+    parser.add_argument("--binning", type=int, default=1,
+                        help="pixels averaged per side before the encoder (1: the paper's; the CPU checkpoint uses 2)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--inference-batch-size", type=int, default=INFERENCE_BATCH_SIZE)
@@ -65,6 +67,8 @@ def main(argv=None):
 
     keras.utils.set_random_seed(args.seed)
     config = nnclr_model.TINY_CONFIG if args.tiny else nnclr_model.NNCLRConfig()
+    if args.binning != 1:
+        config = dataclasses.replace(config, binning=args.binning)
     rng = np.random.default_rng(args.seed)
     model = nnclr_model.NNCLR(config, seed=args.seed)
     model.compile(optimizer=keras.optimizers.Adam())
@@ -90,6 +94,7 @@ def main(argv=None):
     results = {
         "device": device_description(),
         "config": "tiny" if args.tiny else "paper",
+        "binning": config.binning,
         "image_shape": list(config.input_shape),
         "train_batch_size": args.batch_size,
         "train_steps": args.steps,

@@ -138,8 +138,11 @@ def tidal_summary_html(metrics):
     """The tidal metrics as one paragraph of HTML ('' without metrics)."""
     if not metrics:
         return ""
+    baselines = ", ".join(f"{name.replace('_', ' ')} {entry['auc']:.3f}" for name, entry in metrics.get("baselines", {}).items())
+    paired = f" in {metrics['n_pairs']} host-matched pairs" if metrics.get("paired") else ""
     parts = [
-        f"AUC {metrics['auc']:.3f} on {metrics['n_test']} example galaxies ({metrics['n_test_tidal']} with tidal features)",
+        f"AUC {metrics['auc']:.3f} on {metrics['n_test']} example galaxies{paired} ({metrics['n_test_tidal']} with tidal "
+        f"features)" + (f", next to the classical baselines: {baselines}" if baselines else ""),
         f"completeness at {metrics['contamination']:.0%} contamination: {metrics['completeness_at_contamination_fpr']:.2f} "
         f"(contamination as false-positive rate), {metrics['completeness_at_contamination_one_minus_precision']:.2f} "
         "(as 1 - precision)",
