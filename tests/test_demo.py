@@ -149,7 +149,9 @@ def test_tidal_step_writes_roc_metrics_and_gallery(tmp_path):
     assert metrics["similarity_tidal_fraction_top_k"] == pytest.approx(np.mean([row["has_tidal"] for row in search["top"]]))
     page = run_demo.write_index(out_dir, log, None, metrics).read_text()
     assert 'src="tidal/roc.png"' in page and 'src="tidal/similar_to_galaxy00.png"' in page
-    assert f"AUC {metrics['auc']:.3f} on 32 example galaxies (16 with tidal features)" in page
+    assert (f"AUC {metrics['auc']:.3f} on 32 example galaxies in 16 host-matched pairs (16 with tidal features), next to "
+            f"the classical baselines: host flux {metrics['baselines']['host_flux']['auc']:.3f}") in page
+    assert metrics["baselines"]["host_flux"]["auc"] == pytest.approx(0.5, abs=0.05)  # twins share the host
     assert metrics["example_tidal_fraction"] == 0.5 and metrics["top_k"] == run_demo.TOP_K
     assert (f"{metrics['similarity_tidal_fraction_top_k']:.0%} of the {run_demo.TOP_K} galaxies most similar to the query "
             "have tidal features (50% of all example galaxies do)") in page
