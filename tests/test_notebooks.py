@@ -140,14 +140,16 @@ def test_tidal_notebook_roc_and_similarity_search(tmp_path, monkeypatch):
     from sklearn.metrics import roc_auc_score
 
     book, values = execute("tidal.ipynb", tmp_path, monkeypatch, (
-        "PROBE = {'scores': scores.tolist(), 'labels': labels.tolist(), 'auc': roc['auc'],"
-        " 'completeness': roc['completeness'], 'found': found, 'gallery': str(gallery_path)}"
+        "PROBE = {'scores': scores.tolist(), 'labels': labels.tolist(), 'auc': rocs['NNCLR classifier']['auc'],"
+        " 'completeness': rocs['NNCLR classifier']['completeness'], 'host_auc': rocs['host flux alone']['auc'],"
+        " 'found': found, 'gallery': str(gallery_path)}"
     ))
     scores, labels = np.asarray(values["scores"]), np.asarray(values["labels"])
     assert len(scores) == 32 and labels.sum() == 16
     assert ((scores >= 0) & (scores <= 1)).all()
     assert values["auc"] == pytest.approx(roc_auc_score(labels, scores))
     assert all(0 <= value <= 1 for value in values["completeness"].values())
+    assert values["host_auc"] == pytest.approx(0.5, abs=0.05)  # host-matched pairs: the host alone tells nothing
     found = values["found"]
     top = found["top"]
     assert found["query"] == {"id": "galaxy00", "has_tidal": 1}
