@@ -34,15 +34,16 @@ headline (``auc``, the completeness, the ROC curve; ``headline.npy`` marks its g
 
 Options:
 
-* ``--label-efficiency``: linear probes on the frozen encoder with 10, 25, 50, 100 and 300
-  labelled galaxies per class (5 seeds) against the same ResNet trained fully supervised
-  from scratch on the same galaxies, and against the same linear probe on an *untrained*
+* ``--label-efficiency``: with 10, 25, 50, 100 and 300 labelled galaxies per class (5 draws
+  each), four classifiers on the same galaxies: the original's classifier (the NNCLR encoder
+  plus Dense(1), every layer fine-tuned), the same ResNet trained fully supervised from
+  scratch, a linear probe on the frozen encoder, and the same probe on an *untrained*
   (randomly initialised) encoder of the same architecture: the control that says how much of
-  the probe's score the self-supervision earned. The supervised ResNet is trained to
-  convergence: at least ``--baseline-min-steps`` (3000) optimizer steps, then early stopping
-  on the AUC of the run's validation galaxies (best weights restored), at most
-  ``--baseline-max-steps`` (6000); ``--baseline-epochs N`` trains a fixed N epochs instead
-  (quick checks). ``label_efficiency.json`` and ``label_efficiency.png``.
+  the probe's score the self-supervision earned. The fine-tuned and the from-scratch ResNets
+  are trained alike, to convergence: at least ``--baseline-min-steps`` (3000) optimizer
+  steps, then early stopping on the AUC of the run's validation galaxies (best weights
+  restored), at most ``--baseline-max-steps`` (6000); ``--baseline-epochs N`` trains a fixed
+  N epochs instead (quick checks). ``label_efficiency.json`` and ``label_efficiency.png``.
 * ``--test-data PATH``: the test set is every labelled galaxy of these (independent) files
   instead of the run's test split (50 per class, too few to tell AUCs 0.05 apart). The
   label-efficiency galaxies still come from the run's training split of the inputs.
@@ -109,6 +110,7 @@ BASELINE_CHUNK = 256  # test galaxies read at a time for the classical baselines
 LABEL_EFFICIENCY_CURVES = (
     ("nnclr_probe_auc", "NNCLR linear probe"),
     ("untrained_probe_auc", "linear probe, untrained encoder"),
+    ("nnclr_finetuned_auc", "NNCLR fine-tuned (the original's classifier)"),
     ("supervised_auc", "supervised from scratch"),
 )
 
@@ -307,8 +309,12 @@ def _holdout(labels, fraction, seed):
 
 
 def train_supervised_baseline(config, train_images, train_labels, seed, validation=None, min_steps=BASELINE_MIN_STEPS,
-                              max_steps=BASELINE_MAX_STEPS, epochs=None, batch_size=BATCH_SIZE):
+                              max_steps=BASELINE_MAX_STEPS, epochs=None, batch_size=BATCH_SIZE, initial_encoder=None):
     """The same encoder architecture plus Dense(1), all trained from scratch on the labels only.
+
+    With ``initial_encoder`` (a trained encoder) the classifier starts from a copy of its
+    weights instead (the encoder given is left untouched) and still trains every layer: the
+    original's classifier, fine-tuned under the same schedule as the baseline.
 
     Trained to convergence: at least ``min_steps`` optimizer steps (batches of ``batch_size``
     drawn from the reshuffled labelled galaxies), at most ``max_steps``, checking the AUC on
@@ -331,7 +337,10 @@ def train_supervised_baseline(config, train_images, train_labels, seed, validati
 
     keras.utils.set_random_seed(seed)
     train_labels = np.asarray(train_labels)
-    classifier = nnclr_model.build_classifier(nnclr_model.build_encoder(config), config, fine_tune=True, seed=seed)
+    encoder = nnclr_model.build_encoder(config)
+    if initial_encoder is not None:
+        encoder.set_weights(initial_encoder.get_weights())
+    classifier = nnclr_model.build_classifier(encoder, config, fine_tune=True, seed=seed)
     classifier.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
     if epochs is not None:
         classifier.fit(train_images, train_labels.astype(np.float32), epochs=epochs, batch_size=batch_size, verbose=0,
@@ -376,14 +385,17 @@ def train_supervised_baseline(config, train_images, train_labels, seed, validati
 def label_efficiency(encoder, config, train_images, train_labels, test_images, test_labels, label_counts=LABEL_COUNTS,
                      label_seeds=LABEL_SEEDS, contamination=CONTAMINATION, trained_features=None, validation=None,
                      baseline_min_steps=BASELINE_MIN_STEPS, baseline_max_steps=BASELINE_MAX_STEPS, baseline_epochs=None):
-    """AUC of the linear probe, its untrained-encoder control and the supervised baseline.
+    """AUC of the fine-tuned NNCLR classifier, the supervised baseline, the linear probe and its
+    untrained-encoder control.
 
     For each labels-per-class count in ``label_counts`` (capped at the smaller class) and each
     of ``label_seeds`` seeds, the same galaxies train the probe on the trained encoder, the
     probe on an encoder of the same architecture left at its random initial weights (drawn from
-    the seed) and the ResNet trained from scratch (:func:`train_supervised_baseline`, to
-    convergence on ``validation`` between ``baseline_min_steps`` and ``baseline_max_steps``
-    steps, or for ``baseline_epochs`` epochs when given).
+    the seed), the classifier started from the trained encoder with every layer fine-tuned (the
+    original's classifier) and the ResNet trained from scratch; the last two alike
+    (:func:`train_supervised_baseline`, to convergence on ``validation`` between
+    ``baseline_min_steps`` and ``baseline_max_steps`` steps, or for ``baseline_epochs`` epochs
+    when given). Each draw's AUCs are logged as it finishes.
 
     ``trained_features``, when given, are the trained encoder's representations of the train
     and test images, ``(train, test)``, already computed (on a Dask cluster).
@@ -393,8 +405,8 @@ def label_efficiency(encoder, config, train_images, train_labels, test_images, t
     list of dict
         One row per count and seed: ``labels_per_class``, ``seed``, ``<model>_auc`` and
         ``<model>_completeness`` (at ``contamination``) for the models of
-        :data:`LABEL_EFFICIENCY_CURVES`, and the baseline's ``supervised_steps``,
-        ``supervised_best_step`` and ``supervised_validation_auc``.
+        :data:`LABEL_EFFICIENCY_CURVES`, and for ``nnclr_finetuned`` and ``supervised`` the
+        ``<model>_steps``, ``<model>_best_step`` and ``<model>_validation_auc`` of their training.
     """
     def features_of(model):
         return (nnclr_model.representations(model, train_images, config),
@@ -421,15 +433,21 @@ def label_efficiency(encoder, config, train_images, train_labels, test_images, t
                                                      ("untrained_probe", untrained_features[seed])):
             probe = fit_linear_probe(train_features[chosen], train_labels[chosen], seed)
             scores[key] = probe.predict_proba(test_features)[:, 1]
-        baseline, record = train_supervised_baseline(config, train_images[chosen], train_labels[chosen], seed, validation,
-                                                     baseline_min_steps, baseline_max_steps, baseline_epochs)
-        scores["supervised"] = baseline.predict(test_images, verbose=0)[:, 0]
+        records = {}
+        for key, start in (("nnclr_finetuned", encoder), ("supervised", None)):
+            classifier, records[key] = train_supervised_baseline(
+                config, train_images[chosen], train_labels[chosen], seed, validation, baseline_min_steps,
+                baseline_max_steps, baseline_epochs, initial_encoder=start)
+            scores[key] = classifier.predict(test_images, verbose=0)[:, 0]
         row = {"labels_per_class": count, "seed": seed}
         for key, values in scores.items():
             result = nnclr_model.evaluate_scores(test_labels, values, contamination)
             row[f"{key}_auc"] = result["auc"]
             row[f"{key}_completeness"] = result["completeness"]
-        row.update({f"supervised_{key}": value for key, value in record.items()})
+        for key, record in records.items():
+            row.update({f"{key}_{name}": value for name, value in record.items()})
+        logger.info("%d labels per class, draw %d: %s", count, seed,
+                    ", ".join(f"{label} {row[key]:.3f}" for key, label in LABEL_EFFICIENCY_CURVES))
         results.append(row)
     return results
 

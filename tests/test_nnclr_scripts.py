@@ -306,9 +306,10 @@ def test_evaluation_writes_every_promised_file(trained_run, tidal_file, tmp_path
         assert (out / name).stat().st_size > 0
     rows = json.loads((out / "label_efficiency.json").read_text())
     assert [(row["labels_per_class"], row["seed"]) for row in rows] == [(4, 0)]
-    assert all(0 <= row[key] <= 1 for row in rows for key in ("nnclr_probe_auc", "untrained_probe_auc", "supervised_auc"))
-    assert all(4 <= row["supervised_steps"] <= 8 and 1 <= row["supervised_best_step"] <= row["supervised_steps"]
-               for row in rows)
+    assert all(0 <= row[f"{key}_auc"] <= 1 for row in rows
+               for key in ("nnclr_probe", "untrained_probe", "nnclr_finetuned", "supervised"))
+    assert all(4 <= row[f"{key}_steps"] <= 8 and 1 <= row[f"{key}_best_step"] <= row[f"{key}_steps"]
+               for row in rows for key in ("nnclr_finetuned", "supervised"))
     [summary] = metrics["label_efficiency_summary"]
     assert summary["labels_per_class"] == 4 and summary["nnclr_probe_auc"]["mean"] == rows[0]["nnclr_probe_auc"]
     similar = json.loads((out / "similar_to_g3.json").read_text())
@@ -462,6 +463,30 @@ def test_linear_probe_finds_a_signal_spread_over_the_representation():
     assert np.mean(aucs) > 0.7
     with pytest.raises(ValueError, match="at least 2"):
         nnclr_test.fit_linear_probe(draw(rng, labels)[:21], labels[:21], seed=0)
+
+
+def test_fine_tuned_arm_starts_from_the_trained_encoder_and_leaves_it_untouched(trained_run, tidal_file):
+    """The label-efficiency study's fine-tuned classifier starts from the NNCLR weights, and
+    training it changes a copy: the encoder the probes use is the same after."""
+    config, extra = nnclr_model.load_config(trained_run / "config.json")
+    encoder = nnclr_model.load_encoder(trained_run / "encoder.keras", config)
+    before = [weight.copy() for weight in encoder.get_weights()]
+    source = tidal_data.tidal_source_from_hdf5([tidal_file])
+    images = tidal_data.tidal_stretch(source.read_labelled(np.arange(8)), np.asarray(extra["band_scale"], np.float32))
+    labels = source.labels[:8]
+
+    def encoder_weights(classifier):
+        return classifier.get_layer(encoder.name).get_weights()
+
+    untrained, _ = nnclr_test.train_supervised_baseline(config, images, labels, seed=0, epochs=0,
+                                                        initial_encoder=encoder)
+    assert all(np.array_equal(a, b) for a, b in zip(encoder_weights(untrained), before))
+    tuned, record = nnclr_test.train_supervised_baseline(config, images, labels, seed=0, epochs=2,
+                                                         initial_encoder=encoder)
+    assert record["steps"] == 2 and any(not np.array_equal(a, b) for a, b in zip(encoder_weights(tuned), before))
+    assert all(np.array_equal(a, b) for a, b in zip(encoder.get_weights(), before))
+    scratch, _ = nnclr_test.train_supervised_baseline(config, images, labels, seed=0, epochs=0)
+    assert not all(np.array_equal(a, b) for a, b in zip(encoder_weights(scratch), before))
 
 
 def test_classifier_only_from_a_trained_encoder(trained_run, tidal_file, tmp_path):
