@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import sys
 import tempfile
@@ -140,13 +141,11 @@ def save_keras_model(keras_model, path):
 
 
 def report_bad_cutouts(errors, verb="processed", stream=None):
-    """Print one line per bad cutout (to stderr); returns a script's exit status: 1 if any, else 0."""
+    """Close a run that logged its bad cutouts as it met them (one line each): print how many
+    there were (to stderr) and return the script's exit status, 1 if any, else 0."""
     if not errors:
         return 0
-    stream = stream or sys.stderr
-    print(f"{len(errors)} cutout(s) could not be {verb}:", file=stream)
-    for message in errors:
-        print(f"  {message}", file=stream)
+    print(f"{len(errors)} cutout(s) could not be {verb} (each is named above)", file=stream or sys.stderr)
     return 1
 
 
@@ -325,6 +324,72 @@ def backup_and_restore(folders, name, **options):
 MAIN_NAMES = ("__main__", "__mp_main__")
 
 
+def tensorflow_error_line(error):
+    """One line for a TensorFlow runtime error (``tf.errors.OpError``).
+
+    An error raised in Python inside a data pipeline (a cutout that cannot be prepared) reaches
+    the command wrapped in TensorFlow's report, behind a "Graph execution error" line and a
+    traceback; the innermost Python error's own message is what the user needs. Otherwise the
+    first informative line of TensorFlow's message.
+    """
+    text = getattr(error, "message", None) or str(error)
+    raised = re.findall(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", text, flags=re.MULTILINE)
+    if raised:
+        kind, message = raised[-1]
+        # These errors of the project's readers name the file and the cutout themselves.
+        return message.strip() if kind in ("CutoutError", "UnusableImageError") else f"{kind}: {message.strip()}"
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.strip().startswith(("Graph execution error", "Detected at", "<stack", "[["))]
+    return lines[0] if lines else text.strip() or type(error).__name__
+
+
+def data_errors_are_one_line(*kinds):
+    """Decorate a command's ``main(argv)``: an error found in the data while the work runs (an
+    exception of ``kinds``, or a TensorFlow runtime error, which carries what a data pipeline
+    raised) is one ``error:`` line on stderr and exit status 2 instead of a traceback."""
+    def decorate(main):
+        @functools.wraps(main)
+        def wrapped(argv=None):
+            try:
+                return main(argv)
+            except Exception as error:
+                tensorflow = sys.modules.get("tensorflow")
+                if isinstance(error, kinds):
+                    line = str(error)
+                elif tensorflow is not None and isinstance(error, tensorflow.errors.OpError):
+                    line = tensorflow_error_line(error)
+                else:
+                    raise
+                print(f"error: {line}", file=sys.stderr)
+                return 2
+
+        return wrapped
+
+    return decorate
+
+
+def quiet_interrupt():
+    """Make a Ctrl-C that nothing catches one line, ``interrupted``, instead of a traceback.
+
+    Commands catch KeyboardInterrupt where they have work to keep; what is left is a Ctrl-C
+    while a command is still starting (importing its libraries), which is no error of the
+    user's. Any other uncaught exception keeps Python's own report. The process still ends as
+    an interrupted one (status 130 in a shell). Call it first thing in a command.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "quiet_interrupt", False):
+        return
+
+    def hook(kind, value, trace):
+        if issubclass(kind, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+        else:
+            previous(kind, value, trace)
+
+    hook.quiet_interrupt = True
+    sys.excepthook = hook
+
+
 def quiet_start(argv=None, tensorflow=True):
     """Keep TensorFlow's start-up lines (oneDNN notice, CUDA probes, absl) off the terminal.
 
@@ -333,8 +398,10 @@ def quiet_start(argv=None, tensorflow=True):
     process's standard error closed for the duration of the import (the C++ core writes its
     notices there before any log level is read). Python errors of the import still surface.
     ``--verbose`` among the arguments (``argv``, default ``sys.argv``) leaves everything as it
-    is. Returns whether it silenced anything.
+    is. Returns whether it silenced anything. A Ctrl-C while it loads is one line
+    (:func:`quiet_interrupt`), with or without ``--verbose``.
     """
+    quiet_interrupt()
     argv = sys.argv[1:] if argv is None else argv
     if "--verbose" in argv:
         return False

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+import locks
 import model
 import plots
 import prep_data
@@ -291,6 +292,46 @@ def _write_csv(table, path):
         table.to_csv(temporary, index=False, float_format="%.6g")
 
 
+def read_label_table(path, ids):
+    """Labels of the clusters ``ids`` from a CSV with columns ``id`` and ``f_icl``.
+
+    Each problem is one ValueError naming the file (and the line where there is one): a file
+    that is missing or not a UTF-8 CSV, missing columns, an id given twice, a cluster without a
+    label, a label that is not a number or not a fraction in [0, 1].
+    """
+    try:
+        table = pd.read_csv(path, dtype={"id": str, "f_icl": str}, encoding="utf-8", keep_default_na=False,
+                            na_values=[""])
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise ValueError(f"{path}: not a readable CSV of labels ({error})") from None
+    if not {"id", "f_icl"} <= set(table.columns):
+        raise ValueError(f"{path}: needs the columns id and f_icl, found {list(table.columns)}")
+    lines = pd.Series(np.arange(len(table)) + 2, index=table.index)  # line 1 is the header
+    repeated = table["id"].duplicated(keep=False)
+    if repeated.any():
+        first = table["id"][repeated].iloc[0]
+        where = lines[table["id"] == first].tolist()
+        raise ValueError(f"{path}: id '{first}' is given {len(where)} times (lines {', '.join(map(str, where))})")
+    missing = sorted(set(ids) - set(table["id"]))
+    if missing:
+        raise ValueError(f"{path}: no label for clusters {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    table = table.set_index("id")
+    lines.index = table.index
+    for identifier in ids:
+        text = table.at[identifier, "f_icl"]
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not np.isfinite(value) or not 0 <= value <= 1:
+            problem = "not a number" if value is None or np.isnan(value) else "not a fraction in [0, 1]"
+            raise ValueError(f"{path}, line {lines[identifier]}: f_icl of cluster '{identifier}' is "
+                             f"{'empty' if pd.isna(text) else repr(text)}, {problem}")
+    return table.loc[ids, "f_icl"].astype(float).to_numpy(np.float32)
+
+
 def load_clusters(inputs, label_key, labels_csv=None, image_size=None):
     """Ids, prepared images and labels of the fine-tuning clusters.
 
@@ -306,11 +347,13 @@ def load_clusters(inputs, label_key, labels_csv=None, image_size=None):
     images = np.stack([prep_data.load_prepared(ref, size) for ref in refs])
     ids = [ref.id for ref in refs]
     if labels_csv:
-        table = pd.read_csv(labels_csv, dtype={"id": str})
-        missing = sorted(set(ids) - set(table["id"]))
-        if missing:
-            raise ValueError(f"{labels_csv}: no label for clusters {missing[:5]}{'...' if len(missing) > 5 else ''}")
-        labels = table.set_index("id").loc[ids, "f_icl"].to_numpy(np.float32)
+        seen = {}
+        for ref in refs:
+            if ref.id in seen:
+                raise ValueError(f"cluster id '{ref.id}' is both {seen[ref.id]} and {ref.source}; labels from "
+                                 f"{labels_csv} are matched by id, so the ids must be unique")
+            seen[ref.id] = ref.source
+        labels = read_label_table(labels_csv, ids)
     else:
         labels = prep_data.read_labels(refs, label_key)
     return ids, images, labels
@@ -352,13 +395,14 @@ def main(argv=None):
         if checkpoint_config is None:
             raise model.CheckpointError(f"{args.checkpoint}: checkpoint not found; train one with train.py or pass --checkpoint")
         ids, images, labels = load_clusters(args.inputs, args.label_key, args.labels, checkpoint_config.image_size)
-        if args.all:
-            path = final_finetune(args.checkpoint, images, labels, config, out_dir)
-            print(f"fine-tuned on all {len(ids)} clusters: {path}")
-            return 0
-        splits = None if args.split is None else [args.split]
-        results = cross_validate(args.checkpoint, ids, images, labels, config, out_dir, splits)
-        metrics = write_outputs(results, out_dir)
+        with locks.folder_lock(out_dir):  # a second run into the same folder is refused, not mixed in
+            if args.all:
+                path = final_finetune(args.checkpoint, images, labels, config, out_dir)
+                print(f"fine-tuned on all {len(ids)} clusters: {path}")
+                return 0
+            splits = None if args.split is None else [args.split]
+            results = cross_validate(args.checkpoint, ids, images, labels, config, out_dir, splits)
+            metrics = write_outputs(results, out_dir)
     except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

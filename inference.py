@@ -14,7 +14,6 @@ when every cutout is done, so an interrupted run never leaves a CSV that looks f
 ``resume`` skips the cutouts already predicted.
 """
 
-import contextlib
 import csv
 import dataclasses
 import functools
@@ -24,11 +23,11 @@ import logging
 import os
 import pathlib
 import re
-import time
 
 import numpy as np
 
 import common
+import locks
 import model
 import parallel
 import plots
@@ -160,62 +159,16 @@ def identity_path(out_path):
     return out_path.with_name(f".{out_path.name}.partial.json")
 
 
-def _pid_running(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def record_path(out_path):
+    """The sidecar of a finished CSV: the partial file's sidecar, kept when the CSV is complete."""
+    out_path = pathlib.Path(out_path)
+    return out_path.with_name(f".{out_path.name}.run.json")
 
 
 def acquire_lock(out_path):
-    """Create the lock of ``out_path`` (O_CREAT | O_EXCL, holding this pid), or raise ValueError.
-
-    A lock whose process is no longer running is stale and taken over; a second run on the same
-    output while the first is alive is refused, so two runs never mix their rows.
-    """
-    lock = lock_path(out_path)
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        except FileExistsError:
-            try:
-                text = lock.read_text().strip()
-                age = time.time() - lock.lstat().st_mtime
-            except FileNotFoundError:
-                continue  # released meanwhile: try again
-            except OSError as error:
-                raise ValueError(f"--out {out_path}: cannot read the lock file {lock} ({error.strerror})") from None
-            pid = int(text) if text.isdigit() else None
-            if (pid is not None and _pid_running(pid)) or (pid is None and age < 10):
-                holder = f"process {pid}" if pid is not None else "another process"
-                raise ValueError(f"--out {out_path}: {holder} is writing this output (lock {lock}); wait for it "
-                                 "to finish or choose another --out") from None
-            logger.warning("%s: taking over the lock of process %s, which is no longer running", lock, text or "?")
-            # Moved aside rather than deleted: of two runs taking over at once, only one moves the
-            # stale lock; the other would move the winner's fresh lock, sees it and puts it back.
-            grave = lock.with_name(f"{lock.name}.stale.{os.getpid()}")
-            try:
-                os.rename(lock, grave)
-            except FileNotFoundError:
-                continue
-            moved = grave.read_text().strip()
-            if moved != text:
-                with contextlib.suppress(FileExistsError):
-                    os.link(grave, lock)
-                grave.unlink(missing_ok=True)
-                raise ValueError(f"--out {out_path}: process {moved or '?'} is writing this output (lock {lock}); "
-                                 "wait for it to finish or choose another --out")
-            grave.unlink(missing_ok=True)
-            continue
-        except OSError as error:
-            raise ValueError(f"--out {out_path}: cannot create the lock file {lock} ({error.strerror})") from None
-        with os.fdopen(fd, "w") as handle:
-            handle.write(f"{os.getpid()}\n")
-        return lock
-    raise ValueError(f"--out {out_path}: cannot take the lock {lock}; another run keeps taking it")
+    """Create the lock of ``out_path`` (:func:`locks.acquire`), or raise ValueError: a second run
+    on the same output while the first is alive is refused, so two runs never mix their rows."""
+    return locks.acquire(lock_path(out_path), f"--out {out_path}", "--out")
 
 
 def run_identity(checkpoint, inputs):
@@ -241,9 +194,9 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def _check_identity(out_path, partial, identity):
-    """Refuse to resume rows that another checkpoint or other inputs produced."""
-    sidecar = identity_path(out_path)
+def _check_identity(sidecar, partial, identity):
+    """Refuse to resume the rows of ``partial`` (a partial file or a finished CSV) when its
+    ``sidecar`` says another checkpoint or other inputs produced them."""
     if not sidecar.exists():
         logger.warning("%s: no record of the checkpoint that made these rows (%s); resuming without checking",
                        partial, sidecar.name)
@@ -280,8 +233,9 @@ def read_finished_rows(out_path, partial, identity=None):
     Rows are keyed by ``source``; a file whose header is not this tool's is refused rather
     than mixed into the new output. A torn row (too few fields or numbers that do not parse,
     as an interrupted write leaves) is dropped, so its cutout is predicted again. With
-    ``identity`` (:func:`run_identity`), the partial file's rows must come from the same
-    checkpoint and inputs.
+    ``identity`` (:func:`run_identity`), the rows of both must come from the same checkpoint
+    and inputs, as recorded beside them (:func:`identity_path` for the partial file,
+    :func:`record_path` for the finished CSV); rows without a record are kept with a warning.
     """
     rows, seen = [], set()
     for path in (out_path, partial):
@@ -289,8 +243,8 @@ def read_finished_rows(out_path, partial, identity=None):
             raise ValueError(f"{path}: is a symbolic link; refusing to read or replace it")
         if not path.exists():
             continue
-        if path == partial and identity is not None:
-            _check_identity(out_path, partial, identity)
+        if identity is not None:
+            _check_identity(identity_path(out_path) if path == partial else record_path(out_path), path, identity)
         with open(path, newline="") as handle:
             reader = csv.reader(handle)
             try:
@@ -532,8 +486,11 @@ def _run_locked(refs, errors, predictor, config, checkpoint, inputs, out, gradca
         if handle is not None:
             handle.close()
     if out is not None:
-        os.replace(partial_path(out), out)  # the partial file is complete: it becomes the CSV
-        identity_path(out).unlink(missing_ok=True)
+        # The partial file is complete: it becomes the CSV, and its sidecar the CSV's record
+        # (dropped first, so that a CSV is never next to another run's record).
+        record_path(out).unlink(missing_ok=True)
+        os.replace(partial_path(out), out)
+        os.replace(identity_path(out), record_path(out))
     if summary is not None:
         summary.update(kept=len(done_rows), rows=len(done_rows) + n_predicted)
     return n_predicted, list(overlays), errors

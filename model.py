@@ -18,6 +18,7 @@ GradCAM (:func:`gradcam_heatmaps`) needs no surgery on the network.
 import dataclasses
 import json
 import pathlib
+import zipfile
 
 import keras
 import numpy as np
@@ -220,6 +221,8 @@ def _first_line(error):
 def _load_keras_file(path):
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found (no such file)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a Keras model file (a .keras file is a zip archive)")
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as error:  # noqa: BLE001 - whatever a broken file raises, one line names it
@@ -349,8 +352,9 @@ def label_prior_bias(labels, n_components):
     concentration = np.maximum(means * (1 - means) / sigma**2 - 1, 2.0 + 1e-3)
     alpha = np.maximum(means * concentration, 1.0 + 1e-3)
     beta = np.maximum((1 - means) * concentration, 1.0 + 1e-3)
-    # inverse of alpha = 1 + softplus(raw): raw = log(expm1(alpha - 1))
-    raw_alpha, raw_beta = (np.log(np.expm1(value - 1.0)) for value in (alpha, beta))
+    # inverse of alpha = 1 + softplus(raw): raw = log(expm1(y)) with y = alpha - 1, written as
+    # y + log(1 - exp(-y)) so that it stays finite for the large alphas of a narrow label range
+    raw_alpha, raw_beta = ((value - 1.0) + np.log(-np.expm1(-(value - 1.0))) for value in (alpha, beta))
     return np.concatenate([np.zeros(n_components), raw_alpha, raw_beta]).astype(np.float32)
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import zipfile
 
 import keras
 import numpy as np
@@ -92,6 +93,9 @@ class NNCLRConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         object.__setattr__(self, "noise_range", tuple(float(value) for value in self.noise_range))
         object.__setattr__(self, "noise_scale", tuple(float(value) for value in self.noise_scale))
+        low, high = self.noise_range
+        if not 0 <= low <= high:
+            raise ValueError(f"noise_range must satisfy 0 <= low <= high, got {self.noise_range}")
         if len(self.noise_scale) != self.n_bands or not all(value > 0 for value in self.noise_scale):
             raise ValueError(f"noise_scale must hold {self.n_bands} positive values (one per band), got {self.noise_scale}")
         if self.zero_gamma and not self.batch_norm:
@@ -579,6 +583,8 @@ def _read_keras_model(path, what):
     """Load the ``.keras`` file of an encoder or classifier (``what``), with errors that name it."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"cannot read {what} file {path} as a Keras model (a .keras file is a zip archive; this is not)")
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as error:  # Keras raises many types for unreadable files
@@ -831,7 +837,10 @@ def save_config(config, path, **extra):
 
 
 def load_config(path):
-    """Read a file written by :func:`save_config`: returns ``(config, extra)``."""
+    """Read a file written by :func:`save_config`: returns ``(config, extra)``.
+
+    Its ``band_scale`` entry (every run has one) must hold one finite positive scale per band.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: missing; the run folder must be an nnclr_train.py --out-dir")
@@ -841,7 +850,19 @@ def load_config(path):
         raise ValueError(f"{path}: not an NNCLR run configuration (not JSON: {error})") from None
     if not isinstance(values, dict) or "nnclr" not in values:
         raise ValueError(f"{path}: not an NNCLR run configuration (no 'nnclr' entry)")
-    config = NNCLRConfig.from_dict(values.pop("nnclr"))
+    try:
+        config = NNCLRConfig.from_dict(values.pop("nnclr"))
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        raise ValueError(f"{path}: not an NNCLR run configuration ({error})") from None
+    if "band_scale" not in values:
+        raise ValueError(f"{path}: not an NNCLR run configuration (no 'band_scale' entry)")
+    try:
+        scale = np.asarray(values["band_scale"], dtype=np.float64)
+    except (TypeError, ValueError):
+        scale = None
+    if scale is None or scale.shape != (config.n_bands,) or not (np.isfinite(scale) & (scale > 0)).all():
+        raise ValueError(f"{path}: band_scale must be {config.n_bands} finite positive numbers, one per band, "
+                         f"got {values['band_scale']!r}")
     return config, values
 
 

@@ -76,6 +76,7 @@ if __name__ in common.MAIN_NAMES:
     common.quiet_start()  # before TensorFlow loads: no start-up noise unless --verbose
 
 import argparse
+import contextlib
 import json
 import logging
 import pathlib
@@ -83,6 +84,7 @@ import pathlib
 import keras
 import numpy as np
 
+import locks
 import nnclr_model
 import parallel
 import plots
@@ -593,7 +595,13 @@ def select_headline(labels, truth, twins, visible_only):
     return selections, "visible" if visible_only else "all"
 
 
+@common.data_errors_are_one_line(tidal_data.UnusableImageError)
 def main(argv=None):
+    with contextlib.ExitStack() as held:  # the output folder's lock, for the whole run
+        return _main(argv, held)
+
+
+def _main(argv, held):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.test_all and args.label_efficiency:
@@ -607,6 +615,11 @@ def main(argv=None):
                        f"--baseline-max-steps ({args.baseline_max_steps})\n")
     if args.baseline_epochs is not None and args.baseline_epochs < 1:
         parser.exit(2, f"error: --baseline-epochs must be >= 1, got {args.baseline_epochs}\n")
+    if not 0 < args.contamination < 1:
+        parser.exit(2, f"error: --contamination must be between 0 and 1, got {args.contamination}\n")
+    if args.top_k < 1 or args.similarity_pool <= args.top_k:
+        parser.exit(2, f"error: --top-k ({args.top_k}) must be >= 1 and less than --similarity-pool "
+                       f"({args.similarity_pool})\n")
     if args.test_view == "original" and args.dask:
         parser.error("--test-view original is computed in this process; it cannot be combined with --dask")
     parallel.check_dask_arguments(parser, args)
@@ -615,6 +628,7 @@ def main(argv=None):
     out_dir = pathlib.Path(args.out_dir) if args.out_dir else run_dir / "test"
     try:
         common.check_output_dir(out_dir)
+        held.enter_context(locks.folder_lock(out_dir))  # a second run into the same folder is refused
         config, extra = nnclr_model.load_config(run_dir / "config.json")
         band_scale = np.asarray(extra["band_scale"], dtype=np.float32)
         settings = extra.get("settings", {})

@@ -47,6 +47,7 @@ import shutil
 import keras
 import numpy as np
 
+import locks
 import nnclr_model
 import plots
 import tidal_data
@@ -289,7 +290,13 @@ def load_trained_encoder(path, config, image_shape, strategy):
         return nnclr_model.load_encoder(path, config), config, band_scale
 
 
+@common.data_errors_are_one_line(tidal_data.UnusableImageError)
 def main(argv=None):
+    with contextlib.ExitStack() as held:  # the output folder's lock, for the whole run
+        return _main(argv, held)
+
+
+def _main(argv, held):
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -300,6 +307,7 @@ def main(argv=None):
         parser.error(str(error))
     try:
         common.check_output_dir(args.out_dir)
+        held.enter_context(locks.folder_lock(args.out_dir))  # a second run into the same folder is refused
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow work.

@@ -88,7 +88,16 @@ def dask_client(address, quiet=True):
                 Client(cluster) as client:
             if quiet:
                 client.run(quiet_worker)
-            yield client
+            interrupted = False
+            try:
+                yield client
+            except KeyboardInterrupt:
+                interrupted = True  # stop at once; the workers go with the cluster
+                raise
+            finally:
+                if not interrupted:
+                    with contextlib.suppress(Exception):
+                        client.run(quiet_shutdown)
         return
     try:
         client = Client(value, timeout="30s")
@@ -126,6 +135,14 @@ def map_in_order(client, function, parts, *arguments, progress=None):
     finally:
         # An early stop (an error, Ctrl-C) must not leave the cluster working for nobody.
         client.cancel([future for future in futures if not future.done()])
+
+
+def quiet_shutdown():
+    """On a worker of a local cluster whose work is done: its shutdown messages (a heartbeat that
+    finds the scheduler already gone, printed as a traceback about one time in ten) are not the
+    command's output. Worker errors during the work are still reported."""
+    for name in ("distributed", "distributed.worker", "distributed.nanny", "distributed.core", "distributed.comm"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
 def quiet_worker():

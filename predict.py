@@ -16,7 +16,8 @@ before any work. A second run on the same OUT while one is running is refused (a
 after every batch, which is renamed to OUT when every cutout is done: an interrupted run never
 leaves a CSV that looks finished, and ``--resume`` skips the cutouts already predicted (a torn
 last row is dropped and redone; rows of another checkpoint or other inputs are refused, checked
-against the sidecar ``.OUT.partial.json``).
+against the sidecar ``.OUT.partial.json``, which stays beside the finished CSV as ``.OUT.run.json``
+so that resuming from a finished CSV is checked too).
 Memory stays bounded whatever the number of cutouts: they stream from disk in batches.
 ``--gradcam-dir DIR`` also writes a GradCAM overlay per cutout, from the same forward pass.
 ``--dask ADDRESS`` (or ``local:N``) spreads the cutouts over a Dask cluster, in partitions of

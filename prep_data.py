@@ -45,6 +45,11 @@ The ``tf.data`` pipelines stream cutouts from disk in parallel, one cutout at a 
 inputs of any size never have to fit in memory.
 """
 
+import common
+
+if __name__ in common.MAIN_NAMES:
+    common.quiet_interrupt()  # a Ctrl-C while the libraries load is one line, not a traceback
+
 import argparse
 import dataclasses
 import json
@@ -58,7 +63,6 @@ import warnings
 import h5py
 import numpy as np
 
-import common
 import hsc
 
 logger = logging.getLogger(__name__)
@@ -79,6 +83,8 @@ PREPARED_DESCRIPTION = (
 )
 #: Smallest side, in pixels, of a cutout that is prepared (a smaller one is mostly interpolation).
 MIN_SIDE = 16
+#: Largest side ``prep_data.py --size`` makes (the models take 112 or 224 px; 2048 px is 16 MiB an image).
+MAX_SIDE = 2048
 #: Largest fraction of the padded square that may be masked or padding; the rest must be sky.
 MAX_UNUSABLE_FRACTION = 0.7
 
@@ -643,7 +649,10 @@ def read_labels(refs, label_key):
         cutout = read_cutout(ref)
         if label_key not in cutout.meta:
             raise CutoutError(f"{ref.source}: has no label '{label_key}' (available: {sorted(cutout.meta)})")
-        label = float(cutout.meta[label_key])
+        try:
+            label = float(np.asarray(cutout.meta[label_key]).item())
+        except (TypeError, ValueError):
+            raise CutoutError(f"{ref.source}: label '{label_key}' is {cutout.meta[label_key]!r}, not a number") from None
         if not np.isfinite(label):
             raise CutoutError(f"{ref.source}: label '{label_key}' is {label}; remove the cutout or measure it again")
         if not 0.0 <= label <= 1.0:
@@ -672,8 +681,8 @@ def main(argv=None):
                              f"(default {hsc.ICL_IMAGE_SIZE}; the shipped checkpoints take 112)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.size < MIN_SIDE:
-        print(f"error: --size must be at least {MIN_SIDE}, got {args.size}", file=sys.stderr)
+    if not MIN_SIDE <= args.size <= MAX_SIDE:
+        print(f"error: --size must be between {MIN_SIDE} and {MAX_SIDE} px, got {args.size}", file=sys.stderr)
         return 2
     out = pathlib.Path(args.out)
     ids_path = out.with_suffix(".ids.txt")

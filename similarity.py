@@ -39,6 +39,11 @@ Command line::
     python similarity.py query INDEX.npz --vector-of ID --k 10 --out matches.csv
 """
 
+import common
+
+if __name__ in common.MAIN_NAMES:
+    common.quiet_interrupt()  # a Ctrl-C while the libraries load is one line, not a traceback
+
 import argparse
 import contextlib
 import csv
@@ -51,8 +56,6 @@ import time
 import zipfile
 
 import numpy as np
-
-import common
 
 logger = logging.getLogger(__name__)
 

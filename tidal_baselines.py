@@ -476,7 +476,11 @@ def fit_boosting_baseline(train_features, train_labels, seed):
         l2_regularization=1.0, early_stopping=len(train_labels) >= 100, validation_fraction=0.1, n_iter_no_change=20,
         random_state=seed,
     )
-    return model.fit(np.asarray(train_features, dtype=np.float64), train_labels)
+    train_features = np.asarray(train_features, dtype=np.float64)
+    # A feature undefined for every training galaxy (possible on small or tiny images) carries
+    # nothing, and sklearn's binning fails on an all-NaN column: make it a constant no tree splits on.
+    train_features = np.where(np.isnan(train_features).all(axis=0), 0.0, train_features)
+    return model.fit(train_features, train_labels)
 
 
 def baseline_scores(read, rows, names=("host_flux", "rotation_residual"), chunk=256, progress=None):

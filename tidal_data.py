@@ -430,8 +430,48 @@ def index_tidal_hdf5(inputs):
     )
 
 
+class UnusableImageError(ValueError):
+    """A galaxy's image is not a sky cutout (mostly no data, or constant); the message names it."""
+
+
+#: Share of a galaxy's pixels that may be non-finite (no data); they are read as 0, the sky level.
+MAX_NONFINITE_FRACTION = 0.3
+
+_warned_nonfinite = set()
+
+
+def check_tidal_pixels(images, describe, source):
+    """Make the images of a read usable, in place: non-finite pixels (no data) become 0.
+
+    A galaxy with more than :data:`MAX_NONFINITE_FRACTION` of its pixels non-finite, or whose
+    image is constant (all bands), is not a sky cutout: :class:`UnusableImageError` naming it
+    (``describe(position)`` gives its file and id). Non-finite pixels are warned about once
+    per ``source`` (the file) and process.
+    """
+    bad = ~np.isfinite(images)
+    if bad.any():
+        shares = bad.reshape(len(images), -1).mean(axis=1)
+        worst = int(np.argmax(shares))
+        if shares[worst] > MAX_NONFINITE_FRACTION:
+            raise UnusableImageError(f"{describe(worst)}: {100 * shares[worst]:.0f}% of the pixels are non-finite (at most "
+                             f"{100 * MAX_NONFINITE_FRACTION:.0f}%); not a usable cutout, leave it out")
+        images[bad] = 0.0
+        if source not in _warned_nonfinite:
+            _warned_nonfinite.add(source)
+            logger.warning("%s and maybe others: non-finite pixels (no data) are read as 0, the sky level",
+                           describe(int(np.flatnonzero(shares)[0])))
+    flat = images.reshape(len(images), -1)
+    constant = np.flatnonzero(flat.max(axis=1) == flat.min(axis=1))
+    if constant.size:
+        raise UnusableImageError(f"{describe(int(constant[0]))}: the image is constant ({flat[constant[0], 0]:g} everywhere); "
+                         "not a sky cutout, leave it out")
+    return images
+
+
 def read_tidal_images(catalogue, indices):
     """Images (counts, float32) of the galaxies at ``indices`` of a :class:`TidalCatalogue`.
+
+    Non-finite pixels are read as 0, and unusable images are refused (:func:`check_tidal_pixels`).
 
     Returns
     -------
@@ -447,7 +487,12 @@ def read_tidal_images(catalogue, indices):
         order = np.argsort(rows)
         # h5py fancy indexing needs increasing rows; read sorted, then put back in place.
         with h5py.File(path, "r") as f:
-            images[chosen[order]] = f["image"][rows[order]]
+            read = np.asarray(f["image"][rows[order]], dtype=np.float32)
+
+        def describe(position, galaxies=indices[chosen[order]], path=path):
+            return f"{path}: galaxy '{catalogue.ids[galaxies[position]]}' (row {catalogue.rows[galaxies[position]]})"
+
+        images[chosen[order]] = check_tidal_pixels(read, describe, path)
     return images
 
 
@@ -581,8 +626,19 @@ def tidal_source_from_hdf5(inputs):
 
     ``truth`` holds ``feature_type`` and ``feature_sb``, plus each of ``pair_id``, ``visible``,
     ``feature_snr``, ``feature_contrast`` and ``feature_light_fraction`` that some file carries
-    (a pair id that is not empty, a known visibility, a finite value)."""
+    (a pair id that is not empty, a known visibility, a finite value).
+
+    The galaxies' ids must be unique: the classifier sets, the test-overlap check and the
+    outputs name galaxies by id. A repeated id is a ValueError naming both places.
+    """
     catalogue = index_tidal_hdf5(inputs)
+    unique, counts = np.unique(catalogue.ids, return_counts=True)
+    if (counts > 1).any():
+        repeated = unique[counts > 1][0]
+        where = [f"{catalogue.paths[catalogue.file_index[i]]} row {catalogue.rows[i]}"
+                 for i in np.flatnonzero(catalogue.ids == repeated)[:2]]
+        raise ValueError(f"galaxy id '{repeated}' is given {counts[counts > 1][0]} times ({where[0]}, {where[1]}); "
+                         "the ids of the tidal files must be unique")
     truth = {"feature_type": catalogue.feature_type, "feature_sb": catalogue.feature_sb}
     present = {"pair_id": (catalogue.pair_id != "").any(), "visible": (catalogue.visible != VISIBLE_UNKNOWN).any(),
                **{name: np.isfinite(getattr(catalogue, name)).any() for name in TIDAL_FLOAT_COLUMNS[1:]}}

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+import locks
 import model
 import plots
 import prep_data
@@ -376,14 +377,14 @@ def main(argv=None):
                 ).map(lambda e: (e["image"], e["label"]))
             )
         prior_labels = None if args.no_label_prior else train_labels
-        metrics = train(
-            model_config, train_config, train_data, validation_data, args.out_dir, real_data, args.init, strategy, prior_labels
-        )
+        with locks.folder_lock(args.out_dir):  # a second run into the same folder is refused, not mixed in
+            metrics = train(model_config, train_config, train_data, validation_data, args.out_dir, real_data, args.init,
+                            strategy, prior_labels)
     except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except tf.errors.OpError as error:
-        print(f"error: {error.message.splitlines()[0]}", file=sys.stderr)
+        print(f"error: {common.tensorflow_error_line(error)}", file=sys.stderr)
         return 2
     if metrics is None:
         print(f"worker {strategy.cluster_resolver.task_id} finished; the chief writes {args.out_dir}")

@@ -124,6 +124,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if bool(args.inputs) == bool(args.generate):
         parser.error("give either held-out cutout files or --generate N SEED")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
 
     import model
     import prep_data
@@ -131,6 +133,8 @@ def main(argv=None):
     try:
         if args.out_dir:
             common.check_output_dir(args.out_dir)
+        # The checkpoint first: a wrong one fails before any cutout is read or generated.
+        model.load_icl_model(args.checkpoint, model.read_config(args.checkpoint))
         if args.generate:
             from data import shards
 

@@ -21,13 +21,17 @@ python -m data.generate backgrounds --n 50000 --seed 2 --out-dir backgrounds/ --
 python -m data.generate clusters --n 500000 --seed 3 --out-dir /shared/clusters/ --dask tcp://scheduler:8786
 """
 
+import common
+
+if __name__ in common.MAIN_NAMES:
+    common.quiet_interrupt()  # a Ctrl-C while the libraries load is one line, not a traceback
+
 import argparse
 import contextlib
 import logging
 import sys
 import time
 
-import common
 import parallel
 from data import shards
 

@@ -22,6 +22,11 @@ Zeroing the profile on bright pixels leaves a step around every galaxy (MOCKS.md
 :mod:`data.clusters` keep their own ICL smooth, and this module stays faithful to the paper.
 """
 
+import common
+
+if __name__ in common.MAIN_NAMES:
+    common.quiet_interrupt()  # a Ctrl-C while the libraries load is one line, not a traceback
+
 import argparse
 import dataclasses
 import json

@@ -13,6 +13,7 @@ is complete; a rerun with the same settings keeps them and renders only the miss
 The layouts of the files: :func:`write_shard` and ``data/README.md``.
 """
 
+import contextlib
 import glob
 import json
 import logging
@@ -29,6 +30,7 @@ import numpy as np
 import common
 import data.files
 import hsc
+import locks
 import parallel
 import prep_data
 
@@ -335,6 +337,26 @@ def generate_shards(kind, n, seed, folder, workers=WORKERS, shard_size=SHARD_SIZ
     _check_arguments(kind, n, seed, workers, shard_size, distribution, measure_sb)
     folder = pathlib.Path(folder)
     _make_writable_folder(folder, f"--out-dir {folder}")
+    with _locked(locks.folder_lock(folder, "--out-dir")):
+        return _generate_shards(kind, n, seed, folder, workers, shard_size, distribution, progress, measure_sb,
+                                start_method, client)
+
+
+@contextlib.contextmanager
+def _locked(lock):
+    """Hold ``lock`` (:mod:`locks`): two runs rendering into one output at once would mix their shards."""
+    try:
+        held = lock.__enter__()
+    except ValueError as error:
+        raise GenerationError(str(error)) from None
+    try:
+        yield held
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _generate_shards(kind, n, seed, folder, workers, shard_size, distribution, progress, measure_sb, start_method,
+                     client):
     attributes = _run_attributes(kind, seed, n, shard_size, distribution, measure_sb)
     plan = shard_plan(n, shard_size)
     # Leftovers of interrupted writes (one run per folder at a time).
@@ -388,11 +410,12 @@ def generate_file(kind, n, seed, path, workers=WORKERS, shard_size=SHARD_SIZE, d
         return str(path)
     _make_writable_folder(path.parent, f"--out {path}")
     folder = path.with_name(path.name + ".shards")
-    shards = generate_shards(kind, n, seed, folder, workers, shard_size, distribution, progress, measure_sb, start_method,
-                             client)
-    merge_shards(shards, path)
-    if not keep_shards:
-        shutil.rmtree(folder)
+    with _locked(locks.file_lock(path, "--out")):
+        shards = generate_shards(kind, n, seed, folder, workers, shard_size, distribution, progress, measure_sb,
+                                 start_method, client)
+        merge_shards(shards, path)
+        if not keep_shards:
+            shutil.rmtree(folder)
     return str(path)
 
 

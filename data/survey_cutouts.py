@@ -12,6 +12,11 @@ Output: this project's HDF5 *groups* layout (one group per cluster, see :mod:`pr
 one FITS file per cluster with IMAGE, MASK (and VARIANCE) HDUs, readable by :mod:`prep_data`.
 """
 
+import common
+
+if __name__ in common.MAIN_NAMES:
+    common.quiet_interrupt()  # a Ctrl-C while the libraries load is one line, not a traceback
+
 import argparse
 import dataclasses
 import logging
@@ -21,7 +26,6 @@ import warnings
 
 import numpy as np
 
-import common
 import data.files
 import hsc
 import prep_data

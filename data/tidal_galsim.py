@@ -89,6 +89,11 @@ Command line
 python -m data.tidal_galsim --n 200 --seed 1 --out galsim_pairs.h5 --preview galsim_pairs.png
 """
 
+import common
+
+if __name__ in common.MAIN_NAMES:
+    common.quiet_interrupt()  # a Ctrl-C while the libraries load is one line, not a traceback
+
 import argparse
 import json
 import logging
@@ -100,7 +105,6 @@ import galsim
 import numpy as np
 import scipy.special
 
-import common
 import hsc
 from data.tidal import feature_visibility
 

@@ -32,6 +32,11 @@ brighter than the threshold, or more than
 ``measure_sb_cut.measure.MAX_MASKED_FRACTION`` (50%) of the aperture masked or not finite.
 """
 
+import common
+
+if __name__ in common.MAIN_NAMES:
+    common.quiet_interrupt()  # a Ctrl-C while the libraries load is one line, not a traceback
+
 import argparse
 import contextlib
 import csv
@@ -43,7 +48,6 @@ import sys
 
 import numpy as np
 
-import common
 import hsc
 import parallel
 from measure_sb_cut import measurement_helpers as helpers
@@ -65,7 +69,16 @@ def read_catalogue(path):
     ValueError
         If the file lacks the columns, a z is not a number or an id is given twice.
     """
-    with open(path, newline="") as handle:
+    try:
+        return _read_catalogue(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{path}: not a readable CSV catalogue ({error})") from None
+
+
+def _read_catalogue(path):
+    with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         columns = [name.strip().lower() for name in (reader.fieldnames or [])]
         if "id" not in columns or "z" not in columns:
@@ -166,6 +179,16 @@ def main(argv=None):
 
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    for option, value in (("--aperture-kpc", args.aperture_kpc), ("--half-width-kpc", args.half_width_kpc)):
+        if not (np.isfinite(value) and value > 0):
+            parser.error(f"{option} must be a positive number of kpc, got {value}")
+    if args.background_box < 1:
+        parser.error(f"--background-box must be at least 1 pixel, got {args.background_box}")
+    if not np.isfinite(args.threshold_sb):
+        parser.error(f"--threshold-sb must be a number of mag/arcsec^2, got {args.threshold_sb}")
+    if args.aperture_kpc > args.half_width_kpc:
+        parser.error(f"--aperture-kpc ({args.aperture_kpc}) must fit in the cutout: at most --half-width-kpc "
+                     f"({args.half_width_kpc})")
     parallel.check_dask_arguments(parser, args)
     if args.z is not None:
         try:

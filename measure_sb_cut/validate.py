@@ -24,6 +24,11 @@ An input that cannot be read, or a file without any truth column, is reported on
 left out; the exit status is then 1 (2 when no cluster with truth remains).
 """
 
+import common
+
+if __name__ in common.MAIN_NAMES:
+    common.quiet_interrupt()  # a Ctrl-C while the libraries load is one line, not a traceback
+
 import argparse
 import datetime
 import json

@@ -39,6 +39,7 @@ def broken(tmp_path_factory):
     from synthetic import write_cluster_hdf5
 
     import data.files
+    import tidal_data
 
     folder = tmp_path_factory.mktemp("broken")
     write_cluster_hdf5(folder / "good.h5", 12, size=48, seed=1)
@@ -49,7 +50,50 @@ def broken(tmp_path_factory):
     data.files.write_stacked_hdf5(folder / "nan_label.h5", images, ids=ids, columns={"f_icl_sb": [np.nan] + [0.1] * 11})
     data.files.write_stacked_hdf5(folder / "big_label.h5", images, ids=ids, columns={"f_icl_sb": [1.5] + [0.1] * 11})
     (folder / "labels.csv").write_text("id,f_icl\nc1_000,0.1\n")
+    data.files.write_stacked_hdf5(folder / "text_label.h5", images, ids=ids, columns={"f_icl_sb": ["a"] * 12})
+    holes = images.copy()
+    holes[3, :40] = np.nan  # 83% of one cutout has no data
+    data.files.write_stacked_hdf5(folder / "no_data.h5", holes, ids=ids, columns={"f_icl_sb": [0.1] * 12})
+    good_ids = [f"c1_{i:03d}" for i in range(12)]
+    rows = "".join(f"{i},0.1\n" for i in good_ids[1:])
+    for name, text in {"no_id_column.csv": "name,f_icl\nc1_000,0.1\n",
+                       "repeated.csv": f"id,f_icl\n{good_ids[0]},0.1\n{rows}{good_ids[0]},0.2\n",
+                       "text_value.csv": f"id,f_icl\n{good_ids[0]},abc\n{rows}",
+                       "empty.csv": ""}.items():
+        (folder / name).write_text(text)
+    (folder / "binary.csv").write_bytes(b"\x00\xff\xfe" * 40)
+    (folder / "not_a_zip.keras").write_bytes(b"junk" * 100)
+
+    def tidal(name, images, ids=None):
+        count = len(images)
+        tidal_data.write_tidal_hdf5(folder / name, images, ids or [f"{name}{i}" for i in range(count)],
+                                    {"has_tidal": np.arange(count) % 2})
+
+    galaxies = np.random.default_rng(1).normal(1, 0.02, (40, 24, 24, 5)).astype(np.float32)
+    tidal("t_repeated_id.h5", galaxies, ["same"] + [f"g{i}" for i in range(1, 39)] + ["same"])
+    no_sky = galaxies.copy()
+    no_sky[5, :12] = np.nan
+    tidal("t_no_data.h5", no_sky)
+    constant = galaxies.copy()
+    constant[7] = 0.0
+    tidal("t_constant.h5", constant)
+    shipped = np.random.default_rng(2).normal(0, 0.02, (6, 128, 128, 5)).astype(np.float32)
+    shipped[2] = 0.0
+    tidal("t_shipped_constant.h5", shipped)
     return folder
+
+
+def _run_copy(folder, mutate):
+    """A copy of the shipped NNCLR run with its config changed by ``mutate(config_dict)``."""
+    import json
+    import shutil
+
+    run = folder / "run"
+    shutil.copytree(ROOT / "checkpoints" / "nnclr", run, ignore=shutil.ignore_patterns("*.png", "*.npy", "test*"))
+    config = json.loads((run / "config.json").read_text())
+    mutate(config)
+    (run / "config.json").write_text(json.dumps(config))
+    return str(run)
 
 
 @pytest.mark.parametrize("command, arguments, message", [
@@ -63,11 +107,37 @@ def broken(tmp_path_factory):
     (finetune.main, ["good.h5", "--checkpoint", "garbage.h5"], "garbage.h5"),
     (finetune.main, ["good.h5", "--checkpoint", str(ROOT / "checkpoints" / "nnclr" / "encoder.keras")], "not an ICL model"),
     (nnclr_train.main, ["good.h5"], "good.h5: not a tidal file"),
+    (train.main, ["text_label.h5"], "label 'f_icl_sb' is"),
+    (train.main, ["no_data.h5"], "no_data.h5:3: 83% of the (padded) image is masked or non-finite"),
+    (finetune.main, ["good.h5", "--labels", "no_id_column.csv"], "no_id_column.csv: needs the columns id and f_icl"),
+    (finetune.main, ["good.h5", "--labels", "repeated.csv"], "repeated.csv: id 'c1_000' is given 2 times (lines 2, 14)"),
+    (finetune.main, ["good.h5", "--labels", "text_value.csv"],
+     "text_value.csv, line 2: f_icl of cluster 'c1_000' is 'abc', not a number"),
+    (finetune.main, ["good.h5", "--labels", "empty.csv"], "empty.csv: not a readable CSV of labels"),
+    (finetune.main, ["good.h5", "--labels", "binary.csv"], "binary.csv: not a readable CSV of labels"),
+    (finetune.main, ["good.h5", "--labels", "missing.csv"], "missing.csv: no such file"),
+    (finetune.main, ["good.h5", "--checkpoint", "not_a_zip.keras"], "not_a_zip.keras: not a Keras model file"),
+    (nnclr_train.main, ["t_repeated_id.h5"], "galaxy id 'same' is given 2 times"),
+    (nnclr_train.main, ["t_no_data.h5"], "galaxy 't_no_data.h55' (row 5): 50% of the pixels are non-finite"),
+    (nnclr_train.main, ["t_constant.h5"], "galaxy 't_constant.h57' (row 7): the image is constant"),
+    (nnclr_train.main, ["t_no_data.h5", "--noise-range", "3", "1"], "noise_range must satisfy 0 <= low <= high"),
+    (nnclr_train.main, ["t_no_data.h5", "--load-encoder", "not_a_zip.keras"], "not_a_zip.keras as a Keras model"),
+    (nnclr_test.main, ["t_shipped_constant.h5", "--run-dir", "run", "--test-all"], "the image is constant"),
+    (nnclr_test.main, [GALAXIES, "--run-dir", "run-without-band-scale", "--test-all"], "no 'band_scale' entry"),
+    (nnclr_test.main, [GALAXIES, "--run-dir", "run-with-bad-band-scale", "--test-all"], "band_scale must be 5 finite"),
+    (nnclr_test.main, [GALAXIES, "--run-dir", "run", "--test-all", "--contamination", "1.5"],
+     "--contamination must be between 0 and 1"),
+    (nnclr_test.main, [GALAXIES, "--run-dir", "run", "--test-all", "--top-k", "0"], "--top-k (0) must be >= 1"),
     (nnclr_test.main, ["garbage.h5", "--run-dir", str(ROOT / "checkpoints" / "nnclr"), "--test-all"],
      "garbage.h5: cannot read HDF5 file"),
 ])
 def test_broken_training_inputs_are_one_line(command, arguments, message, broken, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(broken)
+    runs = {"run": lambda config: None, "run-without-band-scale": lambda config: config.pop("band_scale"),
+            "run-with-bad-band-scale": lambda config: config.update(band_scale=[0.1, -1])}
+    for index, argument in enumerate(arguments):
+        if argument in runs:
+            arguments = [*arguments[:index], _run_copy(tmp_path, runs[argument]), *arguments[index + 1:]]
     extra = ["--tiny"] if command in (train.main, nnclr_train.main) else []
     try:
         status = command([*arguments, *extra, "--out-dir", str(tmp_path / "out")])
@@ -77,3 +147,77 @@ def test_broken_training_inputs_are_one_line(command, arguments, message, broken
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+
+
+# Raised by the first import that follows the command's quiet_interrupt() call, as a Ctrl-C
+# while the libraries load would be.
+_INTERRUPT_WHILE_STARTING = """
+import builtins, runpy, sys
+sys.argv = [sys.argv[1], "--help"]
+real_import = builtins.__import__
+def interrupting_import(name, *args, **kwargs):
+    if getattr(sys.excepthook, "quiet_interrupt", False):
+        raise KeyboardInterrupt
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = interrupting_import
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def test_ctrl_c_while_a_command_starts_is_one_line():
+    import signal
+    import subprocess
+    import sys
+
+    import console
+
+    for module, _ in console.COMMANDS.values():
+        done = subprocess.run([sys.executable, "-c", _INTERRUPT_WHILE_STARTING, module], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.stderr == "interrupted\n", (module, done.stderr[-2000:])
+        assert done.returncode in (-signal.SIGINT, 130), (module, done.returncode)
+
+
+@pytest.mark.parametrize("command, arguments", [
+    (train.main, [CLUSTERS, "--tiny", "--label-key", "f_icl_sb_ideal"]),
+    (finetune.main, [CLUSTERS, "--label-key", "f_icl_sb_ideal"]),
+    (nnclr_train.main, [GALAXIES, "--tiny"]),
+    (nnclr_test.main, [GALAXIES, "--run-dir", str(ROOT / "checkpoints" / "nnclr"), "--test-all"]),
+    ("generate", ["clusters", "--n", "2"]),
+])
+def test_a_second_run_into_the_same_output_folder_is_refused(command, arguments, tmp_path, capsys):
+    """A live process holds the folder's lock (here: this test's own process): one line, exit 2,
+    nothing written; the lock is left to its holder."""
+    import os
+
+    import data.generate
+    import locks
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text(locks.lock_text())
+    command = data.generate.main if command == "generate" else command
+    try:
+        status = command([*arguments, "--out-dir", str(out)])
+    except SystemExit as stop:
+        status = stop.code
+    assert status == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"process {os.getpid()} is writing this output" in error[0], error
+    assert sorted(path.name for path in out.iterdir()) == [".lock"]
+
+
+def test_a_dead_runs_lock_is_taken_over_and_released(tmp_path):
+    import subprocess
+    import sys
+
+    import data.generate
+    import locks
+
+    out = tmp_path / "mocks.h5"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    lock = tmp_path / ".mocks.h5.lock"
+    lock.write_text(f"{dead} 1 {locks.socket.gethostname()}\n")
+    assert data.generate.main(["clusters", "--n", "2", "--out", str(out), "--quiet"]) == 0
+    assert out.is_file() and not lock.exists()

@@ -308,7 +308,8 @@ def test_cli_writes_overlays_and_reports_bad_files(tmp_path, tiny_checkpoint, ca
     assert matplotlib.image.imread(out_dir / "a_gradcam.png").ndim == 3
     captured = capsys.readouterr()
     assert "wrote 2 GradCAM overlays" in captured.out
-    assert "b.fits: cannot read FITS file" in captured.err
+    assert "b.fits: cannot read FITS file" in caplog.text  # logged to stderr as it is met
+    assert "1 cutout(s) could not be processed" in captured.err
     assert "Traceback" not in captured.err
     assert f"{more_inputs / 'a.fits'}: id 'a' repeats an earlier cutout's; a_gradcam.png was overwritten" in caplog.text
 

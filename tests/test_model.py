@@ -196,3 +196,16 @@ def test_label_prior_head_predicts_the_label_distribution():
 def test_label_prior_needs_labels():
     with pytest.raises(ValueError, match="at least 2 finite labels"):
         model.label_prior_bias([0.1], 16)
+
+
+def test_label_prior_of_identical_labels_is_finite_and_centred():
+    """All labels equal (a narrow or degenerate training set): the head starts as a narrow
+    distribution at that value, not an overflow to infinite Beta parameters."""
+    bias = model.label_prior_bias(np.full(20, 0.1), 16)
+    assert np.isfinite(bias).all()
+    alpha, beta = 1 + np.logaddexp(0, bias[16:32]), 1 + np.logaddexp(0, bias[32:])
+    np.testing.assert_allclose(alpha / (alpha + beta), 0.1, rtol=1e-3)
+    # The stable inverse agrees with log(expm1(y)) where that one does not overflow.
+    moderate = model.label_prior_bias(np.random.default_rng(0).uniform(0.05, 0.3, 50), 4)
+    alpha = 1 + np.logaddexp(0, moderate[4:8])
+    np.testing.assert_allclose(np.log(np.expm1(alpha - 1)), moderate[4:8], rtol=1e-5)

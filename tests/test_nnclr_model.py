@@ -2,6 +2,7 @@
 save/load, the classifier and the errors users see."""
 
 import dataclasses
+import json
 import pathlib
 import subprocess
 import sys
@@ -239,9 +240,9 @@ def test_config_rejects_images_smaller_than_the_crop():
 
 
 def test_config_json_round_trip(tmp_path):
-    nnclr_model.save_config(TINY_CONFIG, tmp_path / "config.json", band_scale=[1.0, 2.0])
+    nnclr_model.save_config(TINY_CONFIG, tmp_path / "config.json", band_scale=[1.0, 2.0, 3.0, 4.0, 5.0])
     config, extra = nnclr_model.load_config(tmp_path / "config.json")
-    assert config == TINY_CONFIG and extra == {"band_scale": [1.0, 2.0]}
+    assert config == TINY_CONFIG and extra == {"band_scale": [1.0, 2.0, 3.0, 4.0, 5.0]}
 
 
 def test_model_names_the_expected_image_shape():
@@ -329,4 +330,15 @@ def test_a_run_config_that_is_missing_or_not_json_is_one_clear_error(tmp_path):
         nnclr_model.load_config(tmp_path / "config.json")
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="no 'nnclr' entry"):
+        nnclr_model.load_config(tmp_path / "config.json")
+    nnclr_model.save_config(TINY_CONFIG, tmp_path / "config.json")
+    with pytest.raises(ValueError, match="no 'band_scale' entry"):
+        nnclr_model.load_config(tmp_path / "config.json")
+    for scale in ([1.0, 2.0], [1.0, 2.0, 3.0, 4.0, -5.0], "x", [1.0, 2.0, 3.0, 4.0, None]):
+        nnclr_model.save_config(TINY_CONFIG, tmp_path / "config.json", band_scale=scale)
+        with pytest.raises(ValueError, match="band_scale must be 5 finite positive numbers"):
+            nnclr_model.load_config(tmp_path / "config.json")
+    values = {"nnclr": {**TINY_CONFIG.to_dict(), "crop_size": "big"}, "band_scale": [1.0] * 5}
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    with pytest.raises(ValueError, match="config.json: not an NNCLR run configuration"):
         nnclr_model.load_config(tmp_path / "config.json")

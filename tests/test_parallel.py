@@ -71,3 +71,25 @@ def test_dask_is_not_imported_without_the_flag(tmp_path, tiny_checkpoint):
                              "--checkpoint", str(tiny_checkpoint)], capture_output=True, text=True,
                             cwd=pathlib.Path(__file__).resolve().parents[1], timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _worker_log_levels():
+    import logging
+
+    return [logging.getLogger(name).getEffectiveLevel() for name in ("distributed.worker", "distributed.nanny")]
+
+
+def test_workers_of_a_finished_local_cluster_keep_their_shutdown_quiet(client, monkeypatch, tmp_path):
+    """After the work, a worker's heartbeat that finds the scheduler gone is not printed; the
+    local cluster's workers are told so before it closes (not while they work)."""
+    import logging
+
+    assert all(level < logging.CRITICAL for levels in client.run(_worker_log_levels).values() for level in levels)
+    client.run(parallel.quiet_shutdown)
+    assert all(level > logging.CRITICAL for levels in client.run(_worker_log_levels).values() for level in levels)
+    marker = tmp_path / "quiet"
+    monkeypatch.setattr(parallel, "quiet_shutdown", lambda: marker.touch())  # runs on the worker
+    with parallel.dask_client("local:1", quiet=False) as local:
+        local.submit(sum, [1, 2]).result()
+        assert not marker.exists()
+    assert marker.exists()

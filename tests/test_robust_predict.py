@@ -6,6 +6,8 @@ the good rows still written) or, for checkpoint and output problems, one ``error
 """
 
 import os
+import pathlib
+import socket
 import subprocess
 import sys
 
@@ -18,6 +20,7 @@ from astropy.io import fits
 import common
 import gradcam
 import inference
+import locks
 import model
 import predict
 import prep_data
@@ -88,25 +91,44 @@ def _lines_naming(err, name):
     return [line for line in err.splitlines() if name in line]
 
 
-def test_every_broken_input_is_one_line_and_good_rows_are_kept(corpus, tmp_path, tiny_checkpoint, capsys):
+def test_every_broken_input_is_one_line_and_good_rows_are_kept(corpus, tmp_path, tiny_checkpoint, capsys, caplog):
     out = tmp_path / "pred.csv"
     missing = tmp_path / "missing.fits"
     argv = [str(corpus), str(missing), "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--batch-size", "4"]
     assert predict.main(argv) == 1
-    err = capsys.readouterr().err
+    summary = capsys.readouterr().err
+    err = "\n".join([record.getMessage() for record in caplog.records] + [summary])  # the log goes to stderr
     assert "Traceback" not in err
     assert pd.read_csv(out)["id"].tolist() == GOOD_IDS
     for name, (_, message) in CORPUS.items():
         lines = _lines_naming(err, name)
-        assert lines and all(message in line for line in lines), (name, lines)
-    assert any("no such file or directory" in line for line in _lines_naming(err, "missing.fits"))
+        assert len(lines) == 1 and message in lines[0], (name, lines)  # named once, not again in the summary
+    assert [line for line in _lines_naming(err, "missing.fits") if "no such file or directory" in line]
+    assert f"{len(CORPUS) + 1} cutout(s) could not be predicted (each is named above)" in err
     assert not inference.lock_path(out).exists() and not inference.identity_path(out).exists()
 
 
-def test_gradcam_reports_the_same_broken_inputs(corpus, tmp_path, tiny_checkpoint, capsys):
+def test_on_the_terminal_each_bad_file_is_one_line(tmp_path, tiny_checkpoint):
+    """The command as a user runs it: each bad file named once on stderr, then the count."""
+    write_fits_cutout(tmp_path / "good.fits", seed=1)
+    _fits(tmp_path / "zeros.fits", np.zeros((64, 64)))
+    (tmp_path / "garbage.h5").write_bytes(b"junk" * 10)
+    done = subprocess.run([sys.executable, "predict.py", str(tmp_path), "--out", str(tmp_path / "p.csv"),
+                           "--checkpoint", str(tiny_checkpoint)], capture_output=True, text=True, check=False,
+                          cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert [line for line in lines if "zeros.fits" in line] == [f"ERROR: {tmp_path / 'zeros.fits'}: image is constant "
+                                                                "(0 counts everywhere after clipping to [0, 10]); not "
+                                                                "a sky cutout"]
+    assert len([line for line in lines if "garbage.h5" in line]) == 1
+    assert lines[-1] == "2 cutout(s) could not be predicted (each is named above)"
+
+
+def test_gradcam_reports_the_same_broken_inputs(corpus, tmp_path, tiny_checkpoint, capsys, caplog):
     maps = tmp_path / "maps"
     assert gradcam.main([str(corpus), "--out-dir", str(maps), "--checkpoint", str(tiny_checkpoint)]) == 1
-    err = capsys.readouterr().err
+    err = "\n".join([record.getMessage() for record in caplog.records] + [capsys.readouterr().err])
     assert "Traceback" not in err and _lines_naming(err, "zeros.fits") and _lines_naming(err, "tidal.h5")
     assert len(list(maps.glob("*.png"))) == len(GOOD_IDS)
     not_a_folder = tmp_path / "file"
@@ -167,6 +189,17 @@ def test_second_run_on_the_same_output_is_refused_and_stale_locks_are_taken_over
     assert predict.main(argv) == 0
     assert pd.read_csv(out)["id"].tolist() == ["a"]
     assert not inference.lock_path(out).exists()
+    # A lock whose process id now belongs to another process (a reused id): stale, taken over.
+    live = locks.lock_text().split()
+    assert live[0] == str(os.getpid()) and live[2] == socket.gethostname()
+    if live[1] != "-":  # where process start times can be read (/proc)
+        inference.lock_path(out).write_text(f"{os.getppid()} {int(live[1]) + 12345} {live[2]}\n")
+        assert predict.main(argv + ["--resume"]) == 0 and not inference.lock_path(out).exists()
+    # A lock from another host cannot be checked from here: refused, naming the host.
+    inference.lock_path(out).write_text("1 1 another-host\n")
+    assert predict.main(argv) == 2
+    _one_error_line(capsys, "process 1 on another-host is writing this output")
+    inference.lock_path(out).unlink()
 
 
 def test_partial_file_symlink_is_refused(tmp_path, tiny_checkpoint, capsys):
@@ -214,6 +247,13 @@ def test_interrupted_run_resumes_only_with_its_checkpoint_and_drops_torn_rows(tm
     table = pd.read_csv(out)
     assert table["id"].tolist() == [f"cl{i}" for i in range(5)] and np.isfinite(table["f_icl"]).all()
     assert not partial.exists() and not inference.identity_path(out).exists()
+    # The finished CSV keeps its record: resuming from it checks the checkpoint too.
+    assert inference.record_path(out).exists()
+    assert predict.main(argv + ["--checkpoint", str(other), "--resume"]) == 2
+    _one_error_line(capsys, "another checkpoint", str(out))
+    assert pd.read_csv(out)["id"].tolist() == [f"cl{i}" for i in range(5)]
+    assert predict.main(argv + ["--checkpoint", str(tiny_checkpoint), "--resume"]) == 0
+    assert f"0 predicted now, 5 kept from the earlier run, 5 rows in {out}" in capsys.readouterr().out
 
 
 def test_prep_data_checks_output_first_escapes_ids_and_goes_on_after_missing_inputs(tmp_path, tiny_checkpoint,

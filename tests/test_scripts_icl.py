@@ -151,7 +151,7 @@ def test_predict_directory_of_fits_with_nan_strips_and_stars(tmp_path, tiny_chec
     assert np.isfinite(values).all() and (values >= 0).all() and (values <= 1).all()
 
 
-def test_predict_reports_bad_files_and_keeps_good_rows(tmp_path, tiny_checkpoint, capsys):
+def test_predict_reports_bad_files_and_keeps_good_rows(tmp_path, tiny_checkpoint, capsys, caplog):
     write_fits_cutout(tmp_path / "a.fits", seed=1)
     (tmp_path / "b.fits").write_text("broken")
     write_fits_cutout(tmp_path / "c.fits", seed=2)
@@ -160,9 +160,9 @@ def test_predict_reports_bad_files_and_keeps_good_rows(tmp_path, tiny_checkpoint
     assert predict.main([str(tmp_path), "--out", str(out), "--checkpoint", str(tiny_checkpoint)]) == 1
     assert pd.read_csv(out)["id"].tolist() == ["a", "c"]
     err = capsys.readouterr().err
-    assert "b.fits: cannot read FITS file" in err
-    assert "d.npy:0: prepared image must be 32x32" in err
-    assert "Traceback" not in err
+    assert "b.fits: cannot read FITS file" in caplog.text  # logged to stderr as it is met
+    assert "d.npy:0: prepared image must be 32x32" in caplog.text
+    assert "3 cutout(s) could not be predicted" in err and "Traceback" not in err
     strict_out = tmp_path / "strict.csv"
     assert predict.main([str(tmp_path), "--out", str(strict_out), "--checkpoint", str(tiny_checkpoint), "--strict"]) == 2
     assert not strict_out.exists()

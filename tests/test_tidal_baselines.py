@@ -133,6 +133,11 @@ def test_boosting_baseline_on_residual_features_finds_arcs():
     np.testing.assert_array_equal(again.predict_proba(tidal_baselines.residual_features(test_images))[:, 1], scores)
     with pytest.raises(ValueError, match="at least 2 labelled galaxies of each class"):
         tidal_baselines.fit_boosting_baseline(train_features[:3], [0, 0, 1], seed=0)
+    # A feature undefined for every training galaxy (small images) is ignored, not a crash.
+    undefined = train_features.copy()
+    undefined[:, 0] = np.nan
+    model = tidal_baselines.fit_boosting_baseline(undefined[:16], train_labels[:16], seed=0)
+    assert np.isfinite(model.predict_proba(tidal_baselines.residual_features(test_images))[:, 1]).all()
 
 
 def test_no_tensorflow_import():
