@@ -343,6 +343,28 @@ def tensorflow_error_line(error):
     return lines[0] if lines else text.strip() or type(error).__name__
 
 
+def interruptible(message):
+    """Decorate a command's ``main(argv)``: Ctrl-C ends it promptly with the one line ``message``
+    on stderr (what is kept and how to go on) and exit status 130, instead of a traceback."""
+    def decorate(main):
+        @functools.wraps(main)
+        def wrapped(argv=None):
+            try:
+                return main(argv)
+            except KeyboardInterrupt:
+                print(message, file=sys.stderr)
+                return 130
+
+        return wrapped
+
+    return decorate
+
+
+#: What an interrupted training run keeps, and how it goes on.
+INTERRUPTED_TRAINING = ("interrupted: the run folder keeps the last finished epoch (or fold); rerun the same command "
+                        "to resume from there")
+
+
 def data_errors_are_one_line(*kinds):
     """Decorate a command's ``main(argv)``: an error found in the data while the work runs (an
     exception of ``kinds``, or a TensorFlow runtime error, which carries what a data pipeline

@@ -383,6 +383,7 @@ def build_parser():
     return parser
 
 
+@common.interruptible(common.INTERRUPTED_TRAINING)
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

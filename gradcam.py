@@ -62,6 +62,8 @@ def build_parser():
     return parser
 
 
+@common.interruptible("interrupted: each overlay already written is complete; rerun the same command to "
+                      "write them all")
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")

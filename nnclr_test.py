@@ -595,6 +595,8 @@ def select_headline(labels, truth, twins, visible_only):
     return selections, "visible" if visible_only else "all"
 
 
+@common.interruptible("interrupted: metrics.json was not written (it is the last output); rerun the same "
+                      "command")
 @common.data_errors_are_one_line(tidal_data.UnusableImageError)
 def main(argv=None):
     with contextlib.ExitStack() as held:  # the output folder's lock, for the whole run

@@ -290,6 +290,7 @@ def load_trained_encoder(path, config, image_shape, strategy):
         return nnclr_model.load_encoder(path, config), config, band_scale
 
 
+@common.interruptible(common.INTERRUPTED_TRAINING)
 @common.data_errors_are_one_line(tidal_data.UnusableImageError)
 def main(argv=None):
     with contextlib.ExitStack() as held:  # the output folder's lock, for the whole run

@@ -668,6 +668,7 @@ def escape_id(identifier):
     return str(identifier).replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 
+@common.interruptible("interrupted: rerun the same command (its outputs are written only when complete)")
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Prepare cluster cutouts (FITS, HDF5) into a .npy array of SxS model inputs (S = 224 by default)."

@@ -633,6 +633,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@common.interruptible("interrupted: nothing was written (outputs appear only when complete)")
 def main(argv=None):
     args = parse_args(argv)
     # This module's progress at INFO; other libraries (faiss reports which build it loads) at WARNING.

@@ -221,3 +221,27 @@ def test_a_dead_runs_lock_is_taken_over_and_released(tmp_path):
     lock.write_text(f"{dead} 1 {locks.socket.gethostname()}\n")
     assert data.generate.main(["clusters", "--n", "2", "--out", str(out), "--quiet"]) == 0
     assert out.is_file() and not lock.exists()
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("command, arguments, target, message", [
+    (train.main, [CLUSTERS, "--tiny", "--label-key", "f_icl_sb_ideal"], (train, "train"), "rerun the same command"),
+    (finetune.main, [CLUSTERS, "--label-key", "f_icl_sb_ideal"], (finetune, "cross_validate"), "rerun the same command"),
+    (nnclr_train.main, [GALAXIES, "--tiny"], (nnclr_train, "train_encoder"), "rerun the same command"),
+    (nnclr_test.main, [GALAXIES, "--run-dir", str(ROOT / "checkpoints" / "nnclr"), "--test-all"],
+     ("nnclr_model", "load_encoder"), "metrics.json was not written"),
+])
+def test_ctrl_c_in_a_training_or_evaluation_run_is_one_line_and_frees_the_folder(command, arguments, target, message,
+                                                                                  tmp_path, capsys, monkeypatch):
+    import importlib
+
+    module, name = target
+    monkeypatch.setattr(importlib.import_module(module) if isinstance(module, str) else module, name, _interrupt)
+    out = tmp_path / "out"
+    assert command([*arguments, "--out-dir", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("interrupted: ") and message in err[0], err
+    assert not list(out.glob(".lock*"))  # the next run is not refused

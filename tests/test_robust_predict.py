@@ -118,9 +118,9 @@ def test_on_the_terminal_each_bad_file_is_one_line(tmp_path, tiny_checkpoint):
                           cwd=pathlib.Path(__file__).resolve().parents[1])
     assert done.returncode == 1 and "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
-    assert [line for line in lines if "zeros.fits" in line] == [f"ERROR: {tmp_path / 'zeros.fits'}: image is constant "
-                                                                "(0 counts everywhere after clipping to [0, 10]); not "
-                                                                "a sky cutout"]
+    expected = (f"ERROR: {tmp_path / 'zeros.fits'}: image is constant (0 counts everywhere after clipping to "
+                "[0, 10]); not a sky cutout")
+    assert [line for line in lines if "zeros.fits" in line] == [expected]
     assert len([line for line in lines if "garbage.h5" in line]) == 1
     assert lines[-1] == "2 cutout(s) could not be predicted (each is named above)"
 
