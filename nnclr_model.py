@@ -582,7 +582,7 @@ def check_encoder(encoder, config, source="encoder"):
 def _read_keras_model(path, what):
     """Load the ``.keras`` file of an encoder or classifier (``what``), with errors that name it."""
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} does not exist")
+        raise FileNotFoundError(f"{what} file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"cannot read {what} file {path} as a Keras model (a .keras file is a zip archive; this is not)")
     try:
