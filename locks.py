@@ -71,12 +71,12 @@ def _holder(text):
     return name
 
 
-def acquire(lock, label, option):
+def acquire(lock, label, option, error=ValueError):
     """Create the lock file ``lock`` for the output ``label`` (e.g. ``--out FILE``); returns its path.
 
     Raises
     ------
-    ValueError
+    ValueError (or ``error``)
         One line naming the holder when a live process holds the lock (``option`` is the
         command-line option to change), or when the lock cannot be created.
     """
@@ -91,11 +91,11 @@ def acquire(lock, label, option):
                 age = time.time() - lock.lstat().st_mtime
             except FileNotFoundError:
                 continue  # released meanwhile: try again
-            except OSError as error:
-                raise ValueError(f"{label}: cannot read the lock file {lock} ({error.strerror})") from None
+            except OSError as failure:
+                raise error(f"{label}: cannot read the lock file {lock} ({failure.strerror})") from None
             alive = holder_alive(text)
             if alive or (alive is None and age < UNREADABLE_LOCK_AGE):
-                raise ValueError(refused.format(_holder(text) if alive else "another process")) from None
+                raise error(refused.format(_holder(text) if alive else "another process")) from None
             logger.warning("%s: taking over the lock of process %s, which is no longer running", lock,
                            (text.split() or ["?"])[0])
             # Moved aside rather than deleted: of two runs taking over at once, only one moves the
@@ -110,15 +110,15 @@ def acquire(lock, label, option):
                 with contextlib.suppress(FileExistsError):
                     os.link(grave, lock)
                 grave.unlink(missing_ok=True)
-                raise ValueError(refused.format(_holder(moved)))
+                raise error(refused.format(_holder(moved)))
             grave.unlink(missing_ok=True)
             continue
-        except OSError as error:
-            raise ValueError(f"{label}: cannot create the lock file {lock} ({error.strerror})") from None
+        except OSError as failure:
+            raise error(f"{label}: cannot create the lock file {lock} ({failure.strerror})") from None
         with os.fdopen(fd, "w") as handle:
             handle.write(lock_text())
         return lock
-    raise ValueError(f"{label}: cannot take the lock {lock}; another run keeps taking it")
+    raise error(f"{label}: cannot take the lock {lock}; another run keeps taking it")
 
 
 def _task_suffix():
@@ -136,15 +136,15 @@ def _task_suffix():
 
 
 @contextlib.contextmanager
-def folder_lock(folder, option="--out-dir"):
+def folder_lock(folder, option="--out-dir", error=ValueError):
     """Hold the lock of the output folder ``folder`` (created) while the block runs.
 
-    A second run writing the same folder at the same time is refused (ValueError, one line)
+    A second run writing the same folder at the same time is refused (``error``, one line)
     instead of mixing its checkpoints and results with the first's.
     """
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lock = acquire(folder / f".lock{_task_suffix()}", f"{option} {folder}", option)
+    lock = acquire(folder / f".lock{_task_suffix()}", f"{option} {folder}", option, error)
     try:
         yield lock
     finally:
@@ -152,10 +152,10 @@ def folder_lock(folder, option="--out-dir"):
 
 
 @contextlib.contextmanager
-def file_lock(path, option="--out"):
+def file_lock(path, option="--out", error=ValueError):
     """Hold the lock of the output file ``path`` (``.NAME.lock`` beside it) while the block runs."""
     path = pathlib.Path(path)
-    lock = acquire(path.with_name(f".{path.name}.lock"), f"{option} {path}", option)
+    lock = acquire(path.with_name(f".{path.name}.lock"), f"{option} {path}", option, error)
     try:
         yield lock
     finally:

@@ -453,8 +453,8 @@ def check_tidal_pixels(images, describe, source):
         shares = bad.reshape(len(images), -1).mean(axis=1)
         worst = int(np.argmax(shares))
         if shares[worst] > MAX_NONFINITE_FRACTION:
-            raise UnusableImageError(f"{describe(worst)}: {100 * shares[worst]:.0f}% of the pixels are non-finite (at most "
-                             f"{100 * MAX_NONFINITE_FRACTION:.0f}%); not a usable cutout, leave it out")
+            raise UnusableImageError(f"{describe(worst)}: {100 * shares[worst]:.0f}% of the pixels are non-finite "
+                                     f"(at most {100 * MAX_NONFINITE_FRACTION:.0f}%); not a usable cutout, leave it out")
         images[bad] = 0.0
         if source not in _warned_nonfinite:
             _warned_nonfinite.add(source)
@@ -463,8 +463,8 @@ def check_tidal_pixels(images, describe, source):
     flat = images.reshape(len(images), -1)
     constant = np.flatnonzero(flat.max(axis=1) == flat.min(axis=1))
     if constant.size:
-        raise UnusableImageError(f"{describe(int(constant[0]))}: the image is constant ({flat[constant[0], 0]:g} everywhere); "
-                         "not a sky cutout, leave it out")
+        raise UnusableImageError(f"{describe(int(constant[0]))}: the image is constant ({flat[constant[0], 0]:g} "
+                                 "everywhere); not a sky cutout, leave it out")
     return images
 
 

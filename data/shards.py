@@ -13,7 +13,6 @@ is complete; a rerun with the same settings keeps them and renders only the miss
 The layouts of the files: :func:`write_shard` and ``data/README.md``.
 """
 
-import contextlib
 import glob
 import json
 import logging
@@ -337,22 +336,9 @@ def generate_shards(kind, n, seed, folder, workers=WORKERS, shard_size=SHARD_SIZ
     _check_arguments(kind, n, seed, workers, shard_size, distribution, measure_sb)
     folder = pathlib.Path(folder)
     _make_writable_folder(folder, f"--out-dir {folder}")
-    with _locked(locks.folder_lock(folder, "--out-dir")):
+    with locks.folder_lock(folder, "--out-dir", GenerationError):  # two runs at once would mix their shards
         return _generate_shards(kind, n, seed, folder, workers, shard_size, distribution, progress, measure_sb,
                                 start_method, client)
-
-
-@contextlib.contextmanager
-def _locked(lock):
-    """Hold ``lock`` (:mod:`locks`): two runs rendering into one output at once would mix their shards."""
-    try:
-        held = lock.__enter__()
-    except ValueError as error:
-        raise GenerationError(str(error)) from None
-    try:
-        yield held
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _generate_shards(kind, n, seed, folder, workers, shard_size, distribution, progress, measure_sb, start_method,
@@ -410,7 +396,7 @@ def generate_file(kind, n, seed, path, workers=WORKERS, shard_size=SHARD_SIZE, d
         return str(path)
     _make_writable_folder(path.parent, f"--out {path}")
     folder = path.with_name(path.name + ".shards")
-    with _locked(locks.file_lock(path, "--out")):
+    with locks.file_lock(path, "--out", GenerationError):
         shards = generate_shards(kind, n, seed, folder, workers, shard_size, distribution, progress, measure_sb,
                                  start_method, client)
         merge_shards(shards, path)
