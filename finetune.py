@@ -308,17 +308,17 @@ def read_label_table(path, ids):
         raise ValueError(f"{path}: not a readable CSV of labels ({error})") from None
     if not {"id", "f_icl"} <= set(table.columns):
         raise ValueError(f"{path}: needs the columns id and f_icl, found {list(table.columns)}")
-    lines = pd.Series(np.arange(len(table)) + 2, index=table.index)  # line 1 is the header
+    table["line"] = np.arange(len(table)) + 2  # line 1 is the header
     repeated = table["id"].duplicated(keep=False)
     if repeated.any():
         first = table["id"][repeated].iloc[0]
-        where = lines[table["id"] == first].tolist()
+        where = table["line"][table["id"] == first].tolist()
         raise ValueError(f"{path}: id '{first}' is given {len(where)} times (lines {', '.join(map(str, where))})")
     missing = sorted(set(ids) - set(table["id"]))
     if missing:
         raise ValueError(f"{path}: no label for clusters {missing[:5]}{'...' if len(missing) > 5 else ''}")
     table = table.set_index("id")
-    lines.index = table.index
+    lines = table["line"]
     for identifier in ids:
         text = table.at[identifier, "f_icl"]
         try:

@@ -47,13 +47,14 @@ def available_labels(refs, keys=LABEL_KEYS):
     return labels
 
 
-def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE, heldout_seed=None):
+def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE, heldout_seed=None, icl_model=None):
     """Predict the held-out clusters and compare with each truth column.
 
     Parameters
     ----------
     checkpoint : path
-        ICL checkpoint (``.weights.h5`` with its config, or ``.keras``).
+        ICL checkpoint (``.weights.h5`` with its config, or ``.keras``); ``icl_model``, when
+        given, is it already loaded.
     inputs : list of paths
         Cutout files or directories (any format ``prep_data`` reads) with truth columns.
     out_dir : path, optional
@@ -76,7 +77,7 @@ def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE, heldout_se
     labels = available_labels(refs)
     if not labels:
         raise ValueError(f"none of the truth columns {', '.join(LABEL_KEYS)} is in {', '.join(map(str, inputs))}")
-    predictor = model.Predictor(model.load_icl_model(checkpoint))
+    predictor = model.Predictor(icl_model if icl_model is not None else model.load_icl_model(checkpoint))
     image_size = predictor.model.input_shape[1]
     dataset = prep_data.cutout_dataset(refs, batch_size, image_size, strict=True)
     parts = [predictor(batch["image"]) for batch in dataset]
@@ -134,7 +135,7 @@ def main(argv=None):
         if args.out_dir:
             common.check_output_dir(args.out_dir)
         # The checkpoint first: a wrong one fails before any cutout is read or generated.
-        model.load_icl_model(args.checkpoint, model.read_config(args.checkpoint))
+        icl_model = model.load_icl_model(args.checkpoint)
         if args.generate:
             from data import shards
 
@@ -142,9 +143,10 @@ def main(argv=None):
             with tempfile.TemporaryDirectory() as folder:
                 heldout = pathlib.Path(folder) / "heldout.h5"
                 shards.generate_file("clusters", n, seed, heldout)
-                result = evaluate(args.checkpoint, [heldout], args.out_dir, args.batch_size, heldout_seed=seed)
+                result = evaluate(args.checkpoint, [heldout], args.out_dir, args.batch_size, heldout_seed=seed,
+                                  icl_model=icl_model)
         else:
-            result = evaluate(args.checkpoint, args.inputs, args.out_dir, args.batch_size)
+            result = evaluate(args.checkpoint, args.inputs, args.out_dir, args.batch_size, icl_model=icl_model)
     except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

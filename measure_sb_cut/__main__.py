@@ -51,7 +51,12 @@ import numpy as np
 import hsc
 import parallel
 from measure_sb_cut import measurement_helpers as helpers
-from measure_sb_cut.measure import CSV_COLUMNS, REESTIMATE_BOX_SIZES, measure_refs
+from measure_sb_cut.measure import (
+    CSV_COLUMNS,
+    REESTIMATE_BOX_SIZES,
+    check_options,
+    measure_refs,
+)
 
 # Defaults; each can be set on the command line.
 WORKERS = os.cpu_count() or 1
@@ -179,16 +184,10 @@ def main(argv=None):
 
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    for option, value in (("--aperture-kpc", args.aperture_kpc), ("--half-width-kpc", args.half_width_kpc)):
-        if not (np.isfinite(value) and value > 0):
-            parser.error(f"{option} must be a positive number of kpc, got {value}")
-    if args.background_box < 1:
-        parser.error(f"--background-box must be at least 1 pixel, got {args.background_box}")
-    if not np.isfinite(args.threshold_sb):
-        parser.error(f"--threshold-sb must be a number of mag/arcsec^2, got {args.threshold_sb}")
-    if args.aperture_kpc > args.half_width_kpc:
-        parser.error(f"--aperture-kpc ({args.aperture_kpc}) must fit in the cutout: at most --half-width-kpc "
-                     f"({args.half_width_kpc})")
+    try:
+        check_options(args.threshold_sb, args.aperture_kpc, args.half_width_kpc, args.background_box)
+    except ValueError as error:
+        parser.error(str(error))
     parallel.check_dask_arguments(parser, args)
     if args.z is not None:
         try:

@@ -101,6 +101,22 @@ class SBMeasurement:
     maps: dict = dataclasses.field(default=None, repr=False, compare=False)
 
 
+def check_options(threshold_sb, aperture_kpc, half_width_kpc, background_box_size):
+    """Raise ValueError (one line) for measurement settings no cutout can be measured with."""
+    if not np.isfinite(threshold_sb):
+        raise ValueError(f"threshold_sb must be a number of mag/arcsec^2, got {threshold_sb}")
+    for name, value in (("aperture_kpc", aperture_kpc), ("half_width_kpc", half_width_kpc)):
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number of kpc, got {value}")
+    if aperture_kpc > half_width_kpc:
+        raise ValueError(
+            f"cutout smaller than the aperture: the aperture radius {aperture_kpc:g} kpc exceeds the "
+            f"cutout half-width {half_width_kpc:g} kpc"
+        )
+    if background_box_size < 1:
+        raise ValueError(f"background_box_size must be at least 1 pixel, got {background_box_size}")
+
+
 def measure_icl_fraction(
     image,
     z,
@@ -181,13 +197,7 @@ def measure_icl_fraction(
             f"image must be square (pad it with prep_data.pad_to_square first), got shape {image.shape}"
         )
     z = helpers.check_redshift(z)
-    if aperture_kpc <= 0:
-        raise ValueError(f"aperture_kpc must be positive, got {aperture_kpc}")
-    if aperture_kpc > half_width_kpc:
-        raise ValueError(
-            f"cutout smaller than the aperture: the aperture radius {aperture_kpc:g} kpc exceeds the "
-            f"cutout half-width {half_width_kpc:g} kpc"
-        )
+    check_options(threshold_sb, aperture_kpc, half_width_kpc, background_box_size)
     if mask is not None and np.shape(mask) != image.shape:
         raise ValueError(f"mask shape {np.shape(mask)} does not match image shape {image.shape}")
     if extra_mask is not None and np.shape(extra_mask) != image.shape:
