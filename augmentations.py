@@ -12,7 +12,8 @@ from keras import layers
 
 import hsc
 
-#: Standard deviation of the training noise in the arcsinh-scaled image (3 x the display scale).
+#: Standard deviation of the training noise, 3 x the display scale, added (as the original) to the
+#: *normalised* image: 0.052 in units where the arcsinh-scaled sky has a standard deviation of 1.108.
 ICL_NOISE_STD = 3.0 * hsc.ARCSINH_SCALE
 
 
@@ -52,6 +53,8 @@ def icl_normalisation(name="normalisation"):
 
 def icl_augmentation(seed=None, name="augmentation"):
     """Training augmentation of the ICL regressor: flips, Gaussian noise, random 90-degree rotation.
+
+    It acts on normalised images (after :func:`icl_normalisation`), as the original's did.
 
     Parameters
     ----------

@@ -144,9 +144,10 @@ class EncodedClusters:
 
         @tf.function(reduce_retracing=True)
         def encode(batch, augment):
+            batch = normalisation(batch)
             if augment:
                 batch = augmentation(batch, training=True)
-            return pooling(encoder(normalisation(batch), training=False))
+            return pooling(encoder(batch, training=False))
 
         def encode_all(augment):
             parts = [encode(tf.constant(images[i : i + batch_size]), augment) for i in range(0, len(images), batch_size)]

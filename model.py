@@ -94,8 +94,9 @@ def build_icl_model(config=PAPER, augment=False, seed=None):
     ----------
     config : ICLConfig
     augment : bool
-        Put the training augmentation (flips, noise, random 90-degree rotation) in front of the
-        normalisation; it acts only when ``training=True``. Inference models leave it out.
+        Put the training augmentation (flips, noise, random 90-degree rotation) after the
+        normalisation, as the original did; it acts only when ``training=True``. Inference
+        models leave it out.
     seed : int or None
         Seed of the augmentation layers.
 
@@ -107,8 +108,9 @@ def build_icl_model(config=PAPER, augment=False, seed=None):
         ``hidden`` and ``mixture_params``.
     """
     inputs = keras.Input((config.image_size, config.image_size, 1), name="image")
-    x = augmentations.icl_augmentation(seed=seed)(inputs) if augment else inputs
-    x = augmentations.icl_normalisation()(x)
+    # As the original: normalise, then flip, add noise and rotate in normalised units.
+    x = augmentations.icl_normalisation()(inputs)
+    x = augmentations.icl_augmentation(seed=seed)(x) if augment else x
     encoder = resnet_cifar10_v2.build_resnet_v2(
         (config.image_size, config.image_size, 1), n_blocks=config.n_blocks, pooling=False, name=ENCODER_NAME
     )

@@ -439,15 +439,32 @@ def resize_image(image, size=hsc.ICL_IMAGE_SIZE):
     return resize(image, (size, size), order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
 
 
-def resize_mask(bad, size=hsc.ICL_IMAGE_SIZE):
-    """Resize a boolean mask: an output pixel is masked when more than half its area was."""
+#: How :func:`resize_mask` resizes: "any" (the original's preparation and automatic measurement)
+#: or "nearest" (the original's manual measurement of real clusters).
+MASK_RESIZE_RULES = ("any", "nearest")
+
+
+def resize_mask(bad, size=hsc.ICL_IMAGE_SIZE, rule="any"):
+    """Resize a boolean mask as the original code did.
+
+    ``"any"``: the mask is resized like the image (bilinear, anti-aliased) and an output pixel
+    is masked when any masked input pixel contributed to it, which is the original's
+    ``resize(mask) > 0``; every output pixel that a masked pixel's value reaches is masked, so
+    what a bad pixel holds never leaks into the unmasked image. ``"nearest"``: nearest-neighbour
+    sampling, what the original's ``resize`` did to the boolean masks of real clusters in its
+    manual measurement.
+    """
     from skimage.transform import resize
 
+    if rule not in MASK_RESIZE_RULES:
+        raise ValueError(f"rule must be one of {MASK_RESIZE_RULES}, got {rule!r}")
     bad = np.asarray(bad, dtype=bool)
     if bad.shape == (size, size):
         return bad.copy()
-    fraction = resize(bad.astype(np.float32), (size, size), order=1, anti_aliasing=True, preserve_range=True)
-    return fraction > 0.5
+    if rule == "nearest":
+        return resize(bad, (size, size), order=0, anti_aliasing=False).astype(bool)
+    weight = resize(bad.astype(np.float64), (size, size), order=1, anti_aliasing=True, preserve_range=True)
+    return weight > 0
 
 
 def bad_pixels(cutout, planes=hsc.ICL_MASK_PLANES):

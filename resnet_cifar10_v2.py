@@ -16,7 +16,7 @@ STAGES = ((16, 64, 1), (64, 128, 2), (128, 256, 2))
 
 
 def build_resnet_v2(input_shape, n_blocks=6, weight_decay=0.0, batch_norm=False, pooling=True, name="resnet_v2",
-                    final_activation=True, zero_gamma=False, kernel_initializer="he_normal", batch_norm_decay=False):
+                    final_activation=True, zero_gamma=False, kernel_initializer="glorot_uniform", batch_norm_decay=False):
     """Build the encoder: image -> 256-d vector (global average of the last feature map).
 
     Parameters
@@ -42,8 +42,8 @@ def build_resnet_v2(input_shape, n_blocks=6, weight_decay=0.0, batch_norm=False,
         identity block at zero, so each identity block starts as the identity (as the tidal
         encoder's original did); needs ``batch_norm``.
     kernel_initializer : str
-        Initialiser of the convolution kernels ("he_normal"; Keras's default "glorot_uniform" is
-        what the tidal encoder's original used).
+        Initialiser of the convolution kernels: Keras's default "glorot_uniform", which both
+        originals used (they set none).
     batch_norm_decay : bool
         Also put the L2 factor ``weight_decay`` on the batch normalisation's gamma and beta (as the
         tidal encoder's original did).
@@ -81,7 +81,7 @@ def build_resnet_v2(input_shape, n_blocks=6, weight_decay=0.0, batch_norm=False,
 class _Builder:
     """Holds the shared layer options so each block reads as its diagram."""
 
-    def __init__(self, weight_decay, batch_norm, kernel_initializer="he_normal", batch_norm_decay=False):
+    def __init__(self, weight_decay, batch_norm, kernel_initializer="glorot_uniform", batch_norm_decay=False):
         self.regularizer = keras.regularizers.L2(weight_decay) if weight_decay else None
         self.batch_norm = batch_norm
         self.kernel_initializer = kernel_initializer

@@ -37,6 +37,8 @@ def build_parser():
     parser.add_argument("--workers", type=int, default=WORKERS, help=f"processes of the parallel run (default {WORKERS})")
     parser.add_argument("--shard", help="stacked HDF5 file of cutouts to use (default: synthetic clusters in a temporary file)")
     parser.add_argument("--seed", type=int, default=SEED, help=f"seed of the synthetic clusters (default {SEED})")
+    parser.add_argument("--method", choices=("canepa2025", "improved"), default="canepa2025",
+                        help="measurement method (default canepa2025, the command's default)")
     parser.add_argument("--out", help="also write the numbers to this JSON file")
     return parser
 
@@ -60,7 +62,8 @@ def main(argv=None):
         # The pool forks first, before this process opens the HDF5 file for the plain loop.
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        parallel_rows = list(measure_refs(refs, workers=args.workers, progress=False))
+        options = {"method": args.method}
+        parallel_rows = list(measure_refs(refs, workers=args.workers, progress=False, options=options))
         parallel_s = time.perf_counter() - start
         children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         parallel_cpu_s = (children_after.ru_utime + children_after.ru_stime) - (
@@ -68,7 +71,7 @@ def main(argv=None):
         )
 
         start, cpu_start = time.perf_counter(), time.process_time()
-        single_rows = [measure_ref(ref) for ref in refs]
+        single_rows = [measure_ref(ref, options=options) for ref in refs]
         single_s = time.perf_counter() - start
         single_cpu_s = time.process_time() - cpu_start
         load_after = os.getloadavg()[0]
@@ -77,6 +80,7 @@ def main(argv=None):
     same = all(a["f_icl"] == b["f_icl"] for a, b in zip(parallel_rows, single_rows) if not a["error"])
     result = {
         "machine": machine_description(),
+        "method": args.method,
         "n_cutouts": len(refs),
         "workers": args.workers,
         "parallel_s": parallel_s,

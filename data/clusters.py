@@ -209,6 +209,14 @@ class ClusterDistribution:
     noise_sigma_range: tuple = (0.022, 0.04)  # native sky noise, counts per 0.168" pixel
     no_data_probability: float = 0.1  # chance of a NO_DATA strip along one edge
     cosmology: tuple = profiles.MOCK_COSMOLOGY  # FlatLambdaCDM (H0, Om0) used to cut the cutout
+    # Domain randomisation (all off by default; drawn after everything above, so that turning
+    # them off leaves every other draw, and so every mock of a seed, unchanged):
+    icl_offset_kpc_range: tuple = (0.0, 0.0)  # ICL centre offset from the BCG, random direction
+    icl_second_probability: float = 0.0  # chance of a second ICL component (its own n, r_e, shape)
+    field_density_range: tuple = None  # field galaxies per arcmin^2 brighter than r = 25, uniform
+    sky_gradient_range: tuple = (0.0, 0.0)  # sky residual plane: +-amplitude across the cutout, noise sigmas
+    oversubtraction_probability: float = 0.0  # chance of dark halos around the BCG and bright members
+    oversubtraction_depth_range: tuple = (0.0, 0.0)  # halo depth, noise sigmas
 
 
 #: The training set (MOCKS.md ranges; the cosmology used to cut the original backgrounds).
@@ -231,6 +239,39 @@ REAL_LIKE_DISTRIBUTION = ClusterDistribution(
     noise_sigma_range=(0.028, 0.045),
     no_data_probability=0.05,
     cosmology=(68.4, 0.301),
+)
+#: Training mocks as varied as real clusters (domain randomisation). Each range is wider than the
+#: measured ones it covers:
+#: * ICL: outer components of BCG+ICL fits have Sersic n of about 0.5-4 and r_e of 20-300 kpc
+#:   (Kluge et al. 2020, ApJS 247, 43; Zhang et al. 2024, MNRAS 531, 510), are often offset
+#:   (up to tens of kpc) and twisted from the BCG (Kluge et al. 2021, ApJS 252, 27), and some
+#:   profiles need two components; ICL fractions of 5-50% (Montes 2022, Nat. Astron. 6, 308).
+#: * BCG: Sersic n 2.5-8 and a wider size and luminosity scatter (Kluge et al. 2020).
+#: * Members: poor groups to rich clusters (CAMIRA richness 15-100+, Oguri et al. 2018).
+#: * Seeing 0.5-1.2" with Moffat wings down to beta = 1.8, and r-band sky noise from the
+#:   Deep/UltraDeep to the Wide depth (Aihara et al. 2022, PASJ 74, 247).
+#: * Sky residuals: a plane of up to +-0.3 noise sigma, and over-subtracted (dark) halos
+#:   around bright galaxies, which the HSC pipeline leaves (Aihara et al. 2019, PASJ 71, 114).
+RANDOMISED_DISTRIBUTION = ClusterDistribution(
+    icl_fraction_range=(0.0, 0.6),
+    icl_sersic_n_range=(0.5, 4.0),
+    icl_r_eff_kpc_range=(20.0, 300.0),
+    icl_axis_ratio_range=(0.3, 1.0),
+    icl_alignment_deg=90.0,
+    bcg_abs_mag=(-23.4, 0.5),
+    bcg_r_eff_kpc=(15.0, 0.25),
+    bcg_sersic_n_range=(2.5, 8.0),
+    member_count_range=(5, 150),
+    psf_fwhm_arcsec=(0.8, 0.18),
+    psf_beta_range=(1.8, 5.0),
+    noise_sigma_range=(0.012, 0.06),
+    no_data_probability=0.1,
+    icl_offset_kpc_range=(0.0, 50.0),
+    icl_second_probability=0.4,
+    field_density_range=(20.0, 80.0),
+    sky_gradient_range=(0.0, 0.3),
+    oversubtraction_probability=0.3,
+    oversubtraction_depth_range=(0.05, 0.5),
 )
 #: ICL-free fields around luminous red galaxies, the backgrounds the injection works on.
 BACKGROUND_DISTRIBUTION = dataclasses.replace(TRAINING_DISTRIBUTION, icl_fraction_range=(0.0, 0.0), member_count_range=(5, 40))
@@ -323,6 +364,7 @@ class ClusterParameters:
     stars: dict
     sky_noise: np.ndarray  # unit Gaussian noise of the (fine_size, fine_size) frame, float32
     no_data: dict  # edge, width_px of the NO_DATA strip; None without one
+    sky: dict = None  # sky residuals (gradient, dark halos) of the randomised distribution; None: none
 
 
 def draw_parameters(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z=None):
@@ -376,8 +418,44 @@ def draw_parameters(rng, distribution=TRAINING_DISTRIBUTION, include_icl=True, z
     if rng.uniform() < d.no_data_probability:
         edge = int(rng.integers(4))
         no_data = dict(edge=_EDGES[edge], width_px=int(rng.uniform(0.05, 0.3) * hsc.ICL_IMAGE_SIZE))
+    icl, field, sky = _draw_randomised(rng, d, frame, icl, field)
     return ClusterParameters(frame, tuple(d.cosmology), noise_native, psf_fwhm, psf_beta, bcg, members, icl, field,
-                             stars, sky_noise, no_data)
+                             stars, sky_noise, no_data, sky)
+
+
+def _draw_randomised(rng, d, frame, icl, field):
+    """The domain-randomisation draws, last in the stream and only where the distribution asks."""
+    if icl is not None and d.icl_offset_kpc_range[1] > 0:
+        offset, angle = rng.uniform(*d.icl_offset_kpc_range), rng.uniform(0.0, 2.0 * np.pi)
+        icl = {**icl, "offset_x_kpc": float(offset * np.cos(angle)), "offset_y_kpc": float(offset * np.sin(angle))}
+    if icl is not None and d.icl_second_probability > 0 and rng.uniform() < d.icl_second_probability:
+        offset, angle = rng.uniform(*d.icl_offset_kpc_range), rng.uniform(0.0, 2.0 * np.pi)
+        icl = {**icl, "second": {
+            "share": float(rng.uniform(0.2, 0.8)),  # of the ICL light
+            "r_eff_kpc": float(rng.uniform(*d.icl_r_eff_kpc_range)),
+            "n": float(rng.uniform(*d.icl_sersic_n_range)),
+            "axis_ratio": float(rng.uniform(*d.icl_axis_ratio_range)),
+            "position_angle": float(rng.uniform(0.0, np.pi)),
+            "offset_x_kpc": float(offset * np.cos(angle)),
+            "offset_y_kpc": float(offset * np.sin(angle)),
+        }}
+    if d.field_density_range is not None:
+        # Thin or thicken the field drawn at the nominal density: keep each galaxy with probability
+        # density / nominal, or add a second, independent field.
+        density = rng.uniform(*d.field_density_range)
+        extra = _draw_field(rng, d, frame)
+        ratio = density / d.field_density_per_arcmin2
+        keep = rng.uniform(size=len(field["x"])) < min(ratio, 1.0)
+        add = rng.uniform(size=len(extra["x"])) < max(ratio - 1.0, 0.0)
+        field = {key: np.concatenate([field[key][keep], extra[key][add]]) for key in field}
+    sky = None
+    if d.sky_gradient_range[1] > 0 or d.oversubtraction_probability > 0:
+        sky = {"gradient_sigma": float(rng.uniform(*d.sky_gradient_range)),
+               "gradient_angle": float(rng.uniform(0.0, 2.0 * np.pi)), "halo_depth_sigma": 0.0}
+        if rng.uniform() < d.oversubtraction_probability:
+            sky.update(halo_depth_sigma=float(rng.uniform(*d.oversubtraction_depth_range)),
+                       halo_scale=float(rng.uniform(3.0, 8.0)))  # halo radius in units of the galaxy's r_eff
+    return icl, field, sky
 
 
 #: Edges of a NO_DATA strip; index e covers rows (e even) or columns (e odd), from 0 (e < 2) or from the end.
@@ -488,6 +566,8 @@ def render_parameters(parameters, return_components=False):
     scene = cluster_convolved[crop, crop] + others_convolved[crop, crop]
     scene += p.sky_noise * np.float32(noise_fine)
     image = resize_fast(scene) / area_ratio
+    if p.sky is not None:
+        image += _sky_residuals(p, image.shape[0])
     ideal = resize_fast(cluster_convolved[crop, crop]) / area_ratio
     # The automatic SB method cannot tell field galaxies and stars from members; this is the
     # answer it would give on the noiseless image of everything in the frame.
@@ -512,6 +592,34 @@ def render_parameters(parameters, return_components=False):
     return image.astype(np.float32), mask, truth, components
 
 
+def _sky_residuals(p, size):
+    """Sky residuals of the output image (counts per native pixel): a plane and dark halos.
+
+    The plane rises from -A to +A noise sigmas between opposite corners along a random direction; the
+    halos are Gaussian dips of the drawn depth (noise sigmas) and of ``halo_scale`` times each
+    galaxy's r_eff around the BCG and the members brighter than 2 mag below it.
+    """
+    frame, sky = p.frame, p.sky
+    rows, cols = np.mgrid[:size, :size].astype(np.float32)
+    cos, sin = np.cos(sky["gradient_angle"]), np.sin(sky["gradient_angle"])
+    u = ((cols - (size - 1) / 2) * cos + (rows - (size - 1) / 2) * sin) / ((size - 1) / 2 * (abs(cos) + abs(sin)))
+    residual = sky["gradient_sigma"] * p.noise_native * u
+    if sky["halo_depth_sigma"] > 0:
+        scale = size / frame.fine_size  # output pixels per fine pixel
+        bcg_flux = float(hsc.mag_to_counts(p.bcg["mag"]))
+        bcg_r_eff = p.bcg["r_eff_kpc"] / frame.kpc_per_pixel
+        x = np.concatenate([[frame.centre], p.members["x"]])
+        y = np.concatenate([[frame.centre], p.members["y"]])
+        flux = np.concatenate([[bcg_flux], p.members["flux"]])
+        r_eff = np.concatenate([[bcg_r_eff], p.members["r_eff"]])
+        bright = flux > bcg_flux * 10 ** (-0.4 * 2.0)
+        for xi, yi, ri in zip(x[bright], y[bright], r_eff[bright]):
+            cx, cy = (xi - CANVAS_MARGIN + 0.5) * scale - 0.5, (yi - CANVAS_MARGIN + 0.5) * scale - 0.5
+            width = max(sky["halo_scale"] * ri * scale, 2.0)
+            residual -= sky["halo_depth_sigma"] * p.noise_native * np.exp(-((cols - cx) ** 2 + (rows - cy) ** 2) / (2 * width**2))
+    return residual.astype(np.float32)
+
+
 def _render_icl(p, galaxies):
     """The ICL image, its parameters (with its magnitude) and f_icl_true inside the aperture.
 
@@ -524,8 +632,16 @@ def _render_icl(p, galaxies):
     if p.icl is None:
         return icl_image, None, 0.0
     icl, target = p.icl, p.icl["target_fraction"]
-    add_sersic(icl_image, frame.centre, frame.centre, 1.0, icl["r_eff_kpc"] / frame.kpc_per_pixel, icl["n"],
-               icl["axis_ratio"], icl["position_angle"])
+    second = icl.get("second")
+    components = [(1.0 - second["share"], icl), (second["share"], second)] if second else [(1.0, icl)]
+    for share, component in components:
+        single = np.zeros_like(galaxies) if second else icl_image
+        add_sersic(single, frame.centre + component.get("offset_x_kpc", 0.0) / frame.kpc_per_pixel,
+                   frame.centre + component.get("offset_y_kpc", 0.0) / frame.kpc_per_pixel, 1.0,
+                   component["r_eff_kpc"] / frame.kpc_per_pixel, component["n"], component["axis_ratio"],
+                   component["position_angle"])
+        if second:  # each component's light in the aperture is its share of the ICL's
+            icl_image += single * np.float32(share / max(float(single[aperture].sum(dtype=np.float64)), 1e-30))
     unit_light = float(icl_image[aperture].sum(dtype=np.float64))
     icl_image *= np.float32(target * galaxy_light / ((1.0 - target) * unit_light))
     icl_light = float(icl_image[aperture].sum(dtype=np.float64))

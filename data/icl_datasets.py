@@ -13,7 +13,7 @@ Every element holds ``image`` (224, 224, 1) float32, the prepared model input of
 Configs choose the size and the label source:
 
 * ``sb`` (default): ``f_icl_sb``, the surface-brightness method measured on the noisy image by
-  ``measure_sb_cut.measure_icl_fraction`` (the paper's labels);
+  ``measure_sb_cut.measure_icl_fraction_canepa2025`` (the paper's labels, the original code's method);
 * ``ideal``: ``f_icl_sb_ideal``, the SB threshold applied to the noiseless cluster;
 * ``true``: ``f_icl_true``, the physical ICL fraction;
 * ``small_sb``, ``small_ideal``, ``small_true``: the same on a few cutouts, for tests and CPU runs.

@@ -3,20 +3,51 @@
 The paper injected ICL into real HSC cutouts centred on luminous red galaxies; this module does
 the same to any cutout in counts per native pixel: an ICL-free mock from
 :mod:`data.clusters` (``python -m data.generate backgrounds``) or a real cutout read by
-:mod:`prep_data`. The steps (SPEC Part A, "Artificial training images"):
+:mod:`prep_data`. The steps (SPEC Part A, "Artificial training images") follow the paper's own
+injection code:
 
 1. Threshold: the counts of mu = 25 + 10 log10(1 + z) + k(z). Sources above it with at least
-   20 connected pixels are detected, and touching sources are split by erosion and watershed.
-2. The central blob is the segment under the image centre; its centroid is the profile centre.
-3. Profile: elliptical exponential (Sersic n = 1) with surface brightness at r_eff equal to the
-   threshold; r_eff is a quantile, drawn from {0, 0.25, 0.5, 1}, of the distances from the
-   centroid to the blob's convex-hull vertices; ellipticity ~ U(0, 0.5), position angle
-   ~ U(0, 2 pi). While the area where the profile is brighter than mu = 30.2 + 10 log10(1 + z)
-   + k(z) exceeds 8 times the blob's area, the quantile steps down by 0.25.
+   20 8-connected pixels are detected (photutils). Touching sources are split: the detection
+   footprint is eroded once by a 3 x 3 square, its 4-connected eroded pieces seed a watershed of
+   the negative distance transform inside the footprint, the watershed labels are offset by the
+   largest detection label, and footprint pixels the flood does not reach keep their detection
+   label.
+2. The central blob is the set of pixels above the threshold that carry the label of pixel
+   (H // 2, W // 2). Its centre is the unweighted mean row and column of those pixels, each
+   truncated to an integer.
+3. Profile: elliptical exponential (astropy ``Sersic2D`` with n = 1 at integer pixel
+   coordinates) whose surface brightness at r_eff is the threshold. r_eff is a quantile, drawn
+   from {0, 0.25, 0.5, 1}, of the distances from the centre to the convex-hull vertices of the
+   blob after a binary opening by a 2 x 2 square. Each try draws a new ellipticity ~ U(0, 0.5)
+   and position angle ~ U(0, 2 pi). A try is rejected when the pixels of its step-4 profile
+   brighter than mu = 30.2 + 10 log10(1 + z) (no k-correction) number more than 8 times the
+   blob's pixels; the next try uses the quantile 0.25 lower. The try at quantile 0 is kept
+   whatever its area.
 4. The profile is clipped at the threshold and set to zero on pixels above the threshold.
-5. Noise: Gaussian with the background's MAD standard deviation, times profile / threshold.
+5. Noise: Gaussian with the astropy ``mad_std`` of the whole image in which pixels above the
+   threshold are set to zero (those zeros count), times profile / threshold.
 6. The image is faded by (1 - profile / threshold) and the noisy profile added; pixels above
    the threshold keep their values.
+
+The random draws come in the paper's order: the quantile, then ellipticity and angle at every
+try, then the noise field. The paper drew them from NumPy's legacy global generator, so a
+``numpy.random.RandomState`` passed as ``seed`` reproduces its injection after
+``numpy.random.seed`` with the same seed.
+
+Where the paper's code fails or had no such input, this module does the following instead:
+
+* pixels without data (BAD or NO_DATA in the HSC mask plane, or non-finite) are set to zero
+  for steps 1-4 and left out of the noise estimate of step 5, while step 6 fades their own
+  values (the paper's code took no mask, and a non-finite pixel made its whole image NaN,
+  where here it stays non-finite alone). BRIGHT_OBJECT pixels hold real light and
+  are used as the paper's code used them; all three planes are left out of ``f_icl_injected``;
+* a centre pixel outside every segment raises :class:`InjectionError` (the paper's code then
+  took every bright pixel outside the segments as the central blob);
+* a blob with no 2 x 2 square uses its own pixels for the hull, and a hull that qhull cannot
+  build (collinear or fewer than three points) uses all the points (the paper's code crashed);
+* r_eff = 0 (the centre is itself a hull vertex, or a point of a blob with no hull; possible
+  only at quantile 0) raises :class:`InjectionError` (the paper's profile was then NaN at the
+  centre and zero elsewhere).
 
 Zeroing the profile on bright pixels leaves a step around every galaxy (MOCKS.md); the mocks of
 :mod:`data.clusters` keep their own ICL smooth, and this module stays faithful to the paper.
@@ -46,7 +77,7 @@ logger = logging.getLogger(__name__)
 
 #: Rest-frame surface brightness (mag/arcsec^2) of the segmentation threshold and profile amplitude.
 THRESHOLD_SB_REST = 25.0
-#: Rest-frame surface brightness (mag/arcsec^2) bounding the profile's extent (step 3).
+#: Surface brightness (mag/arcsec^2, before Tolman dimming; no k-correction) bounding the profile's extent.
 FAINT_LIMIT_SB_REST = 30.2
 #: Smallest source, in connected pixels above the threshold.
 MIN_SOURCE_PIXELS = 20
@@ -58,10 +89,12 @@ QUANTILE_STEP = 0.25
 MAX_AREA_RATIO = 8.0
 #: Largest ellipticity (1 - axis ratio) of the injected profile.
 MAX_ELLIPTICITY = 0.5
-#: Erosion steps (pixels) that separate touching sources before the watershed.
-EROSION_STEPS = 2
-#: Smallest distance (pixels) between two watershed markers (brightness peaks).
-SEPARATION_PX = 4
+#: Erosions by a 3 x 3 square that separate touching sources before the watershed.
+EROSION_STEPS = 1
+#: Side (pixels) of the square that opens the central blob before its convex hull is taken.
+OPENING_SIZE = 2
+#: Mask planes whose pixels hold no data: zero for the injection, left out of the noise estimate.
+NO_DATA_PLANES = ("BAD", "NO_DATA")
 
 
 class InjectionError(ValueError):
@@ -81,11 +114,13 @@ class InjectionResult:
     noise : ndarray of float32, shape (H, W)
         The noise added with it (step 5).
     segmentation : ndarray of int, shape (H, W)
-        Source labels after the watershed split (0: background).
+        Source labels after the watershed split (0: background; see :func:`segment_sources`).
     params : dict
-        Threshold (counts), centre (x, y in pixels), r_eff (pixels), quantile, ellipticity,
-        position angle (radians), noise sigma (counts), the injected flux in the 300 kpc aperture
-        and the fraction it makes of the aperture's flux (``f_icl_injected``).
+        Threshold and faint limit (counts), centre (x, y: integer pixels), blob area (pixels),
+        the quantile drawn (``quantile_start``) and the one kept (``quantile``), r_eff (pixels),
+        the kept profile's area ratio, ellipticity, position angle (radians), noise sigma
+        (counts), the injected flux in the 300 kpc aperture and the fraction it makes of the
+        aperture's flux (``f_icl_injected``).
     """
 
     image: np.ndarray
@@ -96,10 +131,11 @@ class InjectionResult:
 
 
 def exponential_profile(shape, x0, y0, amplitude, r_eff, ellipticity, position_angle):
-    """Elliptical exponential (Sersic n = 1) surface brightness sampled at pixel centres.
+    """Elliptical exponential (Sersic n = 1) surface brightness at integer pixel coordinates.
 
-    I(r) = amplitude * exp(-b_1 (r / r_eff - 1)), b_1 = 1.678 (astropy ``Sersic2D`` with n = 1),
-    r the elliptical radius along the major axis (axis ratio 1 - ellipticity).
+    I(r) = amplitude * exp(-b_1 (r / r_eff - 1)), b_1 = 1.678, r the elliptical radius along the
+    major axis with axis ratio 1 - ellipticity: astropy's ``Sersic2D(n=1)`` evaluated at
+    x = column, y = row.
 
     Parameters
     ----------
@@ -112,32 +148,43 @@ def exponential_profile(shape, x0, y0, amplitude, r_eff, ellipticity, position_a
     r_eff : float
         Effective radius along the major axis (pixels), > 0.
     ellipticity : float
-        In [0, 1).
+        1 - b / a, in [0, 1).
     position_angle : float
         Major axis angle from +x towards +y (radians).
+
+    Returns
+    -------
+    ndarray of float32, shape (H, W)
     """
+    return _exponential(shape, x0, y0, amplitude, r_eff, ellipticity, position_angle).astype(np.float32)
+
+
+def _exponential(shape, x0, y0, amplitude, r_eff, ellipticity, position_angle):
+    # float64, as astropy evaluates the paper's model; the area test compares these values.
     yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
     r2 = profiles.elliptical_radius_squared(xx - x0, yy - y0, 1.0 - ellipticity, position_angle)
     b = float(profiles.sersic_b(1.0))
-    return profiles.sersic_intensity(r2 * (1.0 / r_eff**2), amplitude, 1.0, b, dtype=np.float64).astype(np.float32)
+    return profiles.sersic_intensity(r2 * (1.0 / r_eff**2), amplitude, 1.0, b, dtype=np.float64)
 
 
 def segment_sources(image, threshold, bad=None, min_pixels=MIN_SOURCE_PIXELS, erosion_steps=EROSION_STEPS):
     """Sources above ``threshold`` (photutils), touching ones split by erosion and watershed.
 
-    Each footprint is eroded by ``erosion_steps`` pixels; the watershed then floods the
-    brightness landscape (smoothed by a 1 px Gaussian) inside the footprints from markers at the
-    brightness peaks of the eroded footprints (at least ``SEPARATION_PX`` apart and twice the
-    threshold), so that a neighbour embedded in the central galaxy's isophote gets its own label.
+    The detection footprint (``min_pixels`` 8-connected pixels brighter than ``threshold``) is
+    eroded ``erosion_steps`` times by a 3 x 3 square (pixels beyond the edge count as inside).
+    Each 4-connected piece of what remains seeds a watershed of the negative distance transform
+    of the footprint, flooded inside the footprint, so that two overlapping round sources split
+    along their neck.
 
     Returns
     -------
-    ndarray of int, shape (H, W)
-        Labels 1..n of the sources, 0 elsewhere.
+    ndarray of int32, shape (H, W)
+        0 on the background; a flooded pixel holds its watershed label plus the largest
+        detection label, a footprint pixel no seed reaches (a source thinner than the erosion)
+        its detection label. Labels are distinct per source but not consecutive.
     """
     from photutils.segmentation import detect_sources
     from scipy import ndimage
-    from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
     with warnings.catch_warnings():
@@ -145,23 +192,18 @@ def segment_sources(image, threshold, bad=None, min_pixels=MIN_SOURCE_PIXELS, er
         segments = detect_sources(image, threshold, n_pixels=min_pixels, mask=bad)
     if segments is None:
         return np.zeros(image.shape, dtype=np.int32)
-    footprint = segments.data > 0
-    cores = ndimage.binary_erosion(footprint, iterations=erosion_steps)
-    smooth = ndimage.gaussian_filter(image, 1.0)
-    peaks = peak_local_max(smooth, min_distance=SEPARATION_PX, threshold_abs=2.0 * threshold, labels=cores.astype(np.int32))
-    markers = np.zeros(image.shape, dtype=np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    split = watershed(-smooth, markers, mask=footprint)
-    # Footprints with no peak (faint, or lost to the erosion) keep their own label.
-    orphans = footprint & (split == 0)
-    if orphans.any():
-        extra, _ = ndimage.label(orphans)
-        split = np.where(orphans, extra + len(peaks), split)
-    return split.astype(np.int32)
+    labels = segments.data.astype(np.int32)
+    footprint = labels > 0
+    square = np.ones((3, 3), dtype=bool)
+    cores = ndimage.binary_erosion(footprint, structure=square, iterations=erosion_steps, border_value=1)
+    seeds, _ = ndimage.label(cores)
+    distance = ndimage.distance_transform_edt(footprint)
+    split = watershed(-distance, seeds, mask=footprint)
+    return np.where(split > 0, split + labels.max(), labels).astype(np.int32)
 
 
 def inject_icl(image, z, mask=None, mask_bits=None, seed=None, quantile=None):
-    """Inject an ICL profile into one cutout (SPEC Part A, steps 1-6).
+    """Inject an ICL profile into one cutout (SPEC Part A, steps 1-6 of the module docstring).
 
     Parameters
     ----------
@@ -171,14 +213,17 @@ def inject_icl(image, z, mask=None, mask_bits=None, seed=None, quantile=None):
     z : float
         Redshift of the central galaxy, in [0.1, 0.5].
     mask : ndarray of int, shape (H, W), optional
-        HSC mask plane; BAD | NO_DATA | BRIGHT_OBJECT pixels are left out of the detection and
-        the noise estimate (the profile is still added there).
+        HSC mask plane. BAD | NO_DATA pixels are set to zero for steps 1-4 and left out of the
+        noise estimate (the profile is still added there); BAD | NO_DATA | BRIGHT_OBJECT pixels
+        are left out of ``f_icl_injected``.
     mask_bits : dict, optional
         Mask plane bit numbers (default ``hsc.DEFAULT_MASK_BITS``).
-    seed : int or numpy.random.Generator, optional
-        Randomness of the quantile, shape and noise.
+    seed : int, numpy.random.Generator or numpy.random.RandomState, optional
+        Randomness of the quantile, shape and noise. A ``RandomState`` makes the same draws as
+        the paper's code made from the legacy global generator in the same state.
     quantile : float, optional
-        Start from this quantile instead of drawing one from ``R_EFF_QUANTILES``.
+        Start from this quantile instead of drawing one from ``R_EFF_QUANTILES`` (no draw is
+        made for it).
 
     Returns
     -------
@@ -187,8 +232,8 @@ def inject_icl(image, z, mask=None, mask_bits=None, seed=None, quantile=None):
     Raises
     ------
     InjectionError
-        If the image is not 2-D, holds no finite unmasked pixels, or has no source above the
-        threshold near its centre.
+        If the image is not 2-D, holds no finite unmasked pixels, has no source above the
+        threshold at its centre pixel, or its central blob gives r_eff = 0.
     """
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
@@ -199,86 +244,112 @@ def inject_icl(image, z, mask=None, mask_bits=None, seed=None, quantile=None):
         raise InjectionError(f"mask shape {np.shape(mask)} does not match image shape {image.shape}")
     if quantile is not None and not 0.0 <= quantile <= 1.0:
         raise InjectionError(f"quantile must be in [0, 1], got {quantile}")
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    if isinstance(seed, np.random.Generator | np.random.RandomState):
+        rng = seed
+    else:
+        rng = np.random.default_rng(seed)
     bad = ~np.isfinite(image)
+    masked = bad.copy()
     if mask is not None:
-        bad |= (np.asarray(mask).astype(np.int64) & hsc.mask_value(mask_bits or hsc.DEFAULT_MASK_BITS)) != 0
-    if bad.all():
+        flags = np.asarray(mask).astype(np.int64)
+        bits = mask_bits or hsc.DEFAULT_MASK_BITS
+        bad |= (flags & hsc.mask_value(bits, NO_DATA_PLANES)) != 0
+        masked |= (flags & hsc.mask_value(bits)) != 0
+    if masked.all():
         raise InjectionError("background cutout is entirely masked (BAD | NO_DATA | BRIGHT_OBJECT or non-finite)")
-    clean = np.where(bad, 0.0, image).astype(np.float32)
+    clean = np.where(bad, 0.0, image).astype(np.float64)
 
+    # Step 1: threshold and segmentation.
     threshold = float(hsc.sb_to_counts(hsc.observed_surface_brightness(THRESHOLD_SB_REST, z)))
-    faint_limit = float(hsc.sb_to_counts(hsc.observed_surface_brightness(FAINT_LIMIT_SB_REST, z)))
+    faint_limit = float(hsc.sb_to_counts(FAINT_LIMIT_SB_REST + 10.0 * np.log10(1.0 + z)))
     segmentation = segment_sources(clean, threshold, bad)
+    galaxies = clean > threshold
+
+    # Step 2: the central blob and its centre.
     height, width = image.shape
-    centre_row, centre_col = (height - 1) // 2, (width - 1) // 2
-    label = int(segmentation[centre_row, centre_col])
+    label = int(segmentation[height // 2, width // 2])
     if label == 0:
         raise InjectionError(
             f"no source brighter than the threshold ({threshold:.4g} counts, mu = {THRESHOLD_SB_REST} rest frame) "
-            "covers the image centre"
+            f"covers the image centre (pixel row {height // 2}, column {width // 2})"
         )
-    blob = segmentation == label
-    rows, cols = np.nonzero(blob)
-    weights = clean[blob]
-    y0, x0 = float(np.average(rows, weights=weights)), float(np.average(cols, weights=weights))
-    distances = _hull_distances(rows, cols, x0, y0)
-
-    if quantile is None:
-        quantile = float(rng.choice(R_EFF_QUANTILES))
-    ellipticity = float(rng.uniform(0.0, MAX_ELLIPTICITY))
-    position_angle = float(rng.uniform(0.0, 2.0 * np.pi))
+    blob = galaxies & (segmentation == label)
     blob_area = int(blob.sum())
-    while True:
-        r_eff = max(float(np.quantile(distances, quantile)), 0.5)
-        unclipped = exponential_profile(image.shape, x0, y0, threshold, r_eff, ellipticity, position_angle)
-        extent = int((unclipped > faint_limit).sum())
-        if extent <= MAX_AREA_RATIO * blob_area or quantile <= 0.0:
-            break
-        quantile = max(0.0, quantile - QUANTILE_STEP)
+    rows, cols = np.nonzero(blob)
+    y0, x0 = int(rows.sum()) // blob_area, int(cols.sum()) // blob_area
+    distances = _hull_distances(blob, y0, x0)
 
-    galaxies = clean > threshold
-    profile = np.minimum(unclipped, threshold)
-    profile[galaxies] = 0.0
-    background = clean[~galaxies & ~bad]
+    # Steps 3-4: tries of shrinking r_eff until the profile is compact enough.
+    quantile_start = float(rng.choice(R_EFF_QUANTILES)) if quantile is None else float(quantile)
+    quantile = quantile_start
+    while True:
+        r_eff = float(np.quantile(distances, quantile))
+        ellipticity = float(rng.uniform(0.0, MAX_ELLIPTICITY))
+        position_angle = float(rng.uniform(0.0, 2.0 * np.pi))
+        if r_eff <= 0.0:
+            raise InjectionError(
+                f"r_eff = 0: the central blob's centre (row {y0}, column {x0}) is one of the points bounding it"
+            )
+        profile = np.minimum(_exponential(image.shape, x0, y0, threshold, r_eff, ellipticity, position_angle),
+                             threshold)
+        profile[galaxies] = 0.0
+        extent = int(np.count_nonzero(profile > faint_limit))
+        if extent <= MAX_AREA_RATIO * blob_area or quantile < QUANTILE_STEP:
+            break
+        quantile -= QUANTILE_STEP
+
+    # Step 5: noise scaled by the profile.
     from astropy.stats import mad_std
 
-    sigma = float(mad_std(background)) if background.size else 0.0
-    noise = (rng.standard_normal(image.shape) * sigma * (profile / threshold)).astype(np.float32)
-    injected = image * (1.0 - profile / threshold) + profile + noise
-    injected = np.where(galaxies, image, injected).astype(np.float32)
+    sky = np.where(galaxies, 0.0, clean)[~bad]
+    sigma = float(mad_std(sky))
+    weight = profile / threshold
+    noise = rng.normal(0.0, sigma, image.shape) * weight
+
+    # Step 6: fade the background under the profile and add it.
+    faded = image * (1.0 - weight)
+    injected = np.where(galaxies, image, faded + (profile + noise)).astype(np.float32)
 
     aperture = profiles.disc_mask(image.shape, (width - 1) / 2.0, (height - 1) / 2.0, min(height, width) / 2.0)
-    usable = aperture & ~bad
+    usable = aperture & ~masked
     injected_flux = float(profile[usable].sum(dtype=np.float64))
     total_flux = float(np.clip(injected[usable], 0.0, None).sum(dtype=np.float64))
-    params = dict(
-        z=float(z),
-        threshold_counts=threshold,
-        faint_limit_counts=faint_limit,
-        centre_x=x0,
-        centre_y=y0,
-        blob_area_px=blob_area,
-        quantile=quantile,
-        r_eff_px=r_eff,
-        ellipticity=ellipticity,
-        position_angle=position_angle,
-        noise_sigma=sigma,
-        icl_flux_aperture=injected_flux,
-        f_icl_injected=injected_flux / total_flux if total_flux > 0 else 0.0,
-    )
-    return InjectionResult(injected, profile.astype(np.float32), noise, segmentation, params)
+    params = {
+        "z": float(z),
+        "threshold_counts": threshold,
+        "faint_limit_counts": faint_limit,
+        "centre_x": float(x0),
+        "centre_y": float(y0),
+        "blob_area_px": blob_area,
+        "quantile_start": quantile_start,
+        "quantile": quantile,
+        "r_eff_px": r_eff,
+        "area_ratio": extent / blob_area,
+        "ellipticity": ellipticity,
+        "position_angle": position_angle,
+        "noise_sigma": sigma,
+        "icl_flux_aperture": injected_flux,
+        "f_icl_injected": injected_flux / total_flux if total_flux > 0 else 0.0,
+    }
+    return InjectionResult(injected, profile.astype(np.float32), noise.astype(np.float32), segmentation, params)
 
 
-def _hull_distances(rows, cols, x0, y0):
-    points = np.column_stack([cols, rows]).astype(float)
+def _hull_distances(blob, row0, col0):
+    """Distances from (row0, col0) to the convex-hull vertices of ``blob`` opened by a 2 x 2 square."""
+    from scipy import ndimage
+    from scipy.spatial import ConvexHull, QhullError
+
+    square = np.ones((OPENING_SIZE, OPENING_SIZE), dtype=bool)
+    # Erosion counts pixels beyond the edge as inside, as skimage's binary opening does.
+    opened = ndimage.binary_dilation(ndimage.binary_erosion(blob, structure=square, border_value=1), structure=square)
+    points = np.argwhere(opened)
+    if len(points) == 0:  # no 2 x 2 square fits in the blob: its own pixels bound it
+        points = np.argwhere(blob)
     try:
-        from scipy.spatial import ConvexHull
-
-        vertices = points[ConvexHull(points).vertices]
-    except Exception:  # degenerate (collinear) blobs have no 2-D hull: all their pixels bound them
-        vertices = points
-    return np.hypot(vertices[:, 0] - x0, vertices[:, 1] - y0)
+        points = points[ConvexHull(points.astype(np.float64)).vertices]
+    except QhullError:  # collinear or too few points: no 2-D hull, all of them bound the blob
+        pass
+    return np.hypot(points[:, 0] - row0, points[:, 1] - col0)
 
 
 def resize_cutout(cutout, size=hsc.ICL_IMAGE_SIZE):

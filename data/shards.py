@@ -40,7 +40,7 @@ SHARD_SIZE = 256
 PREVIEW_COUNT = 16
 #: Parameter distributions of the clusters (``data.clusters``), by name.
 #: ``visible`` applies to tidal pairs only: every pair's feature is visible (``data.tidal.feature_visibility``).
-DISTRIBUTIONS = ("training", "real-like", "visible")
+DISTRIBUTIONS = ("training", "real-like", "randomised", "visible")
 #: Kinds of cutout the generator writes. ``tidal_pairs``: host-matched twins, each scene with its
 #: tidal feature and without it (``data.tidal.render_tidal_pair``); ``--n`` counts the pairs.
 KINDS = ("clusters", "backgrounds", "tidal", "tidal_pairs")
@@ -50,6 +50,8 @@ TIDAL_KINDS = ("tidal", "tidal_pairs")
 KIND_CODES = {"clusters": 1, "backgrounds": 2, "tidal": 3, "tidal_pairs": 4}
 #: Version of the generator recorded in every shard; a rerun refuses shards of another version.
 GENERATOR_VERSION = 2
+#: How ``--measure-sb`` measures ``f_icl_sb`` (stored as the ``sb_method`` attribute): the paper's method.
+SB_METHOD = "canepa2025"
 _SHARD_PATTERN = re.compile(r"^(?P<kind>[a-z_]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.h5$")
 
 
@@ -89,7 +91,8 @@ def render_one(kind, seed, index, distribution="training"):
         raise ValueError("tidal pairs are two cutouts per index: use render_cutouts")
     from data import clusters
 
-    population = {"training": clusters.TRAINING_DISTRIBUTION, "real-like": clusters.REAL_LIKE_DISTRIBUTION}[distribution]
+    population = {"training": clusters.TRAINING_DISTRIBUTION, "real-like": clusters.REAL_LIKE_DISTRIBUTION,
+                  "randomised": clusters.RANDOMISED_DISTRIBUTION}[distribution]
     if kind == "backgrounds":
         population = clusters.BACKGROUND_DISTRIBUTION if distribution == "training" else population
         return clusters.render_cluster(rng, population, include_icl=False)
@@ -116,18 +119,16 @@ def render_cutouts(kind, seed, index, distribution="training"):
 
 
 def measure_sb_label(image, mask, z):
-    """The SB-method label ``f_icl_sb`` of one noisy cutout (``measure_sb_cut.measure_icl_fraction``).
+    """The SB-method label ``f_icl_sb`` of one noisy cutout, measured as the paper labelled its training set.
 
-    Only the fraction is needed, so the background re-estimates behind the error bar are
-    skipped. A cutout the method cannot measure gets NaN and a warning rather than stopping
+    ``measure_sb_cut.measure_icl_fraction_canepa2025``: the original code's automatic
+    measurement. A cutout the method cannot measure gets NaN and a warning rather than stopping
     its shard; readers refuse NaN labels when training.
     """
     import measure_sb_cut
 
     try:
-        measurement = measure_sb_cut.measure_icl_fraction(
-            image, z, mask=mask, mask_bits=hsc.DEFAULT_MASK_BITS, reestimate_box_sizes=()
-        )
+        measurement = measure_sb_cut.measure_icl_fraction_canepa2025(image, z, mask=mask, mask_bits=hsc.DEFAULT_MASK_BITS)
     except ValueError as error:
         logger.warning("SB measurement failed, label f_icl_sb = NaN: %s", error)
         return float("nan")
@@ -149,7 +150,8 @@ def shard_name(kind, shard_index, shard_count):
 
 def _run_attributes(kind, seed, n, shard_size, distribution, measure_sb=False):
     return dict(kind=kind, seed=int(seed), n_total=int(n), shard_size=int(shard_size),
-                distribution=distribution, measure_sb=int(measure_sb), generator_version=GENERATOR_VERSION)
+                distribution=distribution, measure_sb=int(measure_sb), generator_version=GENERATOR_VERSION,
+                sb_method=SB_METHOD if measure_sb else "")
 
 
 def write_shard(path, kind, images, masks, truths, ids, attributes):

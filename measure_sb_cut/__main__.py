@@ -2,6 +2,13 @@
 
     python -m measure_sb_cut INPUT... --out OUT.csv [--z Z | --catalog CSV] [--plot-dir DIR] [--workers K]
     python -m measure_sb_cut INPUT... --out OUT.csv --dask ADDRESS|local:N [--partition-size K]
+    python -m measure_sb_cut INPUT... --out OUT.csv --method improved
+
+``--method canepa2025`` (the default) measures as the original code of Canepa et al. 2025 did,
+step by step (``measure_sb_cut.canepa2025``), its three plain mistakes kept unless ``--fix``
+names them; ``--method improved`` is this project's redesign (``measure_sb_cut.measure``).
+Cutouts in native pixels are padded to a square, cropped to +-300 kpc and resized to 224 x 224
+as the original resized them. The ``method`` column names the method (and fixes) of each row.
 
 INPUT: FITS cutouts (image, mask and variance HDUs), HDF5 files in this project's layouts or
 the original code's, or directories of them (see ``prep_data``). The redshift of each cutout
@@ -25,11 +32,13 @@ replaces ``--out`` at the end. Ctrl-C stops the workers (or cancels the Dask tas
 file and exits with status 130; ``--resume`` (the same command again, with ``--resume``) keeps
 the rows measured already and measures the rest.
 
-A measurement that would be physically meaningless is refused with its reason in ``error``:
+A measurement that would be physically meaningless is refused with its reason in ``error``
+(canepa2025: no source above the threshold, or no light above the surface-brightness limit
+inside the aperture; improved:
 no positive light inside the aperture, an ICL fraction outside [0, 1] (negative light:
 over-subtracted background or bad pixels), a non-finite surface-brightness limit or one
 brighter than the threshold, or more than
-``measure_sb_cut.measure.MAX_MASKED_FRACTION`` (50%) of the aperture masked or not finite.
+``measure_sb_cut.measure.MAX_MASKED_FRACTION`` (50%) of the aperture masked or not finite).
 """
 
 import common
@@ -51,11 +60,14 @@ import numpy as np
 import hsc
 import parallel
 from measure_sb_cut import measurement_helpers as helpers
+from measure_sb_cut.canepa2025 import FIXES
 from measure_sb_cut.measure import (
     CSV_COLUMNS,
+    METHODS,
     REESTIMATE_BOX_SIZES,
     check_options,
     measure_refs,
+    method_label,
 )
 
 # Defaults; each can be set on the command line.
@@ -64,6 +76,7 @@ THRESHOLD_SB = helpers.MEASUREMENT_SB
 APERTURE_KPC = helpers.APERTURE_KPC
 HALF_WIDTH_KPC = hsc.CUTOUT_HALF_WIDTH_KPC
 BACKGROUND_BOX_PX = helpers.BACKGROUND_BOX_PX
+METHOD = "canepa2025"
 
 
 def read_catalogue(path):
@@ -118,11 +131,12 @@ def partial_pattern(out):
     return str(out.with_name(f".{stem}.partial-*{suffix}"))
 
 
-def read_finished_rows(out):
+def read_finished_rows(out, method=None):
     """Rows (as CSV field dicts) by source from the partial files of an interrupted run of ``out``.
 
     The newest file wins for a source; a torn last line (no newline: the run was killed while
-    writing it) and rows of another layout are dropped.
+    writing it), rows of another layout and, with ``method``, rows measured with another method
+    (their ``method`` column) are dropped.
     """
     rows = {}
     for path in sorted(glob.glob(partial_pattern(out)), key=os.path.getmtime):
@@ -135,6 +149,8 @@ def read_finished_rows(out):
             continue
         for row in reader:
             if None in row or any(value is None for value in row.values()) or not row["source"]:
+                continue
+            if method is not None and row["method"] != method:
                 continue
             rows[row["source"]] = row
     return rows
@@ -160,16 +176,27 @@ def build_parser():
     redshift.add_argument("--catalog", help="CSV with columns id, z (optionally ra, dec): the redshift per cutout id")
     parser.add_argument("--plot-dir", metavar="DIR", help="write a diagnostic PNG per cutout into DIR")
     parser.add_argument("--workers", type=int, default=WORKERS, help=f"parallel processes of this machine (default {WORKERS}; not used with --dask)")
+    parser.add_argument("--method", choices=METHODS, default=METHOD,
+                        help="canepa2025: the original code's measurement, step by step (default); improved: this "
+                        "project's redesign (masked sky boxes, smoothed segments, S/N-cut hot mask, box-averaged "
+                        "limit, background re-estimates in the error); see measure_sb_cut/VALIDATION.md")
+    parser.add_argument("--fix", action="append", choices=FIXES, default=[], metavar="NAME",
+                        help="with --method canepa2025, correct one of the original's mistakes (repeat for more): "
+                        "sigma-region (noise from the edge band, as intended), limit-scale (the cutout's pixel "
+                        "scale in the limit), edge-spline (the whole ring of mesh cells)")
     parser.add_argument("--threshold-sb", type=float, default=THRESHOLD_SB,
                         help=f"rest-frame threshold between galaxies and ICL, mag/arcsec^2 (default {THRESHOLD_SB:g})")
-    parser.add_argument("--aperture-kpc", type=float, default=APERTURE_KPC,
-                        help=f"aperture radius, kpc (default {APERTURE_KPC:g})")
+    parser.add_argument("--aperture-kpc", type=float,
+                        help=f"--method improved: aperture radius, kpc (default {APERTURE_KPC:g}; canepa2025 "
+                        "measures within the cutout's half-width)")
     parser.add_argument("--half-width-kpc", type=float, default=HALF_WIDTH_KPC,
                         help=f"half-width of the cutouts, kpc (default {HALF_WIDTH_KPC:g})")
-    parser.add_argument("--background-box", type=int, default=BACKGROUND_BOX_PX,
-                        help=f"Background2D box side, pixels of the 224-px image (default {BACKGROUND_BOX_PX})")
+    parser.add_argument("--background-box", type=int,
+                        help=f"--method improved: Background2D box side, pixels of the 224-px image "
+                        f"(default {BACKGROUND_BOX_PX})")
     parser.add_argument("--no-reestimates", action="store_true",
-                        help="skip the background re-estimates (faster; the error is then the noise term only)")
+                        help="--method improved: skip the background re-estimates (faster; the error is then the "
+                        "noise term only)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows of an interrupted run of the same --out and measure only the rest")
     parallel.add_dask_argument(parser)
@@ -184,6 +211,15 @@ def main(argv=None):
 
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.method == "canepa2025":
+        given = [name for name, value in (("--aperture-kpc", args.aperture_kpc), ("--background-box", args.background_box),
+                                          ("--no-reestimates", args.no_reestimates or None)) if value is not None]
+        if given:
+            parser.error(f"{given[0]} applies to --method improved only")
+    elif args.fix:
+        parser.error("--fix applies to --method canepa2025 only")
+    args.aperture_kpc = APERTURE_KPC if args.aperture_kpc is None else args.aperture_kpc
+    args.background_box = BACKGROUND_BOX_PX if args.background_box is None else args.background_box
     try:
         check_options(args.threshold_sb, args.aperture_kpc, args.half_width_kpc, args.background_box)
     except ValueError as error:
@@ -210,14 +246,17 @@ def main(argv=None):
         refs, file_errors = prep_data.index_cutouts(args.inputs)
     except prep_data.CutoutError as error:
         parser.exit(2, f"error: {error}\n")
-    finished = read_finished_rows(args.out) if args.resume else {}
-    options = {
-        "threshold_sb": args.threshold_sb,
-        "aperture_kpc": args.aperture_kpc,
-        "half_width_kpc": args.half_width_kpc,
-        "background_box_size": args.background_box,
-        "reestimate_box_sizes": () if args.no_reestimates else REESTIMATE_BOX_SIZES,
-    }
+    label = method_label(args.method, args.fix)
+    finished = read_finished_rows(args.out, label) if args.resume else {}
+    options = {"method": args.method, "threshold_sb": args.threshold_sb, "half_width_kpc": args.half_width_kpc}
+    if args.method == "canepa2025":
+        options["fixes"] = tuple(sorted(set(args.fix)))
+    else:
+        options.update(
+            aperture_kpc=args.aperture_kpc,
+            background_box_size=args.background_box,
+            reestimate_box_sizes=() if args.no_reestimates else REESTIMATE_BOX_SIZES,
+        )
 
     from tqdm import tqdm
 
@@ -226,7 +265,8 @@ def main(argv=None):
     file_order = {path: position for position, path in enumerate(prep_data.find_files(args.inputs))}
     slots = []
     for source, message in file_errors:
-        row = {**{column: np.nan for column in CSV_COLUMNS}, "id": pathlib.Path(source).name, "source": source}
+        row = {**{column: np.nan for column in CSV_COLUMNS}, "id": pathlib.Path(source).name, "source": source,
+               "method": label}
         slots.append((file_order[source], 0, {**row, "error": message}))
     for position, ref in enumerate(refs):
         slots.append((file_order[ref.path], 1, finished.get(ref.source, ref)))

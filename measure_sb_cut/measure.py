@@ -30,7 +30,6 @@ Pixel convention: a square cutout (224 x 224 by default) spanning +-300 kpc, in 
 flux sums are converted to total counts with the area of a cutout pixel.
 """
 
-import dataclasses
 import logging
 import os
 
@@ -40,67 +39,12 @@ import common
 import hsc
 import parallel
 from measure_sb_cut import measurement_helpers as helpers
+from measure_sb_cut.measurement_helpers import MAX_MASKED_FRACTION, SBMeasurement
 
 logger = logging.getLogger(__name__)
 
 #: Background2D box sides (cutout pixels) of the re-estimates whose spread enters the error.
 REESTIMATE_BOX_SIZES = (14, 28)
-#: A cutout with more than this fraction of its aperture masked (mask plane, NaN or infinite
-#: pixels, ``extra_mask``) is refused: the fraction of what is left would not be the cluster's.
-MAX_MASKED_FRACTION = 0.5
-
-
-@dataclasses.dataclass(frozen=True)
-class SBMeasurement:
-    """Result of one surface-brightness threshold measurement.
-
-    Attributes
-    ----------
-    f_icl : float
-        ICL fraction inside the aperture, ``icl_flux / total_flux``.
-    f_icl_err : float
-        Uncertainty of ``f_icl``: the noise term and the background term added in quadrature.
-    icl_flux, total_flux : float
-        Counts (zero point 27) of the ICL and of all kept light inside the aperture.
-    sb_limit : float
-        Surface-brightness limit reached, mag/arcsec^2 (3 sigma, 10 x 10 arcsec boxes).
-    threshold_sb : float
-        Observed threshold between galaxies and ICL, mag/arcsec^2.
-    f_icl_err_noise : float
-        Error from the pixel noise, rms x sqrt(N pixels) on both fluxes (N counted in
-        independent noise elements: resizing correlates neighbouring pixels), propagated to f_icl.
-    f_icl_err_background : float
-        Standard deviation of f_icl over the background re-estimates (0 when none).
-    icl_flux_err : float
-        rms x sqrt(N ICL pixels x the noise correlation area), in counts.
-    pixel_rms : float
-        Noise rms near the edges, counts per native pixel.
-    n_icl_pixels, n_kept_pixels : int
-        Cutout pixels counted as ICL, and all pixels counted inside the aperture.
-    z : float
-        Cluster redshift used.
-    maps : dict or None
-        With ``keep_maps=True``: the boolean maps (``bad``, ``galaxies``, ``hot``, ``dropped``,
-        ``aperture``, ``extra``), the ``subtracted`` image, its ``smoothed`` copy that was
-        segmented and the ``threshold_counts``, for diagnostics.
-    """
-
-    f_icl: float
-    f_icl_err: float
-    icl_flux: float
-    total_flux: float
-    sb_limit: float
-    threshold_sb: float
-    f_icl_err_noise: float
-    f_icl_err_background: float
-    icl_flux_err: float
-    pixel_rms: float
-    n_icl_pixels: int
-    n_kept_pixels: int
-    z: float
-    maps: dict = dataclasses.field(default=None, repr=False, compare=False)
-
-
 def check_options(threshold_sb, aperture_kpc, half_width_kpc, background_box_size):
     """Raise ValueError (one line) for measurement settings no cutout can be measured with."""
     if not np.isfinite(threshold_sb):
@@ -404,8 +348,12 @@ CSV_COLUMNS = (
     "threshold_sb",
     "f_icl_err_noise",
     "f_icl_err_background",
+    "method",
     "error",
 )
+#: Methods of :func:`measure_ref`: the original code's (``measure_sb_cut.canepa2025``) and this
+#: project's redesign (:func:`measure_icl_fraction`).
+METHODS = ("canepa2025", "improved")
 #: Relative tolerance on the span of a native-resolution cutout (cosmologies of the cutouts differ).
 SPAN_TOLERANCE = 0.1
 
@@ -429,15 +377,22 @@ def write_csv(rows, path, columns=CSV_COLUMNS):
 
 
 def cutout_for_measurement(
-    cutout, z, half_width_kpc=hsc.CUTOUT_HALF_WIDTH_KPC, cosmology=helpers.MEASUREMENT_COSMOLOGY
+    cutout, z, half_width_kpc=hsc.CUTOUT_HALF_WIDTH_KPC, cosmology=helpers.MEASUREMENT_COSMOLOGY, method="improved",
+    mask_rule="any",
 ):
     """The 224 x 224 image and bad-pixel map of a cutout read by ``prep_data.read_cutout``.
 
+    With ``method="canepa2025"`` only non-finite pixels are zeroed before the resize (the
+    original resized the cutout as it was, and its background mesh and unsharp mask see the
+    values under the mask); with ``"improved"`` every bad pixel is. ``mask_rule`` is
+    :func:`prep_data.resize_mask`'s.
+
     A 224 x 224 cutout is taken as already resized (it spans +-``half_width_kpc``). Any other
     cutout is in native HSC pixels: non-square ones are padded to a square (the padding
-    masked, as ``prep_data.pad_to_square`` does), one wider than +-``half_width_kpc`` by more
-    than 10% is cropped about its centre to that span, and the square is resized with
-    ``prep_data.resize_image`` / ``prep_data.resize_mask``.
+    masked, as ``prep_data.pad_to_square`` does; with ``"canepa2025"`` only when the sides
+    differ by more than 10%, the others are resized straight, as the original did), an axis
+    longer than +-``half_width_kpc`` by more than 10% is cropped about the centre to that span,
+    and the result is resized with ``prep_data.resize_image`` / ``prep_data.resize_mask``.
 
     Raises
     ------
@@ -452,23 +407,32 @@ def cutout_for_measurement(
     prep_data.check_cutout(cutout)
     size = hsc.ICL_IMAGE_SIZE
     bad = prep_data.bad_pixels(cutout)
-    image = np.where(bad, 0.0, cutout.image).astype(np.float32)
+    zeroed = bad if method == "improved" else ~np.isfinite(cutout.image)
+    image = np.where(zeroed, 0.0, cutout.image).astype(np.float32)
     if image.shape == (size, size):
         return image, bad
-    image, bad = prep_data.pad_to_square(image, bad)
+    height, width = image.shape
+    # The original resized its (nearly square) cutouts straight to 224 x 224; a cutout cut short
+    # by the survey's edge is padded instead, keeping the pixel scale of both axes.
+    if method == "improved" or max(height, width) > (1.0 + SPAN_TOLERANCE) * min(height, width):
+        image, bad = prep_data.pad_to_square(image, bad)
     span_px = 2.0 * half_width_kpc / helpers.kpc_per_arcsec(z, cosmology) / hsc.PIXEL_SCALE
-    side = image.shape[0]
+    side = min(image.shape)
     if side < (1.0 - SPAN_TOLERANCE) * span_px:
         raise ValueError(
             f"cutout smaller than the aperture: {side} px x {hsc.PIXEL_SCALE}\"/px spans "
             f"{side * hsc.PIXEL_SCALE:.0f}\", but +-{half_width_kpc:g} kpc at z = {z:g} needs "
             f"{span_px * hsc.PIXEL_SCALE:.0f}\" ({span_px:.0f} px)"
         )
-    if side > (1.0 + SPAN_TOLERANCE) * span_px:
-        start = (side - int(round(span_px))) // 2
-        stop = start + int(round(span_px))
-        image, bad = image[start:stop, start:stop], bad[start:stop, start:stop]
-    return prep_data.resize_image(image, size), prep_data.resize_mask(bad, size)
+    crops = []
+    for length in image.shape:
+        if length > (1.0 + SPAN_TOLERANCE) * span_px:
+            start = (length - int(round(span_px))) // 2
+            crops.append(slice(start, start + int(round(span_px))))
+        else:
+            crops.append(slice(None))
+    image, bad = image[tuple(crops)], bad[tuple(crops)]
+    return prep_data.resize_image(image, size), prep_data.resize_mask(bad, size, mask_rule)
 
 
 def plot_filename(ref, duplicate=False):
@@ -489,6 +453,13 @@ def plot_filename(ref, duplicate=False):
     return safe + ".png"
 
 
+def method_label(method, fixes=None):
+    """The ``method`` column of a row: the method's name, then ``+fix`` for each fix applied."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return "".join([method, *(f"+{fix}" for fix in sorted(fixes or ()))])
+
+
 def measure_ref(ref, z=None, catalogue_z=None, plot_dir=None, options=None, meta_columns=(), plot_name=None):
     """Read and measure one cutout; never raises for a bad cutout.
 
@@ -502,7 +473,9 @@ def measure_ref(ref, z=None, catalogue_z=None, plot_dir=None, options=None, meta
     plot_dir : str, optional
         Directory for a diagnostic PNG named ``plot_name`` (by default :func:`plot_filename`).
     options : dict, optional
-        Keyword arguments of :func:`measure_icl_fraction`.
+        ``method`` (one of :data:`METHODS`, "improved" by default), then keyword arguments of
+        :func:`measure_icl_fraction` ("improved") or of
+        :func:`measure_sb_cut.canepa2025.measure_icl_fraction_canepa2025` ("canepa2025").
     meta_columns : sequence of str
         Metadata columns of the cutout to copy into the row (truth columns of mocks).
 
@@ -515,8 +488,9 @@ def measure_ref(ref, z=None, catalogue_z=None, plot_dir=None, options=None, meta
     import prep_data
 
     options = dict(options or {})
+    method = options.pop("method", "improved")
     row = {column: np.nan for column in CSV_COLUMNS}
-    row.update(id=ref.id, source=ref.source, error="")
+    row.update(id=ref.id, source=ref.source, method=method_label(method, options.get("fixes")), error="")
     try:
         cutout = prep_data.read_cutout(ref)
         for column in meta_columns:
@@ -533,8 +507,15 @@ def measure_ref(ref, z=None, catalogue_z=None, plot_dir=None, options=None, meta
             redshift,
             options.get("half_width_kpc", hsc.CUTOUT_HALF_WIDTH_KPC),
             options.get("cosmology", helpers.MEASUREMENT_COSMOLOGY),
+            method=method,
         )
-        measurement = measure_icl_fraction(image, redshift, mask=bad, keep_maps=plot_dir is not None, **options)
+        if method == "canepa2025":
+            from measure_sb_cut.canepa2025 import (
+                measure_icl_fraction_canepa2025 as measure_function,
+            )
+        else:
+            measure_function = measure_icl_fraction
+        measurement = measure_function(image, redshift, mask=bad, keep_maps=plot_dir is not None, **options)
     except ValueError as error:  # prep_data.CutoutError is a ValueError
         message = str(error)
         row["error"] = message if message.startswith(ref.source) else f"{ref.source}: {message}"
@@ -543,7 +524,7 @@ def measure_ref(ref, z=None, catalogue_z=None, plot_dir=None, options=None, meta
         logger.exception("%s: unexpected error", ref.source)
         row["error"] = f"{ref.source}: unexpected {type(error).__name__}: {error}"
         return row
-    for column in CSV_COLUMNS[3:-1]:
+    for column in CSV_COLUMNS[3:-2]:
         row[column] = getattr(measurement, column)
     if plot_dir is not None:
         plot_measurement(image, measurement, os.path.join(plot_dir, plot_name or plot_filename(ref)), title=f"{ref.id}")

@@ -25,6 +25,11 @@ from scipy import ndimage
 import hsc
 from measure_sb_cut import measurement_helpers as helpers
 from measure_sb_cut.measure import measure_icl_fraction
+from measure_sb_cut.measurement_helpers import (
+    catalogue_pixels,
+    disk_mask,
+    star_mask_from,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,56 +58,6 @@ def is_member(z_phot, z_cluster, dz=MEMBER_DZ, n_sigma=MEMBER_N_SIGMA):
     z_phot = np.asarray(z_phot, dtype=float)
     with np.errstate(invalid="ignore"):
         return np.abs(z_phot - z_cluster) <= n_sigma * dz * (1.0 + z_cluster)
-
-
-def _catalogue_pixels(members, wcs):
-    """(x, y, z_phot) arrays from a catalogue with x/y pixel columns or ra/dec and a WCS."""
-
-    def column(name):
-        try:
-            return np.asarray(members[name], dtype=float)
-        except (KeyError, IndexError, ValueError):
-            return None
-
-    z_phot = column("z_phot")
-    if z_phot is None:
-        raise ValueError("members must have a 'z_phot' column (photometric redshifts)")
-    x, y = column("x"), column("y")
-    if x is None or y is None:
-        ra, dec = column("ra"), column("dec")
-        if ra is None or dec is None:
-            raise ValueError("members must have pixel columns 'x', 'y' or sky columns 'ra', 'dec'")
-        if wcs is None:
-            raise ValueError("members given by 'ra', 'dec' need the image's wcs")
-        x, y = wcs.world_to_pixel_values(ra, dec)
-    return np.asarray(x, dtype=float), np.asarray(y, dtype=float), z_phot
-
-
-def _disk_mask(shape, x, y, radius):
-    yy, xx = np.indices(shape)
-    return np.hypot(xx - x, yy - y) <= radius
-
-
-def star_mask_from(star_masks, shape):
-    """Combine user star masks: boolean arrays of ``shape`` and/or (x, y, radius_px) circles."""
-    combined = np.zeros(shape, dtype=bool)
-    if star_masks is None:
-        return combined
-    if isinstance(star_masks, np.ndarray) and star_masks.dtype == bool:
-        star_masks = [star_masks]
-    for item in star_masks:
-        if isinstance(item, np.ndarray) and item.dtype == bool:
-            if item.shape != shape:
-                raise ValueError(f"star mask shape {item.shape} does not match image shape {shape}")
-            combined |= item
-        elif len(item) == 3:
-            x, y, radius = (float(value) for value in item)
-            if radius <= 0:
-                raise ValueError(f"star mask radius must be positive, got {radius}")
-            combined |= _disk_mask(shape, x, y, radius)
-        else:
-            raise ValueError(f"star masks must be boolean arrays or (x, y, radius) circles, got {item!r}")
-    return combined
 
 
 def _drop_central(mask, what):
@@ -184,7 +139,7 @@ def measure_icl_fraction_manual(
     stars = _drop_central(star_mask_from(star_masks, shape), "a star mask")
     non_members = np.zeros(shape, dtype=bool)
     if members is not None:
-        x, y, z_phot = _catalogue_pixels(members, wcs)
+        x, y, z_phot = catalogue_pixels(members, wcs)
         outside = ~is_member(z_phot, z, member_dz, member_n_sigma)
         inside_image = (x >= -0.5) & (x < shape[1] - 0.5) & (y >= -0.5) & (y < shape[0] - 0.5)
         chosen = outside & inside_image
@@ -201,7 +156,7 @@ def measure_icl_fraction_manual(
                     non_members |= labels == label
                 else:
                     # No own segment, or blended with the central galaxy: mask only its core.
-                    non_members |= _disk_mask(shape, column, row, non_member_radius_px)
+                    non_members |= disk_mask(shape, column, row, non_member_radius_px)
         if non_member_growth_px > 0 and non_members.any():
             non_members = ndimage.binary_dilation(non_members, helpers.disk(non_member_growth_px))
         logger.info("%d of %d catalogue galaxies in the image are non-members", int(chosen.sum()), int(inside_image.sum()))

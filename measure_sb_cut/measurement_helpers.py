@@ -10,6 +10,7 @@ scale, ``2 * 300 kpc / 224 px`` at the cluster's redshift.
 The steps follow Canepa et al. 2025 (ApJ, arXiv:2501.08378) as summarised in SPEC Part A.
 """
 
+import dataclasses
 import functools
 import logging
 import warnings
@@ -599,3 +600,112 @@ def central_component(mask):
         return np.zeros(mask.shape, dtype=bool)
     labels, _ = ndimage.label(mask)
     return labels == labels[centre]
+
+
+# ----------------------------------------------------------------------------------------
+# The result, and the catalogues and star masks of the manual variants
+
+#: A cutout with more than this fraction of its aperture masked (mask plane, NaN or infinite
+#: pixels, ``extra_mask``) is refused: the fraction of what is left would not be the cluster's.
+MAX_MASKED_FRACTION = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class SBMeasurement:
+    """Result of one surface-brightness threshold measurement.
+
+    Attributes
+    ----------
+    f_icl : float
+        ICL fraction inside the aperture, ``icl_flux / total_flux``.
+    f_icl_err : float
+        Uncertainty of ``f_icl``: the noise term and the background term added in quadrature.
+    icl_flux, total_flux : float
+        Counts (zero point 27) of the ICL and of all kept light inside the aperture.
+    sb_limit : float
+        Surface-brightness limit reached, mag/arcsec^2 (3 sigma, 10 x 10 arcsec boxes).
+    threshold_sb : float
+        Observed threshold between galaxies and ICL, mag/arcsec^2.
+    f_icl_err_noise : float
+        Error from the pixel noise, rms x sqrt(N pixels) on both fluxes (N counted in
+        independent noise elements: resizing correlates neighbouring pixels), propagated to f_icl.
+    f_icl_err_background : float
+        Standard deviation of f_icl over the background re-estimates (0 when none).
+    icl_flux_err : float
+        rms x sqrt(N ICL pixels x the noise correlation area), in counts.
+    pixel_rms : float
+        Noise rms near the edges, counts per native pixel.
+    n_icl_pixels, n_kept_pixels : int
+        Cutout pixels counted as ICL, and all pixels counted inside the aperture.
+    z : float
+        Cluster redshift used.
+    maps : dict or None
+        With ``keep_maps=True``: the boolean maps (``bad``, ``galaxies``, ``hot``, ``dropped``,
+        ``aperture``, ``extra``), the ``subtracted`` image, its ``smoothed`` copy that was
+        segmented and the ``threshold_counts``, for diagnostics.
+    """
+
+    f_icl: float
+    f_icl_err: float
+    icl_flux: float
+    total_flux: float
+    sb_limit: float
+    threshold_sb: float
+    f_icl_err_noise: float
+    f_icl_err_background: float
+    icl_flux_err: float
+    pixel_rms: float
+    n_icl_pixels: int
+    n_kept_pixels: int
+    z: float
+    maps: dict = dataclasses.field(default=None, repr=False, compare=False)
+
+
+def catalogue_pixels(members, wcs):
+    """(x, y, z_phot) arrays from a catalogue with x/y pixel columns or ra/dec and a WCS."""
+
+    def column(name):
+        try:
+            return np.asarray(members[name], dtype=float)
+        except (KeyError, IndexError, ValueError):
+            return None
+
+    z_phot = column("z_phot")
+    if z_phot is None:
+        raise ValueError("members must have a 'z_phot' column (photometric redshifts)")
+    x, y = column("x"), column("y")
+    if x is None or y is None:
+        ra, dec = column("ra"), column("dec")
+        if ra is None or dec is None:
+            raise ValueError("members must have pixel columns 'x', 'y' or sky columns 'ra', 'dec'")
+        if wcs is None:
+            raise ValueError("members given by 'ra', 'dec' need the image's wcs")
+        x, y = wcs.world_to_pixel_values(ra, dec)
+    return np.asarray(x, dtype=float), np.asarray(y, dtype=float), z_phot
+
+
+def disk_mask(shape, x, y, radius):
+    yy, xx = np.indices(shape)
+    return np.hypot(xx - x, yy - y) <= radius
+
+
+def star_mask_from(star_masks, shape):
+    """Combine user star masks: boolean arrays of ``shape`` and/or (x, y, radius_px) circles."""
+    combined = np.zeros(shape, dtype=bool)
+    if star_masks is None:
+        return combined
+    if isinstance(star_masks, np.ndarray) and star_masks.dtype == bool:
+        star_masks = [star_masks]
+    for item in star_masks:
+        if isinstance(item, np.ndarray) and item.dtype == bool:
+            if item.shape != shape:
+                raise ValueError(f"star mask shape {item.shape} does not match image shape {shape}")
+            combined |= item
+        elif len(item) == 3:
+            x, y, radius = (float(value) for value in item)
+            if radius <= 0:
+                raise ValueError(f"star mask radius must be positive, got {radius}")
+            combined |= disk_mask(shape, x, y, radius)
+        else:
+            raise ValueError(f"star masks must be boolean arrays or (x, y, radius) circles, got {item!r}")
+    return combined

@@ -3,8 +3,10 @@
     python -m measure_sb_cut.validate SHARDS... --report measure_sb_cut/VALIDATION.md
 
 SHARDS are HDF5 files in the stacked layout of the cluster mocks (``image``, ``mask``, ``id``,
-``z``, ``f_icl_true``, ``f_icl_sb_ideal``). Every cluster is measured with
-:func:`measure_sb_cut.measure_icl_fraction` (in parallel), and the report gives the mean
+``z``, ``f_icl_true``, ``f_icl_sb_ideal``). Every cluster is measured (in parallel) with each
+``--method``: ``canepa2025`` (the original code's measurement, ``measure_sb_cut.canepa2025``),
+``canepa2025+FIX+...`` (the same with some of its mistakes fixed) or ``improved``
+(:func:`measure_sb_cut.measure_icl_fraction`), and the report gives, per method, the mean
 absolute error, the bias (mean of measured - truth) and the scatter (standard deviation of
 measured - truth) against
 
@@ -15,6 +17,11 @@ measured - truth) against
 overall and in redshift bins, with the command, the date and the machine. When the shards also
 hold ``f_icl_sb_ideal_scene`` (the threshold fraction of the noiseless scene with the field
 galaxies and stars that the measured image holds), the report compares with it too.
+
+``--manual N`` adds the manual variant (the masking of non-members used for real clusters): N
+mocks drawn with :mod:`data.clusters` get a catalogue of their members (photometric redshifts
+scattered by 0.05 (1 + z)) and field galaxies (redshifts uniform in 0-1.2), and both manual
+measurements are compared with ``f_icl_sb_ideal``, the threshold fraction of the cluster alone.
 
 ``--synthetic N`` first writes N simple synthetic clusters (exponential ICL, Sersic galaxies,
 noise drawn at native resolution and resized like the real cutouts) into the first SHARD, to
@@ -42,10 +49,12 @@ import numpy as np
 
 import hsc
 from measure_sb_cut import measurement_helpers as helpers
-from measure_sb_cut.measure import CSV_COLUMNS, measure_refs, write_csv
+from measure_sb_cut.canepa2025 import FIXES
+from measure_sb_cut.measure import CSV_COLUMNS, METHODS, measure_refs, write_csv
 
 # Defaults; each can be set on the command line.
 REDSHIFT_BINS = (0.1, 0.2, 0.3, 0.4, 0.5)
+METHOD = "canepa2025"
 WORKERS = os.cpu_count() or 1
 #: Truth columns compared with, when present: what each one is.
 TARGETS = {
@@ -118,46 +127,174 @@ def machine_description():
     return f"{platform.system()} {platform.release()}, {processor}, {os.cpu_count()} cores"
 
 
-def write_report(rows, path, command, bins=REDSHIFT_BINS, elapsed_s=None, note=None):
-    """Write the markdown validation report atomically; ``note`` is a sentence about the clusters."""
+def method_options(spec):
+    """``measure_ref`` options of a method spec: ``canepa2025``, ``canepa2025+FIX+...`` or ``improved``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown method or fix.
+    """
+    method, *fixes = spec.split("+")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} in {spec!r}: choose from {', '.join(METHODS)}")
+    unknown = sorted(set(fixes) - set(FIXES))
+    if unknown:
+        raise ValueError(f"unknown fix {unknown[0]!r} in {spec!r}: choose from {', '.join(FIXES)}")
+    if fixes and method != "canepa2025":
+        raise ValueError(f"{spec!r}: fixes apply to canepa2025 only")
+    return {"method": method, "fixes": tuple(sorted(fixes))} if method == "canepa2025" else {"method": method}
+
+
+def _method_sections(rows, bins, heading):
+    lines = []
+    for target, description in TARGETS.items():
+        if any(np.isfinite(float(row.get(target, np.nan))) for row in rows):
+            lines += ["", f"{heading} Against `{target}`: {description}", "", statistics_table(rows, target, bins)]
+    errors = [row["f_icl_err"] for row in rows if np.isfinite(row["f_icl_err"])]
+    if errors:
+        lines += ["", f"Median quoted error f_icl_err: {np.median(errors):.4f} (the systematic bias above is not part of it)."]
+    return lines
+
+
+def summary_table(rows_by_method, targets):
+    """Markdown table: one row per method, MAE and bias against each target over all clusters."""
+    first = next(iter(rows_by_method))
+    header = "| method | N | " + " | ".join(f"MAE `{t}` | bias `{t}`" for t in targets)
+    header += f" | mean \\|f - f({first})\\| | max |"
+    lines = [header, "|---|---|" + "---|---|" * len(targets) + "---|---|"]
+    reference = np.array([row["f_icl"] for row in rows_by_method[first]], dtype=float)
+    for method, rows in rows_by_method.items():
+        measured = [row for row in rows if not row["error"]]
+        cells = []
+        for target in targets:
+            stats = error_statistics([row["f_icl"] for row in measured], [row.get(target, np.nan) for row in measured])
+            cells.append(f"{stats['mae']:.4f} | {stats['bias']:+.4f}")
+        difference = np.abs(np.array([row["f_icl"] for row in rows], dtype=float) - reference)
+        cells.append(f"{np.nanmean(difference):.4f} | {np.nanmax(difference):.4f}" if np.isfinite(difference).any() else "- | -")
+        lines.append(f"| {method} | {len(measured)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(rows_by_method, path, command, bins=REDSHIFT_BINS, elapsed_s=None, note=None, manual=None):
+    """Write the markdown validation report atomically.
+
+    Parameters
+    ----------
+    rows_by_method : dict of str -> list of dict
+        Measurement rows of every cluster, by method spec (a list alone: one method).
+    note : str, optional
+        A sentence about the clusters.
+    manual : dict of str -> list of dict, optional
+        Rows of the manual variant by method (:func:`manual_rows`).
+    """
     import common
 
-    n_failed = sum(1 for row in rows if row["error"])
-    measured = [row for row in rows if not row["error"]]
+    if not isinstance(rows_by_method, dict):
+        rows_by_method = {METHOD: rows_by_method}
+    rows = next(iter(rows_by_method.values()))
+    n_failed = {method: sum(1 for row in method_rows if row["error"]) for method, method_rows in rows_by_method.items()}
     lines = [
         "# Validation of the surface-brightness threshold measurement",
         "",
         f"- Command: `{command}`",
-        f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Machine: {machine_description()}",
-        f"- Clusters: {len(rows)} ({n_failed} could not be measured)",
+        f"- Clusters: {len(rows)} ("
+        + ", ".join(f"{count} could not be measured with {method}" for method, count in n_failed.items())
+        + ")",
     ]
     if note:
         lines.append(f"- Note: {note}")
     if elapsed_s is not None:
-        lines.append(f"- Time: {elapsed_s:.1f} s ({len(rows) / max(elapsed_s, 1e-9):.1f} cutouts/s)")
+        total = len(rows) * len(rows_by_method)
+        lines.append(f"- Time: {elapsed_s:.1f} s ({total / max(elapsed_s, 1e-9):.1f} measurements/s)")
     lines += [
         "",
         "Differences are measured minus truth. MAE: mean |difference|; bias: mean difference;",
         "scatter: standard deviation of the difference.",
     ]
-    for target, description in TARGETS.items():
-        if any(np.isfinite(float(row.get(target, np.nan))) for row in measured):
-            lines += ["", f"## Against `{target}`: {description}", "", statistics_table(measured, target, bins)]
-    errors = [row["f_icl_err"] for row in measured if np.isfinite(row["f_icl_err"])]
-    if errors:
+    measured = {method: [row for row in method_rows if not row["error"]] for method, method_rows in rows_by_method.items()}
+    if len(rows_by_method) == 1:
+        method, method_rows = next(iter(measured.items()))
+        lines += ["", f"Method: `{method}`."]
+        lines += _method_sections(method_rows, bins, "##")
+    else:
+        targets = [t for t in TARGETS if any(np.isfinite(float(r.get(t, np.nan))) for rs in measured.values() for r in rs)]
+        lines += ["", "## Summary", "", summary_table(rows_by_method, targets)]
+        for method, method_rows in measured.items():
+            lines += ["", f"## Method `{method}`"]
+            lines += _method_sections(method_rows, bins, "###")
+    if manual:
         lines += [
             "",
-            f"Median quoted error f_icl_err: {np.median(errors):.4f} (noise and background re-estimates only;",
-            "the systematic bias above is not part of it).",
+            "## Manual variant (non-members masked from a member catalogue)",
+            "",
+            "Truth: `f_icl_sb_ideal`, the threshold fraction of the noiseless cluster alone (no field galaxies or",
+            "stars), which masking the non-members perfectly would give.",
+            "",
+            summary_table(manual, ["f_icl_sb_ideal", "f_icl_sb_ideal_scene"]),
         ]
-    if n_failed:
-        lines += ["", "## Clusters that could not be measured", ""]
-        lines += [f"- {row['error']}" for row in rows if row["error"]][:20]
+        for method, method_rows in manual.items():
+            failed = [row["error"] for row in method_rows if row["error"]]
+            if failed:
+                lines += ["", f"Not measured with the manual variant of {method} ({len(failed)}):", ""]
+                lines += [f"- {error}" for error in failed[:10]]
+    for method, method_rows in rows_by_method.items():
+        if n_failed[method]:
+            lines += ["", f"## Clusters that could not be measured ({method})", ""]
+            lines += [f"- {row['error']}" for row in method_rows if row["error"]][:20]
     temporary = common.atomic_path(path)
     with open(temporary, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     os.replace(temporary, path)
+
+
+def manual_rows(n, seed=0, methods=(METHOD, "improved"), progress=True):
+    """Measure ``n`` mock clusters with the manual variants, given a catalogue of their galaxies.
+
+    Members (BCG included) get photometric redshifts z + N(0, 0.05 (1 + z)); field galaxies
+    redshifts uniform in [0, 1.2]. Returns rows by method, each with ``f_icl``, ``z``, the
+    truths and ``error``.
+    """
+    import common
+    from data import clusters
+    from measure_sb_cut.canepa2025 import measure_icl_fraction_manual_canepa2025
+    from measure_sb_cut.measure_manual import measure_icl_fraction_manual
+
+    rng = np.random.default_rng(seed)
+    results = {method: [] for method in methods}
+    for _ in common.progress(range(n), desc="manual variant", unit="cluster", disable=not progress):
+        parameters = clusters.draw_parameters(rng)
+        image, mask, truth = clusters.render_parameters(parameters)
+        frame, z = parameters.frame, float(truth["z"])
+        scale = hsc.ICL_IMAGE_SIZE / frame.fine_size
+
+        def pixels(x, scale=scale):
+            return (np.asarray(x, dtype=float) - clusters.CANVAS_MARGIN + 0.5) * scale - 0.5
+
+        members, field = parameters.members, parameters.field
+        x = np.concatenate([[pixels(frame.centre)], pixels(members["x"]), pixels(field["x"])])
+        y = np.concatenate([[pixels(frame.centre)], pixels(members["y"]), pixels(field["y"])])
+        n_members = 1 + len(members["x"])
+        z_phot = np.concatenate([
+            z + rng.normal(0.0, 0.05 * (1 + z), n_members),
+            rng.uniform(0.0, 1.2, len(field["x"])),
+        ])
+        catalogue = {"x": x, "y": y, "z_phot": z_phot}
+        for method in methods:
+            row = {"z": z, **{key: truth[key] for key in TARGETS}, "f_icl": np.nan, "f_icl_err": np.nan, "error": ""}
+            try:
+                if method == "improved":
+                    result = measure_icl_fraction_manual(image, z, mask, members=catalogue, reestimate_box_sizes=())
+                else:
+                    result = measure_icl_fraction_manual_canepa2025(image, z, mask, members=catalogue,
+                                                                    fixes=method_options(method)["fixes"])
+                row.update(f_icl=result.f_icl, f_icl_err=result.f_icl_err)
+            except ValueError as error:
+                row["error"] = str(error)
+            results[method].append(row)
+    return results
 
 
 # ----------------------------------------------------------------------------------------
@@ -276,6 +413,11 @@ def build_parser():
                         help="first write N synthetic clusters into the first SHARD (overwriting it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic clusters (default 0)")
     parser.add_argument("--note", help="a sentence for the report about where the clusters come from")
+    parser.add_argument("--method", action="append", metavar="SPEC",
+                        help=f"method to validate, repeat for several: canepa2025, canepa2025+FIX (FIX from "
+                        f"{', '.join(FIXES)}, joined by +) or improved (default {METHOD})")
+    parser.add_argument("--manual", type=int, metavar="N", default=0,
+                        help="also validate the manual variant on N mock clusters with member catalogues")
     return parser
 
 
@@ -285,10 +427,14 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    import common
     import prep_data
 
-    import common
-
+    methods = args.method or [METHOD]
+    try:
+        options = {method: method_options(method) for method in methods}
+    except ValueError as error:
+        parser.error(f"--method: {error}")
     try:
         common.check_output_file(args.report, "--report")
         if args.csv:
@@ -310,8 +456,12 @@ def main(argv=None):
     if not refs:
         parser.exit(2, "error: no clusters found in the shards\n")
     start = time.perf_counter()
-    rows = list(measure_refs(refs, workers=args.workers, meta_columns=tuple(TARGETS)))
+    rows_by_method = {
+        method: list(measure_refs(refs, workers=args.workers, meta_columns=tuple(TARGETS), options=options[method]))
+        for method in methods
+    }
     elapsed = time.perf_counter() - start
+    rows = rows_by_method[methods[0]]
     # Files without any truth column cannot validate anything: reported and left out.
     with_truth = {}
     for ref, row in zip(refs, rows):
@@ -322,11 +472,17 @@ def main(argv=None):
         if not has:
             n_skipped += 1
             print(f"error: {path}: no truth to compare with (none of {', '.join(TARGETS)}); skipped", file=sys.stderr)
-    rows = [row for ref, row in zip(refs, rows) if with_truth[ref.path]]
-    if not rows:
+    rows_by_method = {
+        method: [row for ref, row in zip(refs, method_rows) if with_truth[ref.path]]
+        for method, method_rows in rows_by_method.items()
+    }
+    if not rows_by_method[methods[0]]:
         parser.exit(2, "error: no clusters with truth to validate\n")
     if args.csv:
-        write_csv(rows, args.csv, CSV_COLUMNS + tuple(TARGETS))
+        write_csv([row for method_rows in rows_by_method.values() for row in method_rows], args.csv,
+                  CSV_COLUMNS + tuple(TARGETS))
+    manual = manual_rows(args.manual, args.seed, [m for m in methods if m.startswith("canepa2025")][:1] + ["improved"]) \
+        if args.manual else None
     command = "python -m measure_sb_cut.validate " + shlex.join(argv if argv is not None else sys.argv[1:])
     note = args.note
     if args.synthetic:
@@ -334,7 +490,7 @@ def main(argv=None):
             "synthetic clusters of measure_sb_cut.validate.synthetic_cluster (exponential ICL, Sersic BCG and "
             "members, white noise drawn at native resolution and resized), not the project's cluster mocks"
         )
-    write_report(rows, args.report, command, tuple(args.bins), elapsed, note)
+    write_report(rows_by_method, args.report, command, tuple(args.bins), elapsed, note, manual)
     print(open(args.report).read())
     return 1 if n_skipped else 0
 

@@ -333,3 +333,36 @@ def test_mock_icl_is_smooth_and_the_labels_follow_from_the_pixels():
     assert clusters.sb_threshold_fraction(icl + galaxies, 0.45) == pytest.approx(truth["f_icl_sb_ideal"], abs=1e-4)
     scene = clusters.sb_threshold_fraction(icl + galaxies + parts["others"].astype(np.float64), 0.45)
     assert scene == pytest.approx(truth["f_icl_sb_ideal_scene"], abs=1e-4)
+
+
+def test_randomised_distribution_varies_what_the_training_one_holds_fixed():
+    rng = np.random.default_rng(21)
+    drawn = [clusters.draw_parameters(rng, clusters.RANDOMISED_DISTRIBUTION) for _ in range(40)]
+    icl = [p.icl for p in drawn if p.icl is not None]
+    assert max(np.hypot(c["offset_x_kpc"], c["offset_y_kpc"]) for c in icl) > 25.0
+    assert 5 < sum("second" in c for c in icl) < 30
+    assert min(c["n"] for c in icl) < 1.0 and max(c["n"] for c in icl) > 3.0
+    assert any(p.sky["halo_depth_sigma"] > 0 for p in drawn) and any(p.sky["gradient_sigma"] > 0.1 for p in drawn)
+    field_counts = [len(p.field["x"]) for p in drawn]
+    assert max(field_counts) > 1.5 * min(field_counts)
+    # The training distribution draws none of it, so its mocks stay those of their seeds.
+    plain = clusters.draw_parameters(np.random.default_rng(21), clusters.TRAINING_DISTRIBUTION)
+    assert plain.sky is None and "offset_x_kpc" not in plain.icl and "second" not in plain.icl
+
+
+def test_randomised_mock_renders_its_sky_residuals_and_a_two_component_icl():
+    rng = np.random.default_rng(5)
+    while True:
+        parameters = clusters.draw_parameters(rng, clusters.RANDOMISED_DISTRIBUTION)
+        if parameters.icl is not None and "second" in parameters.icl and parameters.sky["halo_depth_sigma"] > 0:
+            break
+    image, _, truth = clusters.render_parameters(parameters)
+    flat = dataclasses.replace(parameters, sky=None)
+    plain, _, plain_truth = clusters.render_parameters(flat)
+    residual = image - plain
+    # A plane of +-A noise sigmas (the halos only darken), and the truth is untouched.
+    plane = parameters.sky["gradient_sigma"] * parameters.noise_native
+    assert residual.max() <= 1.001 * plane + 1e-6
+    assert residual.min() < -plane - 0.5 * parameters.sky["halo_depth_sigma"] * parameters.noise_native
+    assert truth == plain_truth
+    assert 0 < truth["f_icl_true"] < 1

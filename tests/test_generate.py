@@ -225,15 +225,17 @@ def test_measure_sb_stores_the_label_of_measure_sb_cut(tmp_path, monkeypatch):
     module = types.ModuleType("measure_sb_cut")
     calls = []
 
-    def measure_icl_fraction(image, z, mask=None, mask_bits=None, **options):
+    def measure_icl_fraction_canepa2025(image, z, mask=None, mask_bits=None, **options):
         calls.append((image.shape, mask.shape, z))
         return types.SimpleNamespace(f_icl=0.125 + z, f_icl_err=0.01)
 
-    module.measure_icl_fraction = measure_icl_fraction
+    # The label is the paper's: the original code's measurement.
+    module.measure_icl_fraction_canepa2025 = measure_icl_fraction_canepa2025
     monkeypatch.setitem(sys.modules, "measure_sb_cut", module)
     paths = shards.generate_shards("clusters", 1, 4, tmp_path / "sb", workers=1, progress=False, measure_sb=True)
     with h5py.File(paths[0], "r") as f:
         assert f["f_icl_sb"][0] == pytest.approx(0.125 + f["z"][0])
+        assert f.attrs["sb_method"] == "canepa2025"
     assert calls[0][:2] == ((224, 224), (224, 224))
 
 
@@ -256,7 +258,7 @@ def test_measure_sb_label_is_the_measurement_of_the_stored_cutout(tmp_path):
     paths = shards.generate_shards("clusters", 1, 8, tmp_path / "sb", workers=1, progress=False, measure_sb=True)
     with h5py.File(paths[0], "r") as f:
         image, mask, z, label = f["image"][0].astype(np.float32), f["mask"][0], f["z"][0], f["f_icl_sb"][0]
-    direct = measure_sb_cut.measure_icl_fraction(image, z, mask=mask, reestimate_box_sizes=()).f_icl
+    direct = measure_sb_cut.measure_icl_fraction_canepa2025(image, z, mask=mask).f_icl
     # The label is measured before the float16 storage; the rounding moves it by far less than its error.
     assert label == pytest.approx(direct, abs=2e-3)
 
@@ -264,10 +266,10 @@ def test_measure_sb_label_is_the_measurement_of_the_stored_cutout(tmp_path):
 def test_unmeasurable_cutout_gets_nan_label_that_training_refuses(tmp_path, monkeypatch):
     module = types.ModuleType("measure_sb_cut")
 
-    def measure_icl_fraction(image, z, mask=None, mask_bits=None, **options):
+    def measure_icl_fraction_canepa2025(image, z, mask=None, mask_bits=None, **options):
         raise ValueError("aperture is entirely masked")
 
-    module.measure_icl_fraction = measure_icl_fraction
+    module.measure_icl_fraction_canepa2025 = measure_icl_fraction_canepa2025
     monkeypatch.setitem(sys.modules, "measure_sb_cut", module)
     paths = shards.generate_shards("clusters", 1, 9, tmp_path / "nan", workers=1, progress=False, measure_sb=True)
     refs, _ = prep_data.index_cutouts(paths)

@@ -65,7 +65,7 @@ def test_label_source_is_selectable(shard_folder, column):
 
 def test_missing_sb_label_is_measured_with_measure_sb_cut(shard_folder, monkeypatch):
     module = types.ModuleType("measure_sb_cut")
-    module.measure_icl_fraction = lambda image, z, mask=None, mask_bits=None, **options: types.SimpleNamespace(
+    module.measure_icl_fraction_canepa2025 = lambda image, z, mask=None, mask_bits=None, **options: types.SimpleNamespace(
         f_icl=float(image.mean()) + z
     )
     monkeypatch.setitem(sys.modules, "measure_sb_cut", module)

@@ -45,7 +45,7 @@ def sb_inputs(tmp_path_factory):
 def test_measure_sb_cut_on_a_local_cluster_writes_the_single_process_csv(sb_inputs, tmp_path):
     from measure_sb_cut.__main__ import main
 
-    common_options = [str(sb_inputs), "--no-reestimates"]
+    common_options = [str(sb_inputs), "--method", "improved", "--no-reestimates"]
     assert main([*common_options, "--out", str(tmp_path / "single.csv"), "--workers", "1"]) == 1
     assert main([*common_options, "--out", str(tmp_path / "dask.csv"), "--dask", "local:2", "--partition-size", "2"]) == 1
     single = (tmp_path / "single.csv").read_text()

@@ -139,3 +139,32 @@ def test_dataset_streams_in_order_and_marks_bad_cutouts(tmp_path):
     assert indices.tolist() == list(range(6))
     assert errors[:5] == [""] * 5 and "b.fits" in errors[5]
     assert batches[0]["image"].shape == (4, 32, 32, 1)
+
+
+def test_mask_is_resized_as_the_original_any_masked_contribution_masks():
+    """The original resized the integer mask plane and masked every pixel where the result is > 0."""
+    from skimage.transform import resize
+
+    rng = np.random.default_rng(4)
+    plane = np.zeros((300, 300), np.int64)
+    plane[rng.integers(0, 300, 40), rng.integers(0, 300, 40)] = 512
+    plane[100:130, 40:90] = 1
+    expected = resize(plane, (224, 224)) > 0
+    resized = prep_data.resize_mask(plane != 0, 224)
+    np.testing.assert_array_equal(resized, expected)
+    # A lone masked pixel masks its whole anti-aliasing footprint, not just the nearest pixel.
+    lone = np.zeros((300, 300), bool)
+    lone[151, 151] = True
+    assert prep_data.resize_mask(lone, 224).sum() >= 4
+    assert prep_data.resize_mask(lone, 224, rule="nearest").sum() <= 1
+    with pytest.raises(ValueError, match="rule must be one of"):
+        prep_data.resize_mask(plane != 0, 224, rule="half")
+
+
+def test_bad_pixel_values_never_reach_the_prepared_image():
+    image = np.full((300, 300), 0.05, np.float32)
+    bad = np.zeros(image.shape, bool)
+    bad[150, 150] = True
+    clean = prep_data.prepare_image(image, bad)
+    image[150, 150] = 1e4  # what a saturated, masked pixel may hold
+    np.testing.assert_array_equal(prep_data.prepare_image(image, bad), clean)

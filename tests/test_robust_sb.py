@@ -70,7 +70,7 @@ def broken_corpus(folder, image):
 def test_physically_wrong_measurements_are_refused(tmp_path, cluster, capsys):
     expected = broken_corpus(tmp_path / "in", cluster)
     out = tmp_path / "m.csv"
-    status = main([str(tmp_path / "in"), "--out", str(out), "--workers", "1", "--no-reestimates"])
+    status = main([str(tmp_path / "in"), "--out", str(out), "--workers", "1", "--method", "improved", "--no-reestimates"])
     assert status == 1
     rows = {row["id"]: row for row in read_rows(out)}
     assert rows["a_good"]["error"] == "" and 0 < float(rows["a_good"]["f_icl"]) < 1
@@ -116,7 +116,7 @@ def test_plots_of_clashing_ids_do_not_overwrite_each_other(tmp_path, cluster):
                                   ids=["a/b", "a_b"], columns={"z": [0.3, 0.3]})
     plots = tmp_path / "plots"
     status = main([str(tmp_path / "x"), str(tmp_path / "y"), "--out", str(tmp_path / "m.csv"), "--plot-dir",
-                   str(plots), "--workers", "1", "--no-reestimates"])
+                   str(plots), "--workers", "1", "--method", "improved", "--no-reestimates"])
     assert status == 0
     assert len(read_rows(tmp_path / "m.csv")) == 4
     assert len(list(plots.glob("*.png"))) == 4
@@ -127,7 +127,7 @@ def test_interrupted_run_keeps_its_rows_and_resumes(tmp_path, cluster, capsys, m
         write_fits(tmp_path / f"{name}.fits", cluster)
     out = tmp_path / "m.csv"
     command = [str(tmp_path / f"{name}.fits") for name in "abcde"] + ["--out", str(out), "--workers", "1",
-                                                                        "--no-reestimates"]
+                                                                        "--method", "improved", "--no-reestimates"]
     real, calls = measure_module.measure_ref, []
 
     def interrupted(ref, *arguments):
@@ -165,7 +165,7 @@ def test_partial_file_does_not_follow_a_planted_link(tmp_path, cluster):
 
     os.symlink(target, atomic_path(tmp_path / "m.csv"))
     assert main([str(tmp_path / "a.fits"), "--out", str(tmp_path / "m.csv"), "--workers", "1",
-                 "--no-reestimates"]) == 0
+                 "--method", "improved", "--no-reestimates"]) == 0
     assert target.read_text() == "keep"
     assert len(read_rows(tmp_path / "m.csv")) == 1
 

@@ -66,7 +66,7 @@ def test_files_are_measured_in_order_and_bad_cutouts_reported(tmp_path, cluster,
     image, truth = cluster
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    write_fits(inputs / "a_native.fits", native_cutout(image, 0.3, crop_rows=120), z=0.3)
+    write_fits(inputs / "a_native.fits", native_cutout(image, 0.3, crop_rows=30), z=0.3)
     write_fits(inputs / "b_no_redshift.fits", image)
     write_fits(inputs / "c_far.fits", image, z=0.7)
     write_fits(inputs / "d_small.fits", image[:150, :150], z=0.3)
