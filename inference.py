@@ -172,14 +172,17 @@ def acquire_lock(out_path):
 
 
 def run_identity(checkpoint, inputs):
-    """What the rows of a run depend on: the checkpoint (path, size, SHA-256 of the weights and
-    of the config) and the inputs, as resolved paths."""
+    """What the rows of a run depend on: the checkpoint (path, size, SHA-256 of the weights, of
+    the config and of the interval calibration) and the inputs, as resolved paths."""
     checkpoint = pathlib.Path(checkpoint)
     identity = {"checkpoint": str(checkpoint.resolve()), "size": checkpoint.stat().st_size,
                 "sha256": _sha256(checkpoint)}
     config = model.config_path_for(checkpoint) if checkpoint.name.endswith(".weights.h5") else None
     if config is not None and config.exists():
         identity["config_sha256"] = _sha256(config)
+    calibration = model.calibration_path_for(checkpoint)
+    if calibration.exists():  # the intervals depend on it
+        identity["calibration_sha256"] = _sha256(calibration)
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     identity["inputs"] = [str(pathlib.Path(item).resolve()) for item in inputs]
@@ -336,7 +339,8 @@ def _predict(refs, predictor, batch_size, image_size, gradcam_dir, style, errors
 def _worker_predictor(checkpoint, gradcam):
     # One model per worker process and checkpoint, kept for the worker's later partitions.
     config = model.read_config(checkpoint)
-    return model.Predictor(model.load_icl_model(checkpoint, config), gradcam=gradcam), config.image_size
+    return model.Predictor(model.load_icl_model(checkpoint, config), gradcam=gradcam,
+                           interval_scale=model.load_interval_scale(checkpoint)), config.image_size
 
 
 def predict_partition(refs, checkpoint, batch_size, gradcam_dir=None, style=None):
@@ -426,7 +430,8 @@ def run(inputs, out=None, gradcam_dir=None, checkpoint=None, batch_size=BATCH_SI
     checkpoint = pathlib.Path(checkpoint) if checkpoint else model.default_checkpoint()
     config = model.read_config(checkpoint)
     # Loaded here even for a cluster: a checkpoint that cannot be read fails before any work.
-    predictor = model.Predictor(model.load_icl_model(checkpoint, config), gradcam=gradcam_dir is not None)
+    predictor = model.Predictor(model.load_icl_model(checkpoint, config), gradcam=gradcam_dir is not None,
+                                interval_scale=model.load_interval_scale(checkpoint))
     refs, file_errors = prep_data.index_cutouts(inputs, missing_ok=True)
     errors = [message for _, message in file_errors]
     if errors and strict:

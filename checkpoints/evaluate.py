@@ -11,6 +11,13 @@ For every truth column the file holds (``f_icl_sb_ideal``, ``f_icl_sb_ideal_scen
 ``f_icl_true`` and, when measured, ``f_icl_sb``) it reports the mean absolute error, bias,
 scatter and Pearson r of the predicted mode, and the fraction of clusters whose label lies
 inside the predicted 15-85% interval. It writes ``metrics.json`` and one binned plot per column.
+
+The intervals are those ``predict.py`` gives: widened by the checkpoint's interval calibration
+(``<stem>.calibration.json``, ``model.load_interval_scale``) when it has one; the coverage of the
+raw mixture intervals is reported too. ``--calibrate KEY`` fits that calibration on these
+clusters (split-conformal, ``model.fit_interval_scale``: the factor about the mode that makes
+the interval hold label KEY 70% of the time) and writes it beside the checkpoint. Calibrate on
+clusters the model was not trained on, and report the coverage on others.
 """
 
 import argparse
@@ -47,7 +54,8 @@ def available_labels(refs, keys=LABEL_KEYS):
     return labels
 
 
-def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE, heldout_seed=None, icl_model=None):
+def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE, heldout_seed=None, icl_model=None,
+             calibrate=None):
     """Predict the held-out clusters and compare with each truth column.
 
     Parameters
@@ -61,11 +69,13 @@ def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE, heldout_se
         Where ``metrics.json`` and the plots go.
     heldout_seed : int, optional
         Generator seed of the held-out mocks, recorded in the result.
+    calibrate : str, optional
+        Fit the interval calibration to this truth column and save it beside the checkpoint.
 
     Returns
     -------
     dict
-        ``{"checkpoint", "n", "heldout_seed", "columns": {key: metrics}}``.
+        ``{"checkpoint", "n", "heldout_seed", "interval_scale", "columns": {key: metrics}}``.
     """
     import model
     import plots
@@ -81,14 +91,26 @@ def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE, heldout_se
     image_size = predictor.model.input_shape[1]
     dataset = prep_data.cutout_dataset(refs, batch_size, image_size, strict=True)
     parts = [predictor(batch["image"]) for batch in dataset]
-    summary = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    raw = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    if calibrate is not None:
+        if calibrate not in labels:
+            raise ValueError(f"--calibrate {calibrate}: no such truth column (have {', '.join(labels)})")
+        scale = model.fit_interval_scale(labels[calibrate], raw)
+        common.write_json(model.calibration_path_for(checkpoint), {
+            "interval_scale": scale, "coverage": model.INTERVAL_COVERAGE, "label": calibrate, "n": len(refs),
+            "inputs": [str(item) for item in inputs], "heldout_seed": heldout_seed,
+        })
+    scale = model.load_interval_scale(checkpoint)
+    summary = model.scale_interval(raw, scale)
     columns = {}
     for key, truth in labels.items():
         metrics = model.regression_metrics(truth, summary["mode"])
         metrics["coverage_15_85"] = float(np.mean((truth >= summary["p15"]) & (truth <= summary["p85"])))
+        metrics["coverage_15_85_uncalibrated"] = float(np.mean((truth >= raw["p15"]) & (truth <= raw["p85"])))
         metrics["mae_of_constant_median"] = float(np.abs(truth - np.median(truth)).mean())
         columns[key] = metrics
-    result = {"checkpoint": str(checkpoint), "n": len(refs), "heldout_seed": heldout_seed, "columns": columns}
+    result = {"checkpoint": str(checkpoint), "n": len(refs), "heldout_seed": heldout_seed, "interval_scale": scale,
+              "columns": columns}
     if out_dir is not None:
         out_dir = pathlib.Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,13 +124,14 @@ def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE, heldout_se
 def markdown_table(result):
     """The card's table: one row per truth column."""
     lines = [
-        "| label | n | MAE | MAE of a constant | bias | scatter | Pearson r | label in 15-85% |",
-        "|---|---|---|---|---|---|---|---|",
+        "| label | n | MAE | MAE of a constant | bias | scatter | Pearson r | label in 15-85% | (uncalibrated) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, m in result["columns"].items():
         lines.append(
             f"| `{key}` | {m['n']} | {m['mae']:.4f} | {m['mae_of_constant_median']:.4f} | {m['bias']:+.4f} | "
-            f"{m['scatter']:.4f} | {m['pearson_r']:.3f} | {m['coverage_15_85']:.0%} |"
+            f"{m['scatter']:.4f} | {m['pearson_r']:.3f} | {m['coverage_15_85']:.0%} | "
+            f"{m.get('coverage_15_85_uncalibrated', m['coverage_15_85']):.0%} |"
         )
     return "\n".join(lines)
 
@@ -121,6 +144,9 @@ def main(argv=None):
                         help="generate N held-out mock clusters with this seed instead of reading inputs")
     parser.add_argument("--out-dir", help="folder for metrics.json and the binned plots")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--calibrate", metavar="KEY",
+                        help="fit the interval calibration to truth column KEY on these clusters and save it beside "
+                        "the checkpoint (<stem>.calibration.json)")
     common.add_verbose_argument(parser)
     args = parser.parse_args(argv)
     if bool(args.inputs) == bool(args.generate):
@@ -144,9 +170,10 @@ def main(argv=None):
                 heldout = pathlib.Path(folder) / "heldout.h5"
                 shards.generate_file("clusters", n, seed, heldout)
                 result = evaluate(args.checkpoint, [heldout], args.out_dir, args.batch_size, heldout_seed=seed,
-                                  icl_model=icl_model)
+                                  icl_model=icl_model, calibrate=args.calibrate)
         else:
-            result = evaluate(args.checkpoint, args.inputs, args.out_dir, args.batch_size, icl_model=icl_model)
+            result = evaluate(args.checkpoint, args.inputs, args.out_dir, args.batch_size, icl_model=icl_model,
+                              calibrate=args.calibrate)
     except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
