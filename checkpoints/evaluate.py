@@ -6,6 +6,7 @@ can make them itself (``--generate N SEED``, the same as ``python -m data.genera
 
     python checkpoints/evaluate.py checkpoints/icl_trained.weights.h5 --generate 256 2000 --out-dir eval_trained
     python checkpoints/evaluate.py checkpoints/icl_trained.weights.h5 heldout.h5
+    python checkpoints/evaluate.py checkpoints/icl_trained.weights.h5 galsim_clusters/ --truth galsim_clusters/truth.csv
 
 For every truth column the file holds (``f_icl_sb_ideal``, ``f_icl_sb_ideal_scene``,
 ``f_icl_true`` and, when measured, ``f_icl_sb``) it reports the mean absolute error, bias,
@@ -40,11 +41,49 @@ LABEL_KEYS = ("f_icl_sb_ideal", "f_icl_sb_ideal_scene", "f_icl_true", "f_icl_sb"
 BATCH_SIZE = 32
 
 
-def available_labels(refs, keys=LABEL_KEYS):
-    """The truth columns present (and finite) for every cutout, as {key: (N,) array}."""
+def read_truth_table(path):
+    """Truth by cutout id from a CSV with an ``id`` column (``truth.csv`` of ``data.clusters_galsim``).
+
+    Raises
+    ------
+    ValueError
+        One line naming the file, for a file that cannot be read, has no ``id`` column or
+        repeats an id.
+    """
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if "id" not in (reader.fieldnames or []):
+                raise ValueError(f"{path}: a truth table needs an 'id' column, found {reader.fieldnames}")
+            table = {}
+            for line, row in enumerate(reader, start=2):
+                if row["id"] in table:
+                    raise ValueError(f"{path}, line {line}: id {row['id']!r} is given twice")
+                table[row["id"]] = row
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{path}: not a readable CSV truth table ({error})") from None
+    return table
+
+
+def available_labels(refs, keys=LABEL_KEYS, truth=None):
+    """The truth columns present (and finite) for every cutout, as {key: (N,) array}.
+
+    ``truth`` (:func:`read_truth_table`) supplies columns by cutout id, before the files' own.
+    """
     import prep_data
 
-    metas = [prep_data.read_cutout(ref).meta for ref in refs]
+    metas = []
+    for ref in refs:
+        meta = dict(prep_data.read_cutout(ref).meta)
+        row = (truth or {}).get(str(ref.id), {})
+        for key in keys:
+            try:
+                meta[key] = float(row[key])
+            except (KeyError, TypeError, ValueError):
+                pass
+        metas.append(meta)
     labels = {}
     for key in keys:
         if all(key in meta for meta in metas):
@@ -55,7 +94,7 @@ def available_labels(refs, keys=LABEL_KEYS):
 
 
 def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE, heldout_seed=None, icl_model=None,
-             calibrate=None):
+             calibrate=None, truth=None):
     """Predict the held-out clusters and compare with each truth column.
 
     Parameters
@@ -71,6 +110,8 @@ def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE, heldout_se
         Generator seed of the held-out mocks, recorded in the result.
     calibrate : str, optional
         Fit the interval calibration to this truth column and save it beside the checkpoint.
+    truth : dict, optional
+        Truth columns by cutout id (:func:`read_truth_table`), for files that do not hold them.
 
     Returns
     -------
@@ -84,7 +125,7 @@ def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE, heldout_se
     refs, errors = prep_data.index_cutouts(inputs)
     if errors:
         raise prep_data.CutoutError(errors[0][1])
-    labels = available_labels(refs)
+    labels = available_labels(refs, truth=truth)
     if not labels:
         raise ValueError(f"none of the truth columns {', '.join(LABEL_KEYS)} is in {', '.join(map(str, inputs))}")
     predictor = model.Predictor(icl_model if icl_model is not None else model.load_icl_model(checkpoint))
@@ -103,19 +144,19 @@ def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE, heldout_se
     scale = model.load_interval_scale(checkpoint)
     summary = model.scale_interval(raw, scale)
     columns = {}
-    for key, truth in labels.items():
-        metrics = model.regression_metrics(truth, summary["mode"])
-        metrics["coverage_15_85"] = float(np.mean((truth >= summary["p15"]) & (truth <= summary["p85"])))
-        metrics["coverage_15_85_uncalibrated"] = float(np.mean((truth >= raw["p15"]) & (truth <= raw["p85"])))
-        metrics["mae_of_constant_median"] = float(np.abs(truth - np.median(truth)).mean())
+    for key, values in labels.items():
+        metrics = model.regression_metrics(values, summary["mode"])
+        metrics["coverage_15_85"] = float(np.mean((values >= summary["p15"]) & (values <= summary["p85"])))
+        metrics["coverage_15_85_uncalibrated"] = float(np.mean((values >= raw["p15"]) & (values <= raw["p85"])))
+        metrics["mae_of_constant_median"] = float(np.abs(values - np.median(values)).mean())
         columns[key] = metrics
     result = {"checkpoint": str(checkpoint), "n": len(refs), "heldout_seed": heldout_seed, "interval_scale": scale,
               "columns": columns}
     if out_dir is not None:
         out_dir = pathlib.Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for key, truth in labels.items():
-            plots.plot_binned(truth, summary["mode"], out_dir / f"binned_{key}.png", n_bins=10,
+        for key, values in labels.items():
+            plots.plot_binned(values, summary["mode"], out_dir / f"binned_{key}.png", n_bins=10,
                               title=f"{pathlib.Path(checkpoint).name}: held-out mocks", label_name=key)
         common.write_json(out_dir / "metrics.json", result)
     return result
@@ -144,6 +185,8 @@ def main(argv=None):
                         help="generate N held-out mock clusters with this seed instead of reading inputs")
     parser.add_argument("--out-dir", help="folder for metrics.json and the binned plots")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--truth", metavar="CSV",
+                        help="truth columns by cutout id (e.g. truth.csv of python -m data.clusters_galsim)")
     parser.add_argument("--calibrate", metavar="KEY",
                         help="fit the interval calibration to truth column KEY on these clusters and save it beside "
                         "the checkpoint (<stem>.calibration.json)")
@@ -162,6 +205,7 @@ def main(argv=None):
             common.check_output_dir(args.out_dir)
         # The checkpoint first: a wrong one fails before any cutout is read or generated.
         icl_model = model.load_icl_model(args.checkpoint)
+        truth = read_truth_table(args.truth) if args.truth else None
         if args.generate:
             from data import shards
 
@@ -170,10 +214,10 @@ def main(argv=None):
                 heldout = pathlib.Path(folder) / "heldout.h5"
                 shards.generate_file("clusters", n, seed, heldout)
                 result = evaluate(args.checkpoint, [heldout], args.out_dir, args.batch_size, heldout_seed=seed,
-                                  icl_model=icl_model, calibrate=args.calibrate)
+                                  icl_model=icl_model, calibrate=args.calibrate, truth=truth)
         else:
             result = evaluate(args.checkpoint, args.inputs, args.out_dir, args.batch_size, icl_model=icl_model,
-                              calibrate=args.calibrate)
+                              calibrate=args.calibrate, truth=truth)
     except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -246,8 +246,10 @@ REAL_LIKE_DISTRIBUTION = ClusterDistribution(
 #:   (Kluge et al. 2020, ApJS 247, 43; Zhang et al. 2024, MNRAS 531, 510), are often offset
 #:   (up to tens of kpc) and twisted from the BCG (Kluge et al. 2021, ApJS 252, 27), and some
 #:   profiles need two components; ICL fractions of 5-50% (Montes 2022, Nat. Astron. 6, 308).
-#: * BCG: Sersic n 2.5-8 and a wider size and luminosity scatter (Kluge et al. 2020).
-#: * Members: poor groups to rich clusters (CAMIRA richness 15-100+, Oguri et al. 2018).
+#: * BCG: Sersic n 2.5-8, M_r -22.8 +- 0.5 (Lauer et al. 2007, ApJ 662, 808), r_e 22 kpc with
+#:   0.25 dex scatter (Kluge et al. 2020).
+#: * Members: poor groups to rich clusters (CAMIRA richness 15-100+, Oguri et al. 2018), an
+#:   r-band luminosity function of M* = -21.3, alpha = -1.1 (Popesso et al. 2005, A&A 433, 431).
 #: * Seeing 0.5-1.2" with Moffat wings down to beta = 1.8, and r-band sky noise from the
 #:   Deep/UltraDeep to the Wide depth (Aihara et al. 2022, PASJ 74, 247).
 #: * Sky residuals: a plane of up to +-0.3 noise sigma, and over-subtracted (dark) halos
@@ -258,10 +260,11 @@ RANDOMISED_DISTRIBUTION = ClusterDistribution(
     icl_r_eff_kpc_range=(20.0, 300.0),
     icl_axis_ratio_range=(0.3, 1.0),
     icl_alignment_deg=90.0,
-    bcg_abs_mag=(-23.4, 0.5),
-    bcg_r_eff_kpc=(15.0, 0.25),
+    bcg_abs_mag=(-22.8, 0.5),
+    bcg_r_eff_kpc=(22.0, 0.25),
     bcg_sersic_n_range=(2.5, 8.0),
     member_count_range=(5, 150),
+    schechter=(-21.3, -1.1),
     psf_fwhm_arcsec=(0.8, 0.18),
     psf_beta_range=(1.8, 5.0),
     noise_sigma_range=(0.012, 0.06),
