@@ -44,7 +44,7 @@ import prep_data
 # Defaults of SPEC Part A; every one can be set from the command line.
 CHECKPOINT = str(pathlib.Path(__file__).resolve().parent / "checkpoints" / "icl_trained.weights.h5")
 EPOCHS = 100
-BATCH_SIZE = 16
+BATCH_SIZE = 32  # the original's (Keras's default)
 LEARNING_RATE = 1e-7
 N_FOLDS = 5
 FOLD_SEED = 24
