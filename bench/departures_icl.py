@@ -116,12 +116,13 @@ def main(argv=None):
     import prep_data
 
     try:
-        predictor = model.Predictor(model.load_icl_model(args.checkpoint))
-        size = predictor.model.input_shape[1]
+        # The inputs first: a missing file fails before TensorFlow starts its devices.
         refs, errors = prep_data.index_cutouts([args.mocks])
         if errors:
             raise prep_data.CutoutError(errors[0][1])
         labels = prep_data.read_labels(refs, args.label_key)
+        predictor = model.Predictor(model.load_icl_model(args.checkpoint))
+        size = predictor.model.input_shape[1]
         if args.what == "orientations":
             images = np.stack([prep_data.prepare_cutout(prep_data.read_cutout(ref), size) for ref in refs])
             result = orientations(predictor, images, labels)

@@ -46,4 +46,5 @@ def test_departure_measurements_run_on_a_few_mocks(tmp_path):
     assert re.search(r"168_centred: MAE padded [\d.]+ / stretched [\d.]+", result.stdout)
     broken = subprocess.run([sys.executable, str(BENCH / "departures_icl.py"), "padding", str(checkpoint),
                              str(tmp_path / "missing.h5")], capture_output=True, text=True, timeout=900, check=False)
-    assert broken.returncode == 2 and broken.stderr.startswith("error: ")
+    assert broken.returncode == 2 and broken.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "missing.h5" in broken.stderr.strip().splitlines()[-1]
