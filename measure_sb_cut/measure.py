@@ -1,7 +1,9 @@
-"""Automatic surface-brightness threshold measurement of the ICL fraction.
+"""Automatic surface-brightness threshold measurement of the ICL fraction: this project's redesign.
 
-The method of Canepa et al. 2025 (ApJ, arXiv:2501.08378; SPEC Part A), used to
-label the artificial training set:
+``python -m measure_sb_cut --method improved``. The method of Canepa et al. 2025 (ApJ,
+arXiv:2501.08378; SPEC Part A), which labelled the artificial training set, redesigned in the
+choices listed below; :mod:`measure_sb_cut.canepa2025` does exactly what the original code did
+(the command's default). The steps:
 
 1. subtract the background (``Background2D`` mesh, a smooth surface through its outer ring,
    then 2/3 of the faintest annulus mean);
