@@ -49,7 +49,7 @@ import numpy as np
 
 import hsc
 from measure_sb_cut import measurement_helpers as helpers
-from measure_sb_cut.canepa2025 import FIXES
+from measure_sb_cut.canepa2025 import FIXES, check_fixes
 from measure_sb_cut.measure import CSV_COLUMNS, METHODS, measure_refs, write_csv
 
 # Defaults; each can be set on the command line.
@@ -138,9 +138,7 @@ def method_options(spec):
     method, *fixes = spec.split("+")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} in {spec!r}: choose from {', '.join(METHODS)}")
-    unknown = sorted(set(fixes) - set(FIXES))
-    if unknown:
-        raise ValueError(f"unknown fix {unknown[0]!r} in {spec!r}: choose from {', '.join(FIXES)}")
+    check_fixes(fixes)
     if fixes and method != "canepa2025":
         raise ValueError(f"{spec!r}: fixes apply to canepa2025 only")
     return {"method": method, "fixes": tuple(sorted(fixes))} if method == "canepa2025" else {"method": method}
@@ -182,7 +180,7 @@ def write_report(rows_by_method, path, command, bins=REDSHIFT_BINS, elapsed_s=No
     Parameters
     ----------
     rows_by_method : dict of str -> list of dict
-        Measurement rows of every cluster, by method spec (a list alone: one method).
+        Measurement rows of every cluster, by method spec.
     note : str, optional
         A sentence about the clusters.
     manual : dict of str -> list of dict, optional
@@ -190,8 +188,6 @@ def write_report(rows_by_method, path, command, bins=REDSHIFT_BINS, elapsed_s=No
     """
     import common
 
-    if not isinstance(rows_by_method, dict):
-        rows_by_method = {METHOD: rows_by_method}
     rows = next(iter(rows_by_method.values()))
     n_failed = {method: sum(1 for row in method_rows if row["error"]) for method, method_rows in rows_by_method.items()}
     lines = [
