@@ -7,8 +7,7 @@ so a seeded run is reproducible and no global random state is used.
 
 import keras
 import numpy as np
-import tensorflow as tf
-from keras import layers
+from keras import layers, ops
 
 import hsc
 
@@ -33,11 +32,14 @@ class RandomRot90(layers.Layer):
     def call(self, images, training=None):
         if not training:
             return images
-        batch = tf.shape(images)[0]
-        k = keras.random.randint((batch,), 0, 4, seed=self.seed_generator)
-        # All four rotations of the batch, then pick one per image: vectorised, no map_fn.
-        rotations = tf.stack([tf.image.rot90(images, k=i) for i in range(4)], axis=0)
-        return tf.gather_nd(rotations, tf.stack([k, tf.range(batch)], axis=1))
+        k = keras.random.randint((ops.shape(images)[0],), 0, 4, seed=self.seed_generator)
+        # All four rotations of the batch (counter-clockwise in the image plane), then pick one
+        # per image: vectorised and exact on every backend.
+        k = ops.reshape(k, (-1, 1, 1, 1))
+        rotated = images
+        for i in range(1, 4):
+            rotated = ops.where(ops.equal(k, i), ops.rot90(images, k=i, axes=(1, 2)), rotated)
+        return rotated
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -129,8 +131,8 @@ class StretchedGaussianNoise(layers.Layer):
         if not training:
             return images
         factor = keras.random.uniform((), *self.noise_range, dtype=images.dtype, seed=self.seed_generator)
-        scale = tf.constant(self.band_scale, dtype=images.dtype)
-        noise = keras.random.normal(tf.shape(images), dtype=images.dtype, seed=self.seed_generator)
+        scale = ops.convert_to_tensor(self.band_scale, dtype=images.dtype)
+        noise = keras.random.normal(ops.shape(images), dtype=images.dtype, seed=self.seed_generator)
         return images + factor * scale * noise
 
     def compute_output_shape(self, input_shape):
@@ -186,7 +188,7 @@ class JitteredCrop(layers.Layer):
             )
 
     def call(self, images, training=None):
-        height, width = tf.shape(images)[1], tf.shape(images)[2]
+        height, width = ops.shape(images)[1], ops.shape(images)[2]
         if not training:
             top = (height - self.crop_size) // 2
             left = (width - self.crop_size) // 2
@@ -195,7 +197,7 @@ class JitteredCrop(layers.Layer):
         offsets = keras.random.randint((2,), 0, self.jitter + 1, seed=self.seed_generator)
         top = (height - self.crop_size - self.jitter) // 2 + offsets[0]
         left = (width - self.crop_size - self.jitter) // 2 + offsets[1]
-        return images[:, top : top + self.crop_size, left : left + self.crop_size, :]
+        return ops.slice(images, (0, top, left, 0), (ops.shape(images)[0], self.crop_size, self.crop_size, ops.shape(images)[3]))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.crop_size, self.crop_size, input_shape[3])

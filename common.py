@@ -1,8 +1,9 @@
 """Plumbing shared by every command: atomic writes, bad-cutout reports, progress bars,
-the distribution strategy and a quiet start.
+the Keras backend, the distribution strategy and a quiet start.
 
 Nothing here knows about ICL or tidal features; the science lives in the other modules.
-Importing this module has no side effects and does not import TensorFlow.
+Importing this module has no side effects and imports neither Keras nor TensorFlow, and on a
+Keras backend other than TensorFlow nothing here imports TensorFlow.
 """
 
 import contextlib
@@ -16,6 +17,7 @@ import re
 import shutil
 import sys
 import tempfile
+import types
 
 import numpy as np
 
@@ -178,9 +180,92 @@ def epoch_progress(description):
 
 
 # ----------------------------------------------------------------------------------------
+# The Keras backend
+
+
+def keras_backend():
+    """Name of the Keras backend this process runs, or will run once Keras loads.
+
+    ``keras.backend.backend()`` once Keras is imported; before, what Keras will read: the
+    ``KERAS_BACKEND`` environment variable, else the ``backend`` of ``keras.json`` in
+    ``KERAS_HOME`` (default ``~/.keras``), else ``"tensorflow"``. Reading it imports nothing,
+    so a command can decide before Keras loads whether TensorFlow will load at all.
+    """
+    keras = sys.modules.get("keras")
+    backend = getattr(getattr(keras, "backend", None), "backend", None)
+    if callable(backend):
+        return backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    if "KERAS_HOME" in os.environ:
+        home = os.environ["KERAS_HOME"]
+    else:
+        base = os.path.expanduser("~")
+        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    try:
+        with open(os.path.join(os.path.expanduser(home), "keras.json")) as handle:
+            configured = json.load(handle).get("backend")
+    except (OSError, ValueError, AttributeError):
+        configured = None
+    return configured or "tensorflow"
+
+
+def require_tensorflow(what):
+    """Refuse ``what`` (an option or a data source that only TensorFlow serves) on another backend.
+
+    Raises
+    ------
+    ValueError
+        One line naming ``what`` and the backend of this run, unless it is TensorFlow.
+    """
+    backend = keras_backend()
+    if backend != "tensorflow":
+        raise ValueError(f"{what} needs the TensorFlow backend (KERAS_BACKEND=tensorflow); this run uses {backend}")
+
+
+#: Keras dtype policies the training commands take (``--precision``). ``mixed_float16`` is left
+#: out: it needs loss scaling, which the NNCLR training step does not do.
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+
+def add_precision_argument(parser):
+    """``--precision``: the Keras dtype policy of a training command (see :func:`set_precision`)."""
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="float32 (default) or mixed_bfloat16: layers compute in bfloat16 with float32 weights, "
+                             "about twice as fast on recent GPUs (slower on most CPUs); the loss and the saved weights "
+                             "stay float32")
+
+
+def set_precision(name):
+    """Set the global Keras dtype policy by name (one of :data:`PRECISIONS`) before models are built."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    import keras
+
+    keras.mixed_precision.set_global_policy(name)
+
+
+# ----------------------------------------------------------------------------------------
 # TensorFlow set-up
 
 STRATEGIES = ("default", "mirrored", "multiworker")
+
+
+class OneDevice:
+    """The ``default`` strategy on a backend other than TensorFlow: one device, one process.
+
+    It offers what the commands use of a ``tf.distribute`` strategy: a ``scope()`` that
+    changes nothing, one replica, and a process that is its own chief (it writes the run
+    directory and has no cluster).
+    """
+
+    num_replicas_in_sync = 1
+    cluster_resolver = None
+    extended = types.SimpleNamespace(should_checkpoint=True)
+
+    def scope(self):
+        """A context in which models are built as anywhere else."""
+        return contextlib.nullcontext()
 
 
 def make_strategy(name="default"):
@@ -192,9 +277,16 @@ def make_strategy(name="default"):
 
     ``multiworker`` must be made before anything else initialises TensorFlow (building a
     dataset, a model or a tensor): TensorFlow configures its collective ops only at start-up.
+
+    On a Keras backend other than TensorFlow, ``default`` is a :class:`OneDevice` and the
+    others are refused (ValueError): they are TensorFlow's.
     """
     if name not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
+    if keras_backend() != "tensorflow":
+        if name != "default":
+            require_tensorflow(f"--strategy {name}")
+        return OneDevice()
     import tensorflow as tf
 
     if name == "mirrored":
@@ -244,8 +336,11 @@ def split_batches_across_workers(dataset):
     the workers train on the examples one process would, in the same batches. tf.data's
     default (``AUTO``) would instead give each worker whole files when the data come from
     files (TFDS), so the batches would differ from a one-process run. Other strategies ignore
-    the setting.
+    the setting, and a dataset that is no ``tf.data.Dataset`` (a ``keras.utils.PyDataset`` of
+    :mod:`loaders`, which only one process reads) is returned as it is.
     """
+    if not hasattr(dataset, "with_options"):
+        return dataset
     import tensorflow as tf
 
     options = tf.data.Options()
@@ -413,12 +508,14 @@ def quiet_interrupt():
 
 
 def quiet_start(argv=None, tensorflow=True):
-    """Keep TensorFlow's start-up lines (oneDNN notice, CUDA probes, absl) off the terminal.
+    """Keep the start-up lines of TensorFlow (oneDNN notice, CUDA probes, absl) and JAX off the terminal.
 
     Call it first thing in a command, before anything imports TensorFlow. It sets the log
-    levels a user has not set and, with ``tensorflow=True``, imports TensorFlow with the
-    process's standard error closed for the duration of the import (the C++ core writes its
-    notices there before any log level is read). Python errors of the import still surface.
+    levels a user has not set and, with ``tensorflow=True`` and TensorFlow as the Keras
+    backend (:func:`keras_backend`), imports TensorFlow with the process's standard error
+    closed for the duration of the import (the C++ core writes its notices there before any
+    log level is read). On another backend TensorFlow is not imported: it need not even be
+    installed. Python errors of the import still surface.
     ``--verbose`` among the arguments (``argv``, default ``sys.argv``) leaves everything as it
     is. Returns whether it silenced anything. A Ctrl-C while it loads is one line
     (:func:`quiet_interrupt`), with or without ``--verbose``.
@@ -432,7 +529,9 @@ def quiet_start(argv=None, tensorflow=True):
     # TensorFlow's Python logger reports at INFO (the multi-worker set-up, every collective op
     # it builds), which a command's logging.basicConfig(level=INFO) would otherwise print twice.
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
-    if tensorflow and "tensorflow" not in sys.modules:
+    # JAX reports at INFO each platform it probes and lacks ("Unable to initialize backend 'tpu'").
+    logging.getLogger("jax").setLevel(logging.WARNING)
+    if tensorflow and "tensorflow" not in sys.modules and keras_backend() == "tensorflow":
         sys.stderr.flush()
         saved = os.dup(2)
         null = os.open(os.devnull, os.O_WRONLY)

@@ -34,8 +34,9 @@ import sys
 import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
+import backends
+import loaders
 import locks
 import model
 import plots
@@ -142,6 +143,19 @@ class EncodedClusters:
         encoder = icl_model.get_layer(model.ENCODER_NAME)
         pooling = icl_model.get_layer(model.POOLING_NAME)
 
+        if keras.backend.backend() == "tensorflow":
+            encode_all = self._tensorflow_encoder(normalisation, augmentation, encoder, pooling, images, batch_size)
+        else:
+            encode_all = self._compiled_encoder(normalisation, augmentation, encoder, pooling, images, batch_size)
+        keras.utils.set_random_seed(seed)
+        self.plain = encode_all(False)
+        self.views = np.stack([encode_all(True) for _ in range(n_views)], axis=1)
+
+    @staticmethod
+    def _tensorflow_encoder(normalisation, augmentation, encoder, pooling, images, batch_size):
+        """``encode_all(augment)`` on TensorFlow: one ``tf.function`` with the augmentation inside."""
+        import tensorflow as tf
+
         @tf.function(reduce_retracing=True)
         def encode(batch, augment):
             batch = normalisation(batch)
@@ -153,9 +167,26 @@ class EncodedClusters:
             parts = [encode(tf.constant(images[i : i + batch_size]), augment) for i in range(0, len(images), batch_size)]
             return np.concatenate([p.numpy() for p in parts])
 
-        keras.utils.set_random_seed(seed)
-        self.plain = encode_all(False)
-        self.views = np.stack([encode_all(True) for _ in range(n_views)], axis=1)
+        return encode_all
+
+    @staticmethod
+    def _compiled_encoder(normalisation, augmentation, encoder, pooling, images, batch_size):
+        """``encode_all(augment)`` on the other backends: the augmentation runs eagerly (its random
+        state moves at every call, which a compiled stateless function would not do), the frozen
+        encoder and pooling are compiled (``backends.compile_function``)."""
+        frozen = encoder.variables + pooling.variables
+        represent = backends.compile_function(lambda batch: pooling(encoder(batch, training=False)), variables=frozen)
+
+        def encode_all(augment):
+            parts = []
+            for start in range(0, len(images), batch_size):
+                batch = normalisation(keras.ops.convert_to_tensor(images[start : start + batch_size], "float32"))
+                if augment:
+                    batch = augmentation(batch, training=True)
+                parts.append(keras.ops.convert_to_numpy(represent(batch)))
+            return np.concatenate(parts)
+
+        return encode_all
 
 
 def _head(icl_model):
@@ -173,16 +204,27 @@ def finetune_cached(checkpoint, encoded, indices, labels, config):
     head = _head(icl_model)
     head.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=model.BetaMixtureNLL())
     views = encoded.views[indices]
+    if keras.backend.backend() == "tensorflow":
+        dataset = _tensorflow_views(views, clean_labels(labels), config)
+    else:
+        dataset = loaders.ViewLoader(views, clean_labels(labels), config.batch_size, seed=config.seed)
+    head.fit(dataset, epochs=config.epochs, verbose=0, shuffle=False)  # the dataset shuffles itself
+    return icl_model
+
+
+def _tensorflow_views(views, labels, config):
+    """The tf.data form of :class:`loaders.ViewLoader`: clusters reshuffled every epoch, one
+    random view of each."""
+    import tensorflow as tf
+
     n_views = views.shape[1]
-    dataset = (
-        tf.data.Dataset.from_tensor_slices((views, clean_labels(labels)))
-        .shuffle(len(indices), seed=config.seed, reshuffle_each_iteration=True)
+    return (
+        tf.data.Dataset.from_tensor_slices((views, labels))
+        .shuffle(len(labels), seed=config.seed, reshuffle_each_iteration=True)
         .map(lambda v, y: (v[tf.random.uniform((), 0, n_views, tf.int32)], y), num_parallel_calls=tf.data.AUTOTUNE)
         .batch(config.batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )
-    head.fit(dataset, epochs=config.epochs, verbose=0, shuffle=False)  # the dataset shuffles itself
-    return icl_model
 
 
 def _predict_encoded(icl_model, representations):

@@ -1,6 +1,7 @@
 """The ICL model over cutout files: the batch loop of ``predict.py`` and ``gradcam.py``.
 
-Cutouts stream from disk in batches (``prep_data.cutout_dataset``) and each batch goes once
+Cutouts stream from disk in batches (``prep_data.cutout_dataset`` on the TensorFlow backend,
+``loaders.CutoutLoader`` on the others) and each batch goes once
 through a :class:`model.Predictor`; with GradCAM on, the heat maps come from that same forward
 pass. Each readable cutout gives a CSV row,
 
@@ -24,9 +25,11 @@ import os
 import pathlib
 import re
 
+import keras
 import numpy as np
 
 import common
+import loaders
 import locks
 import model
 import parallel
@@ -300,8 +303,8 @@ def predicted_batches(refs, predictor, batch_size, image_size, errors, strict=Fa
     A bad cutout is logged (unless ``log`` is false) and its message appended to ``errors``;
     with ``strict`` it raises :class:`prep_data.CutoutError` instead.
     """
-    for batch in prep_data.cutout_dataset(refs, batch_size, image_size):
-        messages = [message.decode() for message in batch["error"].numpy()]
+    for batch in cutout_batches(refs, batch_size, image_size):
+        messages = batch["error"]
         for message in filter(None, messages):
             if strict:
                 raise prep_data.CutoutError(message)
@@ -310,10 +313,25 @@ def predicted_batches(refs, predictor, batch_size, image_size, errors, strict=Fa
             errors.append(message)
         good = np.array([not message for message in messages])
         if good.any():
-            images = batch["image"].numpy()[good]
-            yield [refs[i] for i in batch["index"].numpy()[good]], images, predictor(images), len(messages)
+            images = batch["image"][good]
+            yield [refs[i] for i in batch["index"][good]], images, predictor(images), len(messages)
         else:
             yield [], None, None, len(messages)
+
+
+def cutout_batches(refs, batch_size, image_size):
+    """Prepared cutouts of ``refs`` in batches, in order, as NumPy: the stream of :func:`predicted_batches`.
+
+    ``prep_data.cutout_dataset`` (tf.data) on the TensorFlow backend, ``loaders.CutoutLoader``
+    on the others; either way each batch is a dict of ``image`` (B, S, S, 1), ``index`` (B,)
+    positions in ``refs`` and ``error``, B messages (str, empty for a prepared cutout).
+    """
+    if keras.backend.backend() != "tensorflow":
+        yield from loaders.iterate(loaders.CutoutLoader(refs, batch_size, image_size))
+        return
+    for batch in prep_data.cutout_dataset(refs, batch_size, image_size):
+        yield {"image": batch["image"].numpy(), "index": batch["index"].numpy(),
+               "error": [message.decode() for message in batch["error"].numpy()]}
 
 
 def _rows_and_overlays(batch_refs, images, result, gradcam_dir, style):

@@ -10,6 +10,11 @@ The model's output is the raw parameter vector; the distribution, its negative
 log-likelihood and its summaries (mode = the estimate, 15th and 85th percentiles = the
 uncertainty, mean) are pure functions of that vector, vectorised over a batch and a grid.
 
+Everything is written with ``keras.ops`` and Keras layers, so the model trains and predicts on
+any Keras 3 backend (``KERAS_BACKEND``: TensorFlow by default, or JAX, where nothing imports
+TensorFlow); the few operations ``keras.ops`` lacks (log-gamma, the incomplete Beta function,
+gradients, compilation) are in :mod:`backends`. Weights saved on one backend load on another.
+
 The encoder ends at its last convolutional feature map and the ICL model pools it with a layer
 of its own, so the feature map is a tensor of the model's graph (:func:`feature_map`) and
 GradCAM (:func:`gradcam_heatmaps`) needs no surgery on the network.
@@ -22,9 +27,10 @@ import zipfile
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 import augmentations
+import backends
 import common
 import hsc
 import resnet_cifar10_v2
@@ -349,13 +355,7 @@ def load_icl_model(path, config=None, augment=False, seed=None):
 
 
 # ----------------------------------------------------------------------------------------
-# The Beta mixture: pure functions of the parameter vector
-
-
-def _tfd():
-    import tensorflow_probability as tfp
-
-    return tfp.distributions
+# The Beta mixture: pure functions of the parameter vector, in keras.ops (every backend)
 
 
 def mixture_parameters(params):
@@ -363,14 +363,29 @@ def mixture_parameters(params):
 
     alpha = 1 + softplus, beta = 1 + softplus keep every component unimodal and finite at 0 and 1.
     """
-    params = tf.convert_to_tensor(params)
-    logits, raw_alpha, raw_beta = tf.split(params, 3, axis=-1)
-    return logits, 1.0 + tf.nn.softplus(raw_alpha), 1.0 + tf.nn.softplus(raw_beta)
+    params = ops.convert_to_tensor(params)
+    logits, raw_alpha, raw_beta = ops.split(params, 3, axis=-1)
+    return logits, 1.0 + ops.softplus(raw_alpha), 1.0 + ops.softplus(raw_beta)
 
 
 def beta_mixture(params):
-    """The mixture of Beta distributions, a ``tfp.distributions.MixtureSameFamily`` of batch shape (...)."""
-    tfd = _tfd()
+    """The mixture as a ``tfp.distributions.MixtureSameFamily`` of batch shape (...), TensorFlow only.
+
+    A convenience for comparisons with TensorFlow Probability (the original code's way); the
+    project's own functions (:func:`negative_log_likelihood`, :func:`mixture_pdf`,
+    :func:`mixture_summary`) compute in ``keras.ops`` and need no TensorFlow Probability.
+
+    Raises
+    ------
+    RuntimeError
+        Under a Keras backend other than TensorFlow.
+    """
+    if backends.backend() != "tensorflow":
+        raise RuntimeError(f"model.beta_mixture needs the TensorFlow backend (TensorFlow Probability), not "
+                           f"'{backends.backend()}'; use model.negative_log_likelihood, mixture_pdf or mixture_summary")
+    import tensorflow_probability as tfp
+
+    tfd = tfp.distributions
     logits, alpha, beta = mixture_parameters(params)
     return tfd.MixtureSameFamily(
         mixture_distribution=tfd.Categorical(logits=logits),
@@ -378,32 +393,49 @@ def beta_mixture(params):
     )
 
 
-def negative_log_likelihood(labels, params):
-    """Per-example negative log-likelihood of ``labels`` (B,) or (B, 1) under the mixture.
+def _log_component_densities(logits, alpha, beta, x):
+    """log w_k + log Beta(x; a_k, b_k) for every component k, broadcast over x.
 
+    log Beta(x; a, b) = (a - 1) log x + (b - 1) log(1 - x) - [lgamma(a) + lgamma(b) - lgamma(a + b)]
+    """
+    log_norm = backends.log_beta_function(alpha, beta)
+    log_pdf = (alpha - 1.0) * ops.log(x) + (beta - 1.0) * ops.log1p(-x) - log_norm
+    return ops.log_softmax(logits, axis=-1) + log_pdf
+
+
+def negative_log_likelihood(labels, params):
+    """Per-example negative log-likelihood of ``labels`` (B,) or (B, 1) under the mixture, (B,).
+
+    Computed directly: -logsumexp_k [log w_k + log Beta(f; a_k, b_k)], with log w_k the
+    log-softmax of the logits and the Beta normaliser from log-gamma (:mod:`backends`).
     Labels are clamped to [LABEL_FLOOR, LABEL_CEILING] so a 0 or 1 label stays finite.
     """
-    params = tf.convert_to_tensor(params)
-    labels = tf.reshape(tf.cast(labels, params.dtype), [-1])
-    labels = tf.clip_by_value(labels, LABEL_FLOOR, LABEL_CEILING)
-    return -beta_mixture(params).log_prob(labels)
+    params = ops.convert_to_tensor(params)
+    labels = ops.reshape(ops.cast(labels, params.dtype), (-1, 1))
+    labels = ops.clip(labels, LABEL_FLOOR, LABEL_CEILING)
+    logits, alpha, beta = mixture_parameters(params)
+    return -ops.logsumexp(_log_component_densities(logits, alpha, beta, labels), axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="icl")
 class BetaMixtureNLL(keras.losses.Loss):
-    """Keras loss: mean negative log-likelihood of the label under the predicted Beta mixture."""
+    """Keras loss: mean negative log-likelihood of the label under the predicted Beta mixture.
+
+    The parameters are cast to float32 first, so a head computing in bfloat16 (a
+    ``mixed_bfloat16`` policy) gives the loss in float32.
+    """
 
     def __init__(self, name="beta_mixture_nll", **kwargs):
         super().__init__(name=name, **kwargs)
 
     def call(self, y_true, y_pred):
-        return negative_log_likelihood(y_true, tf.cast(y_pred, tf.float32))
+        return negative_log_likelihood(y_true, ops.cast(y_pred, "float32"))
 
 
 def mixture_mean(params):
     """Mean of each Beta mixture, sum_k w_k a_k / (a_k + b_k): (...) for params (..., 3 K)."""
     logits, alpha, beta = mixture_parameters(params)
-    return tf.reduce_sum(tf.nn.softmax(logits, axis=-1) * alpha / (alpha + beta), axis=-1)
+    return ops.sum(ops.softmax(logits, axis=-1) * alpha / (alpha + beta), axis=-1)
 
 
 def label_prior_bias(labels, n_components):
@@ -461,17 +493,14 @@ def mixture_pdf(params, grid):
 
     log p(x) = logsumexp_k [log w_k + (a_k - 1) log x + (b_k - 1) log(1 - x) - log B(a_k, b_k)]
     """
-    logits, alpha, beta = mixture_parameters(tf.cast(params, tf.float32))
-    grid = tf.convert_to_tensor(grid, tf.float32)
-    x = tf.clip_by_value(grid, 1e-12, 1.0 - 1e-12)[None, :, None]
-    log_weights = tf.nn.log_softmax(logits, axis=-1)[:, None, :]
-    alpha, beta = alpha[:, None, :], beta[:, None, :]
-    log_norm = tf.math.lgamma(alpha) + tf.math.lgamma(beta) - tf.math.lgamma(alpha + beta)
-    log_pdf = (alpha - 1.0) * tf.math.log(x) + (beta - 1.0) * tf.math.log1p(-x) - log_norm
-    pdf = tf.exp(tf.reduce_logsumexp(log_weights + log_pdf, axis=-1))
+    logits, alpha, beta = mixture_parameters(ops.cast(params, "float32"))
+    grid = ops.convert_to_tensor(grid, "float32")
+    x = ops.clip(grid, 1e-12, 1.0 - 1e-12)[None, :, None]
+    log_terms = _log_component_densities(logits[:, None, :], alpha[:, None, :], beta[:, None, :], x)
+    pdf = ops.exp(ops.logsumexp(log_terms, axis=-1))
     # alpha, beta > 1: the density vanishes at 0 and 1; the clip above only avoids log(0).
-    at_edge = tf.logical_or(grid <= 0.0, grid >= 1.0)[None, :]
-    return tf.where(at_edge, tf.zeros_like(pdf), pdf)
+    at_edge = ops.logical_or(grid <= 0.0, grid >= 1.0)[None, :]
+    return ops.where(at_edge, ops.zeros_like(pdf), pdf)
 
 
 def mixture_summary(params, step=GRID_STEP, percentiles=PERCENTILES):
@@ -492,25 +521,23 @@ def mixture_summary(params, step=GRID_STEP, percentiles=PERCENTILES):
 
     Returns
     -------
-    dict of str -> tf.Tensor, each (B,)
-        ``mode``, ``mean`` and ``p15``, ``p85`` (named after the percentiles).
+    dict of str -> tensor, each (B,)
+        ``mode``, ``mean`` and ``p15``, ``p85`` (named after the percentiles), tensors of the
+        Keras backend (:func:`summarise` gives NumPy arrays).
     """
     grid = summary_grid(step)
-    params = tf.cast(tf.convert_to_tensor(params), tf.float32)
-    return _summary(params, tf.constant(grid), tuple(float(q) for q in percentiles))
+    params = ops.cast(ops.convert_to_tensor(params), "float32")
+    return _summary(params, ops.convert_to_tensor(grid), tuple(float(q) for q in percentiles))
 
 
 def _summary(params, grid, percentiles):
     logits, alpha, beta = mixture_parameters(params)
-    weights = tf.nn.softmax(logits, axis=-1)
+    weights = ops.softmax(logits, axis=-1)
     pdf = mixture_pdf(params, grid)
-    mode = tf.gather(grid, tf.argmax(pdf, axis=-1))
+    mode = ops.take(grid, ops.argmax(pdf, axis=-1))
     mean = mixture_mean(params)
-    shape = tf.stack([tf.shape(params)[0], tf.size(grid), tf.shape(alpha)[-1]])
-    a = tf.broadcast_to(alpha[:, None, :], shape)
-    b = tf.broadcast_to(beta[:, None, :], shape)
-    x = tf.broadcast_to(grid[None, :, None], shape)
-    cdf = tf.reduce_sum(weights[:, None, :] * tf.math.betainc(a, b, x), axis=-1)
+    # (B, G, K) component CDFs at the grid points, weighted and summed over the components.
+    cdf = ops.sum(weights[:, None, :] * backends.betainc(alpha[:, None, :], beta[:, None, :], grid[None, :, None]), axis=-1)
     result = {"mode": mode, "mean": mean}
     for q in percentiles:
         result[f"p{round(q * 100):d}"] = _interpolate_quantile(cdf, grid, q)
@@ -519,19 +546,23 @@ def _summary(params, grid, percentiles):
 
 def _interpolate_quantile(cdf, grid, q):
     """First crossing of level q by each row of a monotone CDF (B, G), linearly interpolated."""
-    levels = tf.fill([tf.shape(cdf)[0], 1], tf.constant(q, cdf.dtype))
-    upper = tf.clip_by_value(tf.searchsorted(cdf, levels, side="left")[:, 0], 1, tf.size(grid) - 1)
+    size = ops.shape(grid)[0]
+    # First grid index where the CDF reaches q (the last one if it never does): what a
+    # left-sided search of a sorted row finds.
+    index = ops.arange(size, dtype="int32")[None, :]
+    upper = ops.min(ops.where(cdf >= q, index, size - 1), axis=-1)
+    upper = ops.clip(upper, 1, size - 1)
     lower = upper - 1
-    c0 = tf.gather(cdf, lower, batch_dims=1)
-    c1 = tf.gather(cdf, upper, batch_dims=1)
-    x0, x1 = tf.gather(grid, lower), tf.gather(grid, upper)
-    t = tf.clip_by_value((q - c0) / tf.maximum(c1 - c0, 1e-12), 0.0, 1.0)
+    c0 = ops.take_along_axis(cdf, lower[:, None], axis=1)[:, 0]
+    c1 = ops.take_along_axis(cdf, upper[:, None], axis=1)[:, 0]
+    x0, x1 = ops.take(grid, lower), ops.take(grid, upper)
+    t = ops.clip((q - c0) / ops.maximum(c1 - c0, 1e-12), 0.0, 1.0)
     return x0 + t * (x1 - x0)
 
 
 def summarise(params, step=GRID_STEP):
     """:func:`mixture_summary` as NumPy arrays: dict with mode, mean, p15, p85, each (B,)."""
-    return {key: value.numpy() for key, value in mixture_summary(params, step).items()}
+    return {key: ops.convert_to_numpy(value) for key, value in mixture_summary(params, step).items()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -544,22 +575,44 @@ def gradcam_model(icl_model):
     return keras.Model(icl_model.input, [feature_map(icl_model), icl_model.output], name="icl_gradcam")
 
 
-def _gradcam(features_and_output, images):
+def split_at_feature_map(icl_model):
+    """The ICL model cut at its feature map into two models that share its layers and weights.
+
+    Returns
+    -------
+    features : keras.Model
+        Images (B, S, S, 1) -> feature map (B, h, w, C): normalisation and encoder.
+    head : keras.Model
+        Feature map -> mixture parameters (B, 3 K): pooling and the dense head. GradCAM
+        differentiates this part with respect to its input (:func:`backends.value_and_gradient`).
+
+    Raises
+    ------
+    ValueError
+        As :func:`feature_map`, for a model without the pooled feature map.
+    """
+    features = feature_map(icl_model)
+    return (keras.Model(icl_model.input, features, name="icl_features"),
+            keras.Model(features, icl_model.output, name="icl_head"))
+
+
+def _gradcam(features_model, head_model, images):
     """Mixture parameters and GradCAM heat maps of one forward pass; see :func:`gradcam_heatmaps`."""
-    with tf.GradientTape() as tape:
-        # Watching the input records every operation, whichever layers are trainable.
-        tape.watch(images)
-        features, params = features_and_output(images, training=False)
-        params = tf.cast(params, tf.float32)
-        mean = mixture_mean(params)
+    features = features_model(images, training=False)
+
+    def mean_of_head(features):
+        params = ops.cast(head_model(features, training=False), "float32")
+        return mixture_mean(params), params
+
     # Inference layers never mix the images of a batch, so the gradient of the batch's sum of
-    # means (what tape.gradient takes of a vector) is each image's own gradient.
-    gradients = tf.cast(tape.gradient(mean, features), tf.float32)
-    channel_weights = tf.reduce_mean(gradients, axis=(1, 2))
-    raw = tf.nn.relu(tf.einsum("bhwc,bc->bhw", tf.cast(features, tf.float32), channel_weights))
-    upsampled = tf.image.resize(raw[..., None], tf.shape(images)[1:3], method="bilinear")[..., 0]
-    peaks = tf.reduce_max(upsampled, axis=(1, 2), keepdims=True)
-    return params, tf.clip_by_value(tf.math.divide_no_nan(upsampled, peaks), 0.0, 1.0)
+    # means is each image's own gradient.
+    _, params, gradients = backends.value_and_gradient(mean_of_head, features)
+    channel_weights = ops.mean(ops.cast(gradients, "float32"), axis=(1, 2))
+    raw = ops.relu(ops.einsum("bhwc,bc->bhw", ops.cast(features, "float32"), channel_weights))
+    size = (int(images.shape[1]), int(images.shape[2]))
+    upsampled = ops.image.resize(raw[..., None], size, interpolation="bilinear")[..., 0]
+    peaks = ops.max(upsampled, axis=(1, 2), keepdims=True)
+    return params, ops.clip(ops.divide_no_nan(upsampled, peaks), 0.0, 1.0)
 
 
 def gradcam_heatmaps(icl_model, images):
@@ -571,8 +624,10 @@ def gradcam_heatmaps(icl_model, images):
 
         w_c = 1 / (H W) * sum_ij dy / dA_ij^c,      L = ReLU(sum_c w_c A^c)
 
-    L is upsampled bilinearly to the input size and divided by its maximum. For many batches
-    use ``Predictor(icl_model, gradcam=True)``, which compiles the same computation once.
+    L is upsampled bilinearly to the input size and divided by its maximum. The gradient is
+    that of the head part of the model (:func:`split_at_feature_map`) with respect to the
+    feature map, taken the backend's way (:func:`backends.value_and_gradient`). For many
+    batches use ``Predictor(icl_model, gradcam=True)``, which compiles the same computation once.
 
     Parameters
     ----------
@@ -594,11 +649,11 @@ def gradcam_heatmaps(icl_model, images):
         raise ValueError(f"images must have shape (B, {size}, {size}, 1), got {images.shape}")
     if not np.isfinite(images).all():
         raise ValueError("images must be finite (prepared images hold no NaN or inf)")
-    model_with_features = gradcam_model(icl_model)
+    features_model, head_model = split_at_feature_map(icl_model)
     if len(images) == 0:  # convolutions reject an empty batch
         return np.zeros((0, size, size), np.float32), np.zeros((0, icl_model.output_shape[-1]), np.float32)
-    params, heatmaps = _gradcam(model_with_features, tf.constant(images))
-    return heatmaps.numpy(), params.numpy()
+    params, heatmaps = _gradcam(features_model, head_model, ops.convert_to_tensor(images))
+    return ops.convert_to_numpy(heatmaps), ops.convert_to_numpy(params)
 
 
 def default_micro_batch():
@@ -606,60 +661,66 @@ def default_micro_batch():
 
     On a CPU the 224x224x64 activations of the first stage (12.8 MB per image) fall out of
     cache when many images go through together; one image at a time ran about 1.9x faster
-    than batches of 32 on a 2-core Xeon (bench/RESULTS.md).
+    than batches of 32 on a 2-core Xeon (bench/RESULTS.md). The device is the Keras
+    backend's (:func:`backends.has_gpu`).
     """
-    return None if tf.config.list_logical_devices("GPU") else 1
+    return None if backends.has_gpu() else 1
 
 
 class Predictor:
     """Compiled forward pass plus mixture summary, one call per batch of prepared images.
 
-    The forward pass and the vectorised summary are compiled ``tf.function``s (optionally
-    XLA), so the summary runs on the accelerator; on a CPU the batch goes through the network
-    in micro-batches (see :func:`default_micro_batch`). With ``gradcam=True`` the forward pass
-    also gives the GradCAM heat maps (:func:`gradcam_heatmaps`): the network still runs once.
-    ``interval_scale`` widens the 15-85% interval about the mode (:func:`scale_interval`;
-    :func:`load_interval_scale` reads a checkpoint's calibration).
+    The forward pass and the vectorised summary are compiled for the Keras backend
+    (:func:`backends.compile_function`: ``tf.function``, optionally XLA, on TensorFlow;
+    ``jax.jit`` on JAX; eager elsewhere), so the summary runs on the accelerator; on a CPU the
+    batch goes through the network in micro-batches (see :func:`default_micro_batch`). With
+    ``gradcam=True`` the forward pass also gives the GradCAM heat maps
+    (:func:`gradcam_heatmaps`): the network still runs once. ``interval_scale`` widens the
+    15-85% interval about the mode (:func:`scale_interval`; :func:`load_interval_scale` reads a
+    checkpoint's calibration). The compiled functions read the model's current weights at
+    every call.
     """
 
     def __init__(self, model, step=GRID_STEP, jit_compile=False, micro_batch="auto", gradcam=False, interval_scale=1.0):
         self.model = model
         self.gradcam = gradcam
         self.interval_scale = float(interval_scale)
-        self.grid = tf.constant(summary_grid(step))
+        self.grid = ops.convert_to_tensor(summary_grid(step))
         self.micro_batch = default_micro_batch() if micro_batch == "auto" else micro_batch
         if gradcam:
-            model_with_features = gradcam_model(model)
+            features_model, head_model = split_at_feature_map(model)
 
             def forward(images):
-                return _gradcam(model_with_features, images)
+                return _gradcam(features_model, head_model, images)
         else:
 
             def forward(images):
-                return (tf.cast(model(images, training=False), tf.float32),)
+                return (ops.cast(model(images, training=False), "float32"),)
 
-        self._forward = tf.function(forward, jit_compile=jit_compile, reduce_retracing=True)
-        self._summarise = tf.function(lambda params: _summary(params, self.grid, PERCENTILES), reduce_retracing=True)
+        grid = self.grid
+        self._forward = backends.compile_function(forward, jit_compile=jit_compile, variables=model.variables)
+        self._summarise = backends.compile_function(lambda params: _summary(params, grid, PERCENTILES))
 
     def _run(self, images):
         """The forward pass's outputs (parameters, and heat maps with GradCAM), whole batch."""
-        images = tf.convert_to_tensor(images, tf.float32)
-        size = self.micro_batch or int(images.shape[0]) or 1
-        chunks = [self._forward(images[i : i + size]) for i in range(0, int(images.shape[0]), size)]
-        return [tf.concat(parts, axis=0) for parts in zip(*chunks)]
+        images = ops.convert_to_tensor(images, "float32")
+        n = int(images.shape[0])
+        size = self.micro_batch or n or 1
+        chunks = [self._forward(images[i : i + size]) for i in range(0, n, size)]
+        return [parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=0) for parts in zip(*chunks)]
 
     def parameters(self, images):
-        """Raw mixture parameters (B, 3 K) for images (B, S, S, 1)."""
+        """Raw mixture parameters (B, 3 K) for images (B, S, S, 1), a tensor of the Keras backend."""
         return self._run(images)[0]
 
     def __call__(self, images):
         """Summaries for images (B, S, S, 1): dict of NumPy arrays ``mode``, ``mean``, ``p15``,
         ``p85``, each (B,), and with GradCAM ``heatmaps`` (B, S, S)."""
         params, *heatmaps = self._run(images)
-        result = {key: value.numpy() for key, value in self._summarise(params).items()}
+        result = {key: ops.convert_to_numpy(value) for key, value in self._summarise(params).items()}
         result = scale_interval(result, self.interval_scale)
         if heatmaps:
-            result["heatmaps"] = heatmaps[0].numpy()
+            result["heatmaps"] = ops.convert_to_numpy(heatmaps[0])
         return result
 
 

@@ -12,6 +12,12 @@ Dagli), as the original code was; ported to Keras 3.
 
 Inputs are tidal cutouts already stretched with ``tidal_data.tidal_stretch`` (arcsinh(x /
 scale / 3) per band); the models hold the augmentation, so they take the full cutouts.
+
+The models are Keras 3 multi-backend models written with ``keras.ops``: they build, train,
+save and load with the TensorFlow backend (the default) or the JAX one (``KERAS_BACKEND=jax``,
+which needs no TensorFlow installed). Only the multi-device training of ``tf.distribute``
+(:func:`replica_nnclr_loss`, :func:`synchronise_batch_norm`) is TensorFlow's, and imports it
+when it runs.
 """
 
 import dataclasses
@@ -22,8 +28,7 @@ import zipfile
 
 import keras
 import numpy as np
-import tensorflow as tf
-from keras import layers
+from keras import layers, ops
 
 import augmentations
 import common
@@ -184,11 +189,22 @@ def build_encoder(config, name="nnclr_encoder"):
     return keras.Model(inputs, outputs, name=name)
 
 
+def output_dtype():
+    """The dtype of the model's last layers: the variables' dtype of the global policy
+    (float32 under ``mixed_bfloat16``; the policy's own dtype under a plain policy)."""
+    return keras.mixed_precision.dtype_policy().variable_dtype
+
+
 def build_projection_head(config, name="projection_head"):
-    """Projection head: Dense(projection_dim, ReLU) -> Dense(projection_dim)."""
+    """Projection head: Dense(projection_dim, ReLU) -> Dense(projection_dim).
+
+    The last layer computes in the dtype of the variables (:func:`output_dtype`), so that under
+    mixed precision (``mixed_bfloat16``) the loss, the support queue and the nearest neighbours
+    stay float32; under a plain policy (float32, float64) this changes nothing.
+    """
     inputs = keras.Input((config.representation_dim,), name="representation")
     x = layers.Dense(config.projection_dim, activation="relu", name="projection_dense1")(inputs)
-    outputs = layers.Dense(config.projection_dim, name="projection_dense2")(x)
+    outputs = layers.Dense(config.projection_dim, dtype=output_dtype(), name="projection_dense2")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -203,9 +219,31 @@ def build_augmenter(config, seed=None):
     )
 
 
+#: Keras backends whose training steps :class:`NNCLR` implements.
+TRAINING_BACKENDS = ("tensorflow", "jax")
+
+
+def _backend():
+    """The name of the Keras backend in use (``tensorflow``, ``jax``, ...)."""
+    return keras.backend.backend()
+
+
+def _require_tensorflow(what):
+    """Import TensorFlow for ``what``, a ``tf.distribute`` feature; one clear error on another backend."""
+    if _backend() != "tensorflow":
+        raise ValueError(f"{what} needs the TensorFlow backend (KERAS_BACKEND=tensorflow); this run uses {_backend()}")
+    import tensorflow as tf
+
+    return tf
+
+
 def l2_normalise(vectors):
-    """Rows scaled to unit length."""
-    return tf.math.l2_normalize(vectors, axis=1)
+    """Rows scaled to unit length.
+
+    As ``tf.math.l2_normalize(vectors, axis=1)``: rows times ``rsqrt(max(sum of squares, 1e-12))``.
+    """
+    square_sum = ops.sum(ops.square(vectors), axis=1, keepdims=True)
+    return vectors * ops.rsqrt(ops.maximum(square_sum, 1e-12))
 
 
 def nearest_neighbour(projections, queue):
@@ -224,9 +262,9 @@ def nearest_neighbour(projections, queue):
         The neighbour (largest cosine similarity) in the forward pass; in the backward pass the
         gradient goes to ``projections`` unchanged (the neighbour lookup is not differentiable).
     """
-    similarities = tf.matmul(projections, queue, transpose_b=True)
-    neighbours = tf.gather(queue, tf.argmax(similarities, axis=1))
-    return projections + tf.stop_gradient(neighbours - projections)
+    similarities = ops.matmul(projections, ops.transpose(queue))
+    neighbours = ops.take(queue, ops.argmax(similarities, axis=1), axis=0)
+    return projections + ops.stop_gradient(neighbours - projections)
 
 
 def nnclr_loss(projections_1, projections_2, queue, temperature):
@@ -254,9 +292,8 @@ def nnclr_loss(projections_1, projections_2, queue, temperature):
     neighbours_1 = nearest_neighbour(z1, queue)
     neighbours_2 = nearest_neighbour(z2, queue)
     logits = _four_logits((z1, z2, neighbours_1, neighbours_2), (z1, z2, neighbours_1, neighbours_2), temperature)
-    batch = tf.shape(z1)[0]
-    targets = tf.tile(tf.range(batch), [4])
-    return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True))
+    targets = ops.tile(ops.arange(ops.shape(z1)[0]), [4])
+    return ops.mean(keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True))
 
 
 def _four_logits(rows, columns, temperature):
@@ -267,12 +304,12 @@ def _four_logits(rows, columns, temperature):
     """
     z1, z2, neighbours_1, neighbours_2 = rows
     all_z1, all_z2, all_neighbours_1, all_neighbours_2 = columns
-    return tf.concat(
+    return ops.concatenate(
         [
-            tf.matmul(neighbours_1, all_z2, transpose_b=True),
-            tf.matmul(z2, all_neighbours_1, transpose_b=True),
-            tf.matmul(neighbours_2, all_z1, transpose_b=True),
-            tf.matmul(z1, all_neighbours_2, transpose_b=True),
+            ops.matmul(neighbours_1, ops.transpose(all_z2)),
+            ops.matmul(z2, ops.transpose(all_neighbours_1)),
+            ops.matmul(neighbours_2, ops.transpose(all_z1)),
+            ops.matmul(z1, ops.transpose(all_neighbours_2)),
         ],
         axis=0,
     ) / temperature
@@ -288,7 +325,7 @@ def replica_nnclr_loss(projections_1, projections_2, queue, temperature):
     four logit matrices of :func:`nnclr_loss` against the gathered batch, and divides their
     sum by the global number of rows. The shares summed over replicas (as the optimizer sums
     the replicas' gradients) are the loss :func:`nnclr_loss` gives on the whole batch on one
-    device. With one replica the share is that loss.
+    device. With one replica the share is that loss. TensorFlow backend only.
 
     Parameters
     ----------
@@ -305,7 +342,13 @@ def replica_nnclr_loss(projections_1, projections_2, queue, temperature):
     gathered_1 : tensor, shape (B, D)
         The L2-normalised projections of the first view of the whole batch, in batch order
         (replica 0's slice first), as the queue takes them.
+
+    Raises
+    ------
+    ValueError
+        On a Keras backend other than TensorFlow.
     """
+    tf = _require_tensorflow("the replica share of the NNCLR loss")
     replica = tf.distribute.get_replica_context()
     z1 = l2_normalise(projections_1)
     z2 = l2_normalise(projections_2)
@@ -329,6 +372,8 @@ def _replica_offset(replica, local):
     Replicas may hold unequal slices (the last batch of an epoch), so it is the sum of the
     slices of the replicas before this one.
     """
+    import tensorflow as tf
+
     sizes = replica.all_gather(tf.reshape(local, [1]), axis=0)
     return tf.reduce_sum(sizes[: replica.replica_id_in_sync_group])
 
@@ -339,12 +384,20 @@ def synchronise_batch_norm(model, synchronised=True):
     Under MirroredStrategy each replica sees only its slice of the batch; synchronised layers
     normalise with the mean and variance of the global batch (Keras's ``synchronized=True``),
     as one device would. The weights and architecture are unchanged. Nested models are included.
+    Switching to synchronised layers needs the TensorFlow backend; switching back works on any.
 
     Returns
     -------
     int
         The number of BatchNormalization layers switched.
+
+    Raises
+    ------
+    ValueError
+        When ``synchronised`` is true on a Keras backend other than TensorFlow.
     """
+    if synchronised:
+        _require_tensorflow("synchronised batch normalisation")
     switched = 0
     for layer in model.layers:
         if isinstance(layer, layers.BatchNormalization):
@@ -408,6 +461,11 @@ class NNCLR(keras.Model):
     ``only_first_replica`` aggregation: all replicas compute the same new queue and the
     first one's is kept. The batch-normalisation statistics stay per replica unless the
     encoder's layers are synchronised (:func:`synchronise_batch_norm`).
+
+    With the JAX backend the steps are pure functions of the model's state, as Keras's JAX
+    trainer asks: the step of one device with the same loss, the queue update coming out with
+    the other non-trainable variables (batch-normalisation statistics, random-generator
+    states). Other backends can build and call the model but not train it.
     """
 
     def __init__(self, config=NNCLRConfig(), seed=None, encoder=None, **kwargs):
@@ -459,30 +517,58 @@ class NNCLR(keras.Model):
 
     def push_to_queue(self, projections):
         """Put L2-normalised projections at the front of the queue; the oldest rows drop out."""
-        batch = tf.shape(projections)[0]
-        self.queue.assign(tf.concat([projections, self.queue[: self.config.queue_size - batch]], axis=0))
+        batch = ops.shape(projections)[0]
+        projections = ops.cast(projections, self.queue.dtype)
+        self.queue.assign(ops.concatenate([projections, self.queue[: self.config.queue_size - batch]], axis=0))
 
     def update_contrastive_accuracy(self, features_1, features_2):
         """Top-1 retrieval of the other view of the same galaxy among the batch (both ways)."""
-        similarities = tf.matmul(l2_normalise(features_1), l2_normalise(features_2), transpose_b=True)
-        targets = tf.range(tf.shape(features_1)[0])
-        self.contrastive_accuracy.update_state(
-            tf.concat([targets, targets], axis=0), tf.concat([similarities, tf.transpose(similarities)], axis=0)
-        )
+        self.contrastive_accuracy.update_state(*contrastive_accuracy_inputs(features_1, features_2))
 
     def update_correlation_accuracy(self, features_1, features_2):
         """Fraction of feature dimensions most correlated with themselves across the two views."""
-        features_1 = (features_1 - tf.reduce_mean(features_1, axis=0)) / (tf.math.reduce_std(features_1, axis=0) + 1e-6)
-        features_2 = (features_2 - tf.reduce_mean(features_2, axis=0)) / (tf.math.reduce_std(features_2, axis=0) + 1e-6)
-        batch = tf.cast(tf.shape(features_1)[0], features_1.dtype)
-        cross_correlation = tf.matmul(features_1, features_2, transpose_a=True) / batch
-        targets = tf.range(tf.shape(features_1)[1])
-        self.correlation_accuracy.update_state(
-            tf.concat([targets, targets], axis=0),
-            tf.concat([cross_correlation, tf.transpose(cross_correlation)], axis=0),
-        )
+        self.correlation_accuracy.update_state(*correlation_accuracy_inputs(features_1, features_2))
 
-    def train_step(self, data):
+    def train_step(self, *arguments):
+        """One NNCLR step on a batch of stretched images.
+
+        Parameters
+        ----------
+        *arguments
+            ``data`` with the TensorFlow backend; ``state, data`` with the JAX backend, where
+            ``state`` is ``(trainable_variables, non_trainable_variables, optimizer_variables,
+            metrics_variables)``, as the backend's trainer calls it.
+
+        Returns
+        -------
+        dict or (dict, tuple)
+            The metrics (``loss``, ``c_loss``, ``c_acc``, ``r_acc``); with JAX, also the new state.
+        """
+        backend = _backend()
+        if backend == "tensorflow":
+            return self._tensorflow_train_step(*arguments)
+        if backend == "jax":
+            return self._jax_train_step(*arguments)
+        raise ValueError(_unsupported_training(backend))
+
+    def test_step(self, *arguments):
+        """The metrics of a batch without training (random views, inference-mode encoder).
+
+        ``data`` with the TensorFlow backend; ``state, data`` with the JAX backend, where
+        ``state`` is ``(trainable_variables, non_trainable_variables, metrics_variables)``.
+        """
+        backend = _backend()
+        if backend == "tensorflow":
+            return self._tensorflow_test_step(*arguments)
+        if backend == "jax":
+            return self._jax_test_step(*arguments)
+        raise ValueError(_unsupported_training(backend))
+
+    # TensorFlow: a gradient tape in a tf.distribute replica context (one replica or many).
+
+    def _tensorflow_train_step(self, data):
+        import tensorflow as tf
+
         images = _images_of(data)
         self.check_images(images)
         replica = tf.distribute.get_replica_context()
@@ -502,7 +588,12 @@ class NNCLR(keras.Model):
         return {metric.name: metric.result() for metric in self.metrics}
 
     def replica_views(self, replica, images):
-        """This replica's slice of two random views of the global batch (see the class notes)."""
+        """This replica's slice of two random views of the global batch (see the class notes).
+
+        TensorFlow backend only: ``replica`` is the ``tf.distribute`` replica context.
+        """
+        import tensorflow as tf
+
         if replica.num_replicas_in_sync == 1:
             return self.augmenter(images, training=True), self.augmenter(images, training=True)
         local = tf.shape(images)[0]
@@ -515,7 +606,12 @@ class NNCLR(keras.Model):
         return tuple(self.augmenter(gathered, training=True)[offset : offset + local] for _ in range(2))
 
     def update_step_metrics(self, replica, contrastive_share, features_1, features_2):
-        """Update the metrics with global-batch values (the same on every replica)."""
+        """Update the metrics with global-batch values (the same on every replica).
+
+        TensorFlow backend only: ``replica`` is the ``tf.distribute`` replica context.
+        """
+        import tensorflow as tf
+
         contrastive_loss = replica.all_reduce("sum", tf.stop_gradient(contrastive_share))
         features_1, features_2 = replica.all_gather([tf.stop_gradient(features_1), tf.stop_gradient(features_2)], axis=0)
         self.loss_tracker.update_state(contrastive_loss)
@@ -523,7 +619,9 @@ class NNCLR(keras.Model):
         self.update_contrastive_accuracy(features_1, features_2)
         self.update_correlation_accuracy(features_1, features_2)
 
-    def test_step(self, data):
+    def _tensorflow_test_step(self, data):
+        import tensorflow as tf
+
         images = _images_of(data)
         self.check_images(images)
         replica = tf.distribute.get_replica_context()
@@ -535,6 +633,108 @@ class NNCLR(keras.Model):
         )
         self.update_step_metrics(replica, contrastive_share, features_1, features_2)
         return {metric.name: metric.result() for metric in self.metrics}
+
+    # JAX: pure functions of the state, differentiated with jax.value_and_grad.
+
+    def _one_device_loss(self, trainable_variables, non_trainable_variables, images, training):
+        """The NNCLR loss of one device as a pure function of the model's variables.
+
+        The forward pass of :meth:`_tensorflow_train_step` with one replica (two random views,
+        encoder, projection head, :func:`nnclr_loss`, and in training the first view's
+        projections pushed into the queue), run in a ``keras.StatelessScope`` as
+        ``Layer.stateless_call`` runs ``call``: the variables read the values given, and their
+        updates are returned instead of assigned.
+
+        Returns
+        -------
+        loss : scalar tensor
+        (features_1, features_2, non_trainable_variables)
+            The representations of the two views, and the non-trainable variables after the
+            pass (queue, batch-normalisation statistics, random-generator states).
+        """
+        mapping = list(zip(self.trainable_variables, trainable_variables))
+        mapping += list(zip(self.non_trainable_variables, non_trainable_variables))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            view_1 = self.augmenter(images, training=True)
+            view_2 = self.augmenter(images, training=True)
+            features_1 = self.encoder(view_1, training=training)
+            features_2 = self.encoder(view_2, training=training)
+            projections_1 = self.projection_head(features_1, training=training)
+            projections_2 = self.projection_head(features_2, training=training)
+            loss = nnclr_loss(projections_1, projections_2, self.queue, self.config.temperature)
+            if training:
+                self.push_to_queue(ops.stop_gradient(l2_normalise(projections_1)))
+        updated = [scope.get_current_value(variable) for variable in self.non_trainable_variables]
+        return loss, (ops.stop_gradient(features_1), ops.stop_gradient(features_2), updated)
+
+    def _stateless_metrics(self, metrics_variables, loss, features_1, features_2):
+        """The metrics' new variables and results after this step (see :meth:`update_step_metrics`)."""
+        inputs = ((loss,), (loss,), contrastive_accuracy_inputs(features_1, features_2),
+                  correlation_accuracy_inputs(features_1, features_2))
+        logs, updated, position = {}, [], 0
+        for metric, metric_inputs in zip(self.metrics, inputs):
+            count = len(metric.variables)
+            values = metric.stateless_update_state(metrics_variables[position : position + count], *metric_inputs)
+            logs[metric.name] = metric.stateless_result(values)
+            updated.extend(values)
+            position += count
+        return logs, updated
+
+    def _jax_train_step(self, state, data):
+        import jax
+
+        trainable_variables, non_trainable_variables, optimizer_variables, metrics_variables = state
+        images = _images_of(data)
+        self.check_images(images)
+        gradient_function = jax.value_and_grad(self._one_device_loss, has_aux=True)
+        (loss, (features_1, features_2, non_trainable_variables)), gradients = gradient_function(
+            trainable_variables, non_trainable_variables, images, True
+        )
+        trainable_variables, optimizer_variables = self.optimizer.stateless_apply(
+            optimizer_variables, gradients, trainable_variables
+        )
+        logs, metrics_variables = self._stateless_metrics(metrics_variables, loss, features_1, features_2)
+        return logs, (trainable_variables, non_trainable_variables, optimizer_variables, metrics_variables)
+
+    def _jax_test_step(self, state, data):
+        trainable_variables, non_trainable_variables, metrics_variables = state
+        images = _images_of(data)
+        self.check_images(images)
+        loss, (features_1, features_2, non_trainable_variables) = self._one_device_loss(
+            trainable_variables, non_trainable_variables, images, False
+        )
+        logs, metrics_variables = self._stateless_metrics(metrics_variables, loss, features_1, features_2)
+        return logs, (trainable_variables, non_trainable_variables, metrics_variables)
+
+
+def _unsupported_training(backend):
+    return (f"NNCLR training supports the Keras backends {', '.join(TRAINING_BACKENDS)}, not {backend}; "
+            "set KERAS_BACKEND to one of them")
+
+
+def contrastive_accuracy_inputs(features_1, features_2):
+    """``(targets, scores)`` of the contrastive accuracy: top-1 retrieval of the other view among the batch.
+
+    Row i of the cosine similarities of the first views with the second ones scores the
+    batch for galaxy i (target i), and so does row i of their transpose (the other way).
+    """
+    features_1, features_2 = ops.cast(features_1, output_dtype()), ops.cast(features_2, output_dtype())
+    similarities = ops.matmul(l2_normalise(features_1), ops.transpose(l2_normalise(features_2)))
+    targets = ops.arange(ops.shape(features_1)[0])
+    return ops.concatenate([targets, targets], axis=0), ops.concatenate([similarities, ops.transpose(similarities)], axis=0)
+
+
+def correlation_accuracy_inputs(features_1, features_2):
+    """``(targets, scores)`` of the correlation accuracy: each feature dimension should be the
+    one most correlated with itself across the two views (rows of the cross-correlation both ways)."""
+    features_1, features_2 = ops.cast(features_1, output_dtype()), ops.cast(features_2, output_dtype())
+    features_1 = (features_1 - ops.mean(features_1, axis=0)) / (ops.std(features_1, axis=0) + 1e-6)
+    features_2 = (features_2 - ops.mean(features_2, axis=0)) / (ops.std(features_2, axis=0) + 1e-6)
+    batch = ops.cast(ops.shape(features_1)[0], features_1.dtype)
+    cross_correlation = ops.matmul(ops.transpose(features_1), features_2) / batch
+    targets = ops.arange(ops.shape(features_1)[1])
+    return (ops.concatenate([targets, targets], axis=0),
+            ops.concatenate([cross_correlation, ops.transpose(cross_correlation)], axis=0))
 
 
 def _images_of(data):
@@ -642,7 +842,8 @@ def build_classifier(encoder, config, fine_tune=False, seed=None, name="tidal_cl
     inputs = keras.Input(config.input_shape, name="image")
     views = build_augmenter(config, seed)(inputs)
     representations = encoder(views)
-    outputs = layers.Dense(1, activation="sigmoid", name="tidal_probability")(representations)
+    # float32 output under mixed precision too (the binary cross-entropy of a bfloat16 sigmoid saturates).
+    outputs = layers.Dense(1, activation="sigmoid", dtype=output_dtype(), name="tidal_probability")(representations)
     return keras.Model(inputs, outputs, name=name)
 
 

@@ -334,7 +334,6 @@ def train_supervised_baseline(config, train_images, train_labels, seed, validati
     record : dict
         ``steps`` trained, ``best_step`` and ``validation_auc`` (None with ``epochs``).
     """
-    import tensorflow as tf
     from sklearn.metrics import roc_auc_score
 
     keras.utils.set_random_seed(seed)
@@ -358,8 +357,7 @@ def train_supervised_baseline(config, train_images, train_labels, seed, validati
     validation_images, validation_labels = validation
     every = max(1, min_steps // BASELINE_CHECKS)
     patience = max(every, min_steps // 3)
-    dataset = (tf.data.Dataset.from_tensor_slices((np.asarray(train_images, np.float32), train_labels.astype(np.float32)))
-               .shuffle(len(train_labels), seed=seed, reshuffle_each_iteration=True).repeat().batch(batch_size))
+    dataset = _reshuffled_batches(np.asarray(train_images, np.float32), train_labels.astype(np.float32), batch_size, seed)
 
     class Convergence(keras.callbacks.Callback):
         def __init__(self):
@@ -382,6 +380,27 @@ def train_supervised_baseline(config, train_images, train_labels, seed, validati
     auc, best_step, weights = convergence.best
     classifier.set_weights(weights)
     return classifier, {"steps": int(convergence.steps), "best_step": int(best_step), "validation_auc": auc}
+
+
+def _reshuffled_batches(images, labels, batch_size, seed):
+    """Endless batches of the galaxies, reshuffled at every pass (a whole-set shuffle, then batches
+    that run on across passes): ``tf.data`` on TensorFlow, a NumPy generator on other backends."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return (tf.data.Dataset.from_tensor_slices((images, labels))
+                .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).repeat().batch(batch_size))
+
+    def batches():
+        rng = np.random.default_rng(seed)
+        order = np.empty(0, dtype=np.int64)
+        while True:
+            while len(order) < batch_size:
+                order = np.concatenate([order, rng.permutation(len(labels))])
+            chosen, order = order[:batch_size], order[batch_size:]
+            yield images[chosen], labels[chosen]
+
+    return batches()
 
 
 def label_efficiency(encoder, config, train_images, train_labels, test_images, test_labels, label_counts=LABEL_COUNTS,

@@ -6,7 +6,10 @@ Two modes, the original ``Train_NNCLR`` switch:
 * ``--load-encoder PATH``: load a trained encoder and train only the classifier.
 
 Data come from tidal HDF5 files (``INPUT...``, the tidal stacked layout of ``tidal_data``) or
-from the TFDS builders ``tidal_unlabelled`` / ``tidal_labelled`` (``--tfds-dir``).
+from the TFDS builders ``tidal_unlabelled`` / ``tidal_labelled`` (``--tfds-dir``). On the
+TensorFlow backend (the default) they stream through tf.data; on another Keras backend
+(``KERAS_BACKEND=jax``) through ``loaders``, which never import TensorFlow, so ``--tfds-dir``
+and the ``mirrored`` and ``multiworker`` strategies, which are TensorFlow's, are refused there.
 
 Outputs in ``--out-dir``: ``encoder.keras``, ``classifier.keras``, ``classifier_loss.png``,
 ``train_loss.npy`` and ``val_loss.npy`` (classifier binary cross-entropy per epoch),
@@ -47,6 +50,7 @@ import shutil
 import keras
 import numpy as np
 
+import loaders
 import locks
 import nnclr_model
 import plots
@@ -146,6 +150,7 @@ def build_parser():
     training = add_config_arguments(parser, "training (NNCLRTrainConfig)", NNCLRTrainConfig(), TINY_TRAIN_CONFIG)
     training.add_argument("--linear-probe", dest="fine_tune", action="store_false", default=argparse.SUPPRESS,
                           help="keep the encoder frozen and train only the classifier's Dense layer (same as --no-fine-tune)")
+    common.add_precision_argument(parser)
     common.add_verbose_argument(parser)
     return parser
 
@@ -178,6 +183,61 @@ def global_batch_norm(model, strategy):
         nnclr_model.synchronise_batch_norm(model, False)
 
 
+def check_backend_options(args, train_config):
+    """Refuse, on a Keras backend other than TensorFlow, the data and strategies only TensorFlow serves."""
+    if keras.backend.backend() == "tensorflow":
+        return
+    if args.tfds_dir:
+        common.require_tensorflow("--tfds-dir (the TFDS tidal builders)")
+    if train_config.strategy != "default":
+        common.require_tensorflow(f"--strategy {train_config.strategy}")
+
+
+def first_unlabelled(source, count):
+    """The first ``count`` images (counts) of the unlabelled stream of ``source``, unshuffled."""
+    stream = source.unlabelled()
+    if isinstance(stream, tidal_data.TidalStream):
+        return stream.head(count)
+    return np.stack(list(stream.take(count).as_numpy_iterator()))
+
+
+def unlabelled_batches(source, config, train_config, band_scale):
+    """The stream NNCLR trains on: stretched, shuffled, full batches of the unlabelled images.
+
+    ``tidal_data.tidal_unlabelled_dataset`` (tf.data, each worker's share of the global batch)
+    on the TensorFlow backend, a :class:`loaders.TidalUnlabelledLoader` with the same batches
+    on the others; endless when ``steps_per_epoch`` sets the epochs.
+    """
+    repeat = bool(train_config.steps_per_epoch)
+    if keras.backend.backend() != "tensorflow":
+        stream = loaders.TidalUnlabelledLoader(
+            source.unlabelled(), band_scale, train_config.batch_size, train_config.shuffle_buffer,
+            seed=train_config.seed, min_size=config.min_image_size, repeat=repeat,
+        )
+        if len(stream) == 0:
+            raise ValueError(f"the unlabelled stream gave no batch of {train_config.batch_size} images; lower --batch-size")
+        return stream
+    stream = tidal_data.tidal_unlabelled_dataset(
+        source.unlabelled(), band_scale, train_config.batch_size, train_config.shuffle_buffer, seed=train_config.seed,
+        min_size=config.min_image_size,
+    )
+    stream = common.split_batches_across_workers(stream)
+    return stream.repeat() if repeat else stream
+
+
+def labelled_batches(source, indices, config, train_config, band_scale, shuffle):
+    """A classifier set of ``source`` as ``(stretched image, label)`` batches.
+
+    ``tidal_data.tidal_labelled_dataset`` (tf.data) on the TensorFlow backend, a
+    :class:`loaders.TidalLabelledLoader` with the same batches on the others.
+    """
+    arguments = (source.read_labelled(indices), source.labels[indices], band_scale, train_config.classifier_batch_size)
+    options = {"shuffle": shuffle, "seed": train_config.seed, "min_size": config.min_image_size}
+    if keras.backend.backend() != "tensorflow":
+        return loaders.TidalLabelledLoader(*arguments, **options)
+    return common.split_batches_across_workers(tidal_data.tidal_labelled_dataset(*arguments, **options))
+
+
 def train_encoder(source, config, train_config, band_scale, folders, strategy=None):
     """Train NNCLR on the unlabelled stream; returns the trained encoder (saved as ``encoder.keras``).
 
@@ -197,13 +257,7 @@ def train_encoder(source, config, train_config, band_scale, folders, strategy=No
         The model is built and compiled inside its scope (default: one device).
     """
     strategy = strategy or common.make_strategy()
-    stream = tidal_data.tidal_unlabelled_dataset(
-        source.unlabelled(), band_scale, train_config.batch_size, train_config.shuffle_buffer, seed=train_config.seed,
-        min_size=config.min_image_size,
-    )
-    stream = common.split_batches_across_workers(stream)
-    if train_config.steps_per_epoch:
-        stream = stream.repeat()
+    stream = unlabelled_batches(source, config, train_config, band_scale)
     with strategy.scope():
         model = nnclr_model.NNCLR(config, seed=train_config.seed)
         model.compile(optimizer=keras.optimizers.Adam(train_config.learning_rate))
@@ -242,11 +296,7 @@ def train_classifier(encoder, source, splits, config, train_config, band_scale, 
     strategy = strategy or common.make_strategy()
 
     def dataset(name, shuffle):
-        indices = splits[name]
-        return common.split_batches_across_workers(tidal_data.tidal_labelled_dataset(
-            source.read_labelled(indices), source.labels[indices], band_scale, train_config.classifier_batch_size,
-            shuffle=shuffle, seed=train_config.seed, min_size=config.min_image_size,
-        ))
+        return labelled_batches(source, splits[name], config, train_config, band_scale, shuffle)
 
     with strategy.scope():
         classifier = nnclr_model.build_classifier(encoder, config, fine_tune=train_config.fine_tune, seed=train_config.seed)
@@ -307,6 +357,7 @@ def _main(argv, held):
     except ValueError as error:
         parser.error(str(error))
     try:
+        check_backend_options(args, train_config)
         common.check_output_dir(args.out_dir)
         held.enter_context(locks.folder_lock(args.out_dir))  # a second run into the same folder is refused
     except ValueError as error:
@@ -318,6 +369,7 @@ def _main(argv, held):
     # writes its own folder (the run folder itself but on the non-chief workers).
     folders = common.worker_folders(args.out_dir, strategy)
     out_dir = folders.own
+    common.set_precision(args.precision)
     keras.utils.set_random_seed(train_config.seed)
     try:
         source = nnclr_model.open_tidal_source(args.inputs, args.tfds_dir, args.tfds_unlabelled, args.tfds_labelled,
@@ -328,8 +380,7 @@ def _main(argv, held):
             encoder, config, band_scale = load_trained_encoder(args.load_encoder, config, source.image_shape, strategy)
         splits = tidal_data.tidal_source_splits(source, train_config.split_sizes, seed=train_config.seed)
         if band_scale is None:
-            first = list(source.unlabelled().take(tidal_data.TIDAL_SCALE_IMAGES).as_numpy_iterator())
-            band_scale = tidal_data.tidal_band_scale(np.stack(first))
+            band_scale = tidal_data.tidal_band_scale(first_unlabelled(source, tidal_data.TIDAL_SCALE_IMAGES))
         # The augmentation's noise is in units of the band scale of the stretch, as the original's.
         config = dataclasses.replace(config, noise_scale=tuple(float(value) for value in band_scale))
     except (ValueError, OSError) as error:

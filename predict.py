@@ -21,7 +21,8 @@ so that resuming from a finished CSV is checked too).
 Memory stays bounded whatever the number of cutouts: they stream from disk in batches.
 ``--gradcam-dir DIR`` also writes a GradCAM overlay per cutout, from the same forward pass.
 ``--dask ADDRESS`` (or ``local:N``) spreads the cutouts over a Dask cluster, in partitions of
-``--partition-size``; the CSV is the same as without it.
+``--partition-size``; the CSV is the same as without it. It runs on any Keras backend: with
+``KERAS_BACKEND=jax`` the cutouts stream through ``loaders`` and TensorFlow is never imported.
 
 Example::
 

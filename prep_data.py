@@ -42,7 +42,8 @@ The HDF5 layouts are written by :mod:`data.files`; the tidal-feature cutouts hav
 module, :mod:`tidal_data`.
 
 The ``tf.data`` pipelines stream cutouts from disk in parallel, one cutout at a time, so
-inputs of any size never have to fit in memory.
+inputs of any size never have to fit in memory; ``loaders.CutoutLoader`` does the same without
+TensorFlow, for the other Keras backends.
 """
 
 import common
@@ -598,7 +599,28 @@ def load_prepared(ref, size=hsc.ICL_IMAGE_SIZE):
 
 
 # ----------------------------------------------------------------------------------------
-# tf.data pipelines
+# Streams: tf.data pipelines here, keras.utils.PyDataset loaders in loaders.py
+
+
+def load_for_stream(ref, size=hsc.ICL_IMAGE_SIZE, strict=False):
+    """One cutout of a stream, prepared: ``(image, message)``.
+
+    ``image`` is the (size, size, 1) model input and ``message`` is empty; a cutout that cannot
+    be read or prepared gives a zero image and the one-line message naming it, so one broken
+    file never stops a stream. With ``strict`` the error is raised instead (training and
+    fine-tuning sets must not lose examples silently). Both :func:`cutout_dataset` and
+    :class:`loaders.CutoutLoader` read their cutouts through this function.
+    """
+    try:
+        return load_prepared(ref, size), ""
+    except CutoutError as error:
+        if strict:
+            raise
+        return np.zeros((size, size, 1), np.float32), str(error)
+    except Exception as error:  # one broken cutout must never cost its batch
+        if strict:
+            raise
+        return np.zeros((size, size, 1), np.float32), f"{ref.source}: cannot read cutout ({type(error).__name__}: {error})"
 
 
 def cutout_dataset(refs, batch_size, size=hsc.ICL_IMAGE_SIZE, labels=None, shuffle_seed=None, strict=False):
@@ -624,24 +646,17 @@ def cutout_dataset(refs, batch_size, size=hsc.ICL_IMAGE_SIZE, labels=None, shuff
         Batches of dicts: ``image`` (B, size, size, 1) float32, ``index`` (B,) int64 position in
         ``refs``, ``error`` (B,) string, empty when the cutout was prepared; a bad cutout gives
         a zero image and its message, so one broken file never stops a stream.
+
+    ``loaders.CutoutLoader`` gives the same batches without TensorFlow, for the other Keras
+    backends.
     """
     import tensorflow as tf
 
     refs = list(refs)
 
     def load(index):
-        index = int(index)
-        try:
-            return load_prepared(refs[index], size), b""
-        except CutoutError as error:
-            if strict:
-                raise
-            return np.zeros((size, size, 1), np.float32), str(error).encode()
-        except Exception as error:  # noqa: BLE001 - one broken cutout must never cost its batch
-            if strict:
-                raise
-            message = f"{refs[index].source}: cannot read cutout ({type(error).__name__}: {error})"
-            return np.zeros((size, size, 1), np.float32), message.encode()
+        image, message = load_for_stream(refs[int(index)], size, strict)
+        return image, message.encode()
 
     def load_tf(index):
         image, error = tf.numpy_function(load, [index], [tf.float32, tf.string], stateful=False)

@@ -1,5 +1,7 @@
 """Tidal-feature cutouts (Desmons et al. 2023; SPEC Part B): reading, stretch, classifier
-splits, the ``tf.data`` pipelines and the :class:`TidalSource` the NNCLR scripts train on.
+splits, the ``tf.data`` pipelines, the :class:`TidalStream` of tidal files and the
+:class:`TidalSource` the NNCLR scripts train on (``loaders`` streams the same batches without
+TensorFlow, for the other Keras backends).
 
 128 x 128 cutouts in the bands g, r, i, z, y, counts at zero point 27, stored in the tidal
 stacked HDF5 layout (``image`` (N, H, W, 5) float32, ``id``, ``has_tidal``, ``feature_type``,
@@ -21,6 +23,7 @@ import pathlib
 import h5py
 import numpy as np
 
+import common
 import hsc
 from data.files import write_stacked_hdf5
 from prep_data import CutoutError, decode_strings, file_kind, find_files
@@ -39,6 +42,8 @@ TIDAL_SPLIT_SIZES = (300, 30, 50)
 TIDAL_FLOAT_COLUMNS = ("feature_sb", "feature_snr", "feature_contrast", "feature_light_fraction")
 #: Value of ``visible`` where it is unknown (a file without the column).
 VISIBLE_UNKNOWN = -1
+#: Galaxies read from a file at a time by the streams of the unlabelled set.
+STREAM_CHUNK = 64
 
 
 def check_tidal_shape(shape, min_size=0, n_bands=len(TIDAL_BANDS), name="images"):
@@ -513,12 +518,15 @@ def catalogue_subset(catalogue, indices):
     )
 
 
-def tidal_hdf5_dataset(catalogue, chunk=64):
+def tidal_hdf5_dataset(catalogue, chunk=None):
     """Stream every image of a :class:`TidalCatalogue` from disk as ``{"image", "id"}`` elements.
 
-    Reads ``chunk`` rows at a time so the unlabelled set never has to fit in memory.
+    Reads ``chunk`` rows at a time (default :data:`STREAM_CHUNK`) so the unlabelled set never has
+    to fit in memory.
     """
     import tensorflow as tf
+
+    chunk = chunk or STREAM_CHUNK
 
     def generate():
         for start in range(0, len(catalogue), chunk):
@@ -534,6 +542,99 @@ def tidal_hdf5_dataset(catalogue, chunk=64):
     dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
     # A known length lets Keras size its epochs without running out of data first.
     return dataset.apply(tf.data.experimental.assert_cardinality(len(catalogue)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TidalStream:
+    """The unlabelled stream of tidal HDF5 files: every galaxy of ``catalogues``, in order.
+
+    What the NNCLR encoder trains on when the data are files (:func:`tidal_source_from_hdf5`),
+    readable by position without TensorFlow (:meth:`read`, as ``loaders.TidalUnlabelledLoader``
+    does) and, on the TensorFlow backend, as the tf.data stream of :func:`tidal_hdf5_dataset`.
+
+    Calling it gives the stream as the backend's pipelines take it: on TensorFlow an unbatched
+    ``tf.data.Dataset`` of counts images (H, W, bands), each catalogue's after the one before;
+    on any other Keras backend the stream itself, so that ``source.unlabelled()`` of a
+    :class:`TidalSource` and its :meth:`concatenate` never import TensorFlow there.
+
+    Attributes
+    ----------
+    catalogues : tuple of TidalCatalogue
+        The files' galaxies, streamed one catalogue after the other.
+    """
+
+    catalogues: tuple
+
+    def __post_init__(self):
+        object.__setattr__(self, "catalogues", tuple(self.catalogues))
+        if not self.catalogues:
+            raise ValueError("a tidal stream needs at least one catalogue")
+        shapes = {tuple(catalogue.image_shape) for catalogue in self.catalogues}
+        if len(shapes) > 1:
+            raise ValueError(f"the files of one tidal stream must hold images of one shape, got {sorted(shapes)}")
+
+    def __len__(self):
+        return sum(len(catalogue) for catalogue in self.catalogues)
+
+    @property
+    def image_shape(self):
+        """(H, W, bands) of every image."""
+        return tuple(self.catalogues[0].image_shape)
+
+    def concatenate(self, other):
+        """This stream followed by ``other`` (a :class:`TidalStream`)."""
+        if not isinstance(other, TidalStream):
+            raise TypeError(f"a tidal stream can only be followed by another tidal stream, got {type(other).__name__}")
+        return TidalStream(self.catalogues + other.catalogues)
+
+    def read(self, positions):
+        """Counts images (float32) of the galaxies at ``positions`` of the stream, in that order.
+
+        Non-finite pixels are read as 0 and unusable images are refused, as in
+        :func:`read_tidal_images`.
+
+        Returns
+        -------
+        ndarray, shape (len(positions), H, W, bands)
+        """
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
+            raise IndexError(f"stream positions must be in [0, {len(self)}), got {positions.min()}..{positions.max()}")
+        starts = np.cumsum([0] + [len(catalogue) for catalogue in self.catalogues])
+        owner = np.searchsorted(starts, positions, side="right") - 1
+        images = np.empty((positions.size,) + self.image_shape, dtype=np.float32)
+        for index, catalogue in enumerate(self.catalogues):
+            chosen = np.flatnonzero(owner == index)
+            if chosen.size:
+                images[chosen] = read_tidal_images(catalogue, positions[chosen] - starts[index])
+        return images
+
+    def head(self, count, chunk=None):
+        """The first ``count`` images (fewer if the stream is shorter), read ``chunk`` at a time.
+
+        The chunks are those of :func:`tidal_hdf5_dataset` (default :data:`STREAM_CHUNK`), so an
+        unusable image among them is reported as the tf.data stream reports it.
+        """
+        chunk = chunk or STREAM_CHUNK
+        count = min(int(count), len(self))
+        parts, read = [], 0
+        for catalogue in self.catalogues:
+            for start in range(0, len(catalogue), chunk):
+                if read >= count:
+                    break
+                parts.append(read_tidal_images(catalogue, np.arange(start, min(start + chunk, len(catalogue)))))
+                read += len(parts[-1])
+        images = np.concatenate(parts) if parts else np.empty((0,) + self.image_shape, np.float32)
+        return images[:count]
+
+    def __call__(self):
+        if common.keras_backend() != "tensorflow":
+            return self
+        datasets = [tidal_hdf5_dataset(catalogue).map(lambda element: element["image"]) for catalogue in self.catalogues]
+        stream = datasets[0]
+        for dataset in datasets[1:]:
+            stream = stream.concatenate(dataset)
+        return stream
 
 
 def write_tidal_hdf5(path, images, ids, columns=None):
@@ -567,7 +668,9 @@ class TidalSource:
         ``read_labelled(indices)`` -> counts (len(indices), H, W, bands) of labelled galaxies.
     unlabelled : callable
         ``unlabelled()`` -> unbatched tf.data.Dataset of counts images (H, W, bands): the
-        unlabelled set with the tidal galaxies joined in.
+        unlabelled set with the tidal galaxies joined in. For HDF5 files it is a
+        :class:`TidalStream`, which the loaders of every backend read (and which calling
+        returns itself on a backend other than TensorFlow).
     splits : dict of str -> ndarray of int, or None
         Classifier sets fixed by the storage (the TFDS builder's splits), as indices into
         ``ids``; None when :func:`tidal_classifier_splits` draws them.
@@ -650,7 +753,7 @@ def tidal_source_from_hdf5(inputs):
         labels=catalogue.has_tidal,
         image_shape=catalogue.image_shape,
         read_labelled=lambda indices: read_tidal_images(catalogue, indices),
-        unlabelled=lambda: tidal_hdf5_dataset(catalogue).map(lambda element: element["image"]),
+        unlabelled=TidalStream((catalogue,)),
         truth=truth if has_truth else None,
         catalogue=catalogue,
     )

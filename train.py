@@ -1,7 +1,11 @@
 """Train the ICL regressor on artificial cluster images (Canepa et al. 2025, SPEC Part A).
 
 Data come from the TFDS dataset ``icl_artificial`` (built by ``data/icl_datasets.py``) or
-from HDF5/FITS cutouts with a per-cutout label column. The run directory receives:
+from HDF5/FITS cutouts with a per-cutout label column (HDF5 shards of ``python -m data.generate``,
+prepared .npy files, FITS). On the TensorFlow backend (the default) the cutouts stream through
+tf.data; on another Keras backend (``KERAS_BACKEND=jax``) through ``loaders``, which never
+import TensorFlow, so the TFDS dataset and the ``mirrored`` and ``multiworker`` strategies,
+which are TensorFlow's, are refused there. The run directory receives:
 
 * ``best.weights.h5`` (lowest validation loss) and ``final.weights.h5``, each with its
   ``.config.json``;
@@ -37,8 +41,8 @@ import sys
 import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
+import loaders
 import locks
 import model
 import plots
@@ -59,6 +63,8 @@ LABEL_KEY = "f_icl_sb"
 SEED = 0
 OUT_DIR = "runs/train"
 STRATEGY = "default"
+#: Memory (GiB) for prepared cutouts kept by the loaders of backends other than TensorFlow.
+CACHE_MEMORY_GB = 2.0
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +111,23 @@ def split_indices(n, validation_fraction, seed):
     return np.sort(order[n_validation:]), np.sort(order[:n_validation])
 
 
-def cutout_datasets(inputs, label_key, train_config, validation_fraction, image_size):
-    """Training and validation datasets of ``(image, label)`` streamed from cutout files.
+def labelled_stream(refs, labels, batch_size, image_size, shuffle_seed=None, cache_bytes=0):
+    """``(image, label)`` batches of cutouts for training or evaluation, stopping at a bad cutout.
+
+    A ``tf.data.Dataset`` (:func:`prep_data.cutout_dataset`) on the TensorFlow backend, a
+    :class:`loaders.LabelledCutoutLoader` with the same batches on the others, which keeps up
+    to ``cache_bytes`` of prepared cutouts in memory for the later epochs.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return loaders.LabelledCutoutLoader(refs, labels, batch_size, image_size, shuffle_seed=shuffle_seed, strict=True,
+                                            cache_bytes=cache_bytes)
+    dataset = prep_data.cutout_dataset(refs, batch_size, image_size, labels, shuffle_seed=shuffle_seed, strict=True)
+    return dataset.map(lambda e: (e["image"], e["label"]))
+
+
+def cutout_datasets(inputs, label_key, train_config, validation_fraction, image_size, cache_bytes=0):
+    """Training and validation datasets of ``(image, label)`` streamed from cutout files
+    (:func:`labelled_stream`; ``cache_bytes`` is each stream's memory cache off TensorFlow).
 
     Returns ``(train_data, validation_data, train_labels)``.
     """
@@ -117,10 +138,8 @@ def cutout_datasets(inputs, label_key, train_config, validation_fraction, image_
     train_idx, val_idx = split_indices(len(refs), validation_fraction, train_config.seed)
 
     def stream(indices, batch_size, shuffle_seed):
-        dataset = prep_data.cutout_dataset(
-            [refs[i] for i in indices], batch_size, image_size, labels[indices], shuffle_seed=shuffle_seed, strict=True
-        )
-        return dataset.map(lambda e: (e["image"], e["label"]))
+        return labelled_stream([refs[i] for i in indices], labels[indices], batch_size, image_size, shuffle_seed,
+                               cache_bytes)
 
     return (
         stream(train_idx, train_config.batch_size, train_config.seed),
@@ -132,8 +151,9 @@ def cutout_datasets(inputs, label_key, train_config, validation_fraction, image_
 def tfds_datasets(name, data_dir, train_config, validation_fraction):
     """Training and validation datasets from a TFDS dataset with ``image`` and ``label`` features.
 
-    Returns ``(train_data, validation_data, train_labels)``.
+    TensorFlow backend only. Returns ``(train_data, validation_data, train_labels)``.
     """
+    import tensorflow as tf
     import tensorflow_datasets as tfds
 
     import data.icl_datasets  # noqa: F401  (registers the project's builders)
@@ -169,7 +189,7 @@ def tfds_datasets(name, data_dir, train_config, validation_fraction):
 
 def compiled_model(model_config, train_config, strategy=None, initial_weights=None):
     """The ICL model built and compiled (Adam, Beta-mixture NLL) inside ``strategy``'s scope."""
-    strategy = strategy or tf.distribute.get_strategy()
+    strategy = strategy or common.make_strategy()
     with strategy.scope():
         icl_model = model.build_icl_model(model_config, augment=train_config.augment, seed=train_config.seed)
         if initial_weights:
@@ -230,19 +250,19 @@ def train(model_config, train_config, train_data, validation_data, out_dir, real
     ----------
     model_config : model.ICLConfig
     train_config : TrainConfig
-    train_data, validation_data : tf.data.Dataset
-        Batches of ``(image (B, S, S, 1), label (B,))``; under a multi-worker strategy every
-        worker passes the same batches, B is the global batch and each worker trains on its
-        share of it (:func:`common.split_batches_across_workers`).
+    train_data, validation_data : tf.data.Dataset or keras.utils.PyDataset
+        Batches of ``(image (B, S, S, 1), label (B,))`` (:func:`labelled_stream`); under a
+        multi-worker strategy every worker passes the same batches, B is the global batch and
+        each worker trains on its share of it (:func:`common.split_batches_across_workers`).
     out_dir : path
         Run directory (created); rerunning into the same directory resumes. Under a
         multi-worker strategy only the chief writes it; the other workers write their own
         temporary folders (:func:`common.worker_folders`) and resume from the chief's backup.
-    real_data : tf.data.Dataset, optional
+    real_data : tf.data.Dataset or keras.utils.PyDataset, optional
         A set of real clusters evaluated with the trained model (no fine-tuning).
     initial_weights : path, optional
         Checkpoint to start from instead of random weights.
-    strategy : tf.distribute.Strategy, optional
+    strategy : tf.distribute.Strategy or common.OneDevice, optional
         Distribution strategy (see :func:`common.make_strategy`); one device by default.
     prior_labels : array, optional
         Training labels; when given (and no ``initial_weights``), the untrained head starts at
@@ -255,7 +275,7 @@ def train(model_config, train_config, train_data, validation_data, out_dir, real
         evaluates nothing (its folder is removed once training ends).
     """
     check_resumable(out_dir, model_config)
-    strategy = strategy or tf.distribute.get_strategy()
+    strategy = strategy or common.make_strategy()
     folders = common.worker_folders(out_dir, strategy)
     out_dir = folders.own
     train_data = common.split_batches_across_workers(train_data)
@@ -306,8 +326,9 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="labelled cutouts (FITS, HDF5, or directories of them); without any, the TFDS dataset --tfds")
-    parser.add_argument("--tfds", default=DATASET, help=f"TFDS dataset name when no INPUT is given (default {DATASET})")
-    parser.add_argument("--tfds-dir", help="TFDS data directory")
+    parser.add_argument("--tfds", help=f"TFDS dataset name when no INPUT is given (default {DATASET}; TensorFlow "
+                        "backend only)")
+    parser.add_argument("--tfds-dir", help="TFDS data directory (TensorFlow backend only)")
     parser.add_argument("--label-key", default=LABEL_KEY, help=f"label column of the cutout files (default {LABEL_KEY})")
     parser.add_argument("--real", nargs="+", metavar="PATH", help="real clusters to evaluate without fine-tuning")
     parser.add_argument("--real-label-key", default=LABEL_KEY, help="label column of the real clusters")
@@ -328,22 +349,51 @@ def build_parser():
     parser.add_argument("--no-label-prior", action="store_true",
                         help="start the mixture head from zero bias (the original) instead of the training labels' distribution")
     parser.add_argument("--strategy", choices=common.STRATEGIES, default=STRATEGY,
-                        help="tf.distribute strategy: one device, all local GPUs, or several machines (TF_CONFIG)")
+                        help="tf.distribute strategy: one device, all local GPUs, or several machines (TF_CONFIG); "
+                        "other backends than TensorFlow run on one device")
     parser.add_argument("--architecture", choices=sorted(model.ARCHITECTURES), default="paper",
                         help="paper (224 px, N = 6, the default), compact (112 px, N = 2, trainable on a CPU) "
                         "or tiny (32 px, N = 1, for smoke runs)")
     parser.add_argument("--tiny", action="store_true", help="same as --architecture tiny")
+    parser.add_argument("--cache-memory", type=float, default=CACHE_MEMORY_GB, metavar="GIB",
+                        help="backends other than TensorFlow: keep up to this many GiB of prepared cutouts in memory "
+                             f"after their first read, for the later epochs (default {CACHE_MEMORY_GB:g}; 0: off)")
+    common.add_precision_argument(parser)
     common.add_verbose_argument(parser)
     return parser
 
 
+def check_backend_options(args):
+    """Refuse, on a Keras backend other than TensorFlow, the data and strategies only TensorFlow serves."""
+    if not args.cache_memory >= 0:
+        raise ValueError(f"--cache-memory must be >= 0 GiB, got {args.cache_memory}")
+    if keras.backend.backend() == "tensorflow":
+        return
+    for option, value in (("--tfds", args.tfds), ("--tfds-dir", args.tfds_dir)):
+        if value is not None:
+            common.require_tensorflow(option)
+    if not args.inputs:
+        raise ValueError(f"training without INPUT files reads the TFDS dataset {DATASET}, which needs the TensorFlow "
+                         f"backend (KERAS_BACKEND=tensorflow); this run uses {keras.backend.backend()}: give labelled "
+                         "cutout files as INPUT")
+    if args.strategy != "default":
+        common.require_tensorflow(f"--strategy {args.strategy}")
+
+
 @common.interruptible(common.INTERRUPTED_TRAINING)
+@common.data_errors_are_one_line()
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        check_backend_options(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow work (the
     # datasets below initialise TensorFlow).
     strategy = common.make_strategy(args.strategy)
+    common.set_precision(args.precision)
     try:
         train_config = TrainConfig(
             epochs=args.epochs,
@@ -362,30 +412,26 @@ def main(argv=None):
         check_resumable(args.out_dir, model_config)
         if args.inputs:
             train_data, validation_data, train_labels = cutout_datasets(
-                args.inputs, args.label_key, train_config, args.validation_fraction, model_config.image_size
+                args.inputs, args.label_key, train_config, args.validation_fraction, model_config.image_size,
+                int(args.cache_memory * 2**30)
             )
         else:
-            train_data, validation_data, train_labels = tfds_datasets(args.tfds, args.tfds_dir, train_config, args.validation_fraction)
+            train_data, validation_data, train_labels = tfds_datasets(args.tfds or DATASET, args.tfds_dir, train_config,
+                                                                      args.validation_fraction)
         real_data = None
         if args.real:
             real_refs, errors = prep_data.index_cutouts(args.real)
             if errors:
                 raise prep_data.CutoutError(errors[0][1])
             real_labels = prep_data.read_labels(real_refs, args.real_label_key)
-            real_data = (
-                prep_data.cutout_dataset(
-                    real_refs, train_config.validation_batch_size, model_config.image_size, real_labels, strict=True
-                ).map(lambda e: (e["image"], e["label"]))
-            )
+            real_data = labelled_stream(real_refs, real_labels, train_config.validation_batch_size,
+                                        model_config.image_size)
         prior_labels = None if args.no_label_prior else train_labels
         with locks.folder_lock(args.out_dir):  # a second run into the same folder is refused, not mixed in
             metrics = train(model_config, train_config, train_data, validation_data, args.out_dir, real_data, args.init,
                             strategy, prior_labels)
     except (ValueError, model.CheckpointError, prep_data.CutoutError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    except tf.errors.OpError as error:
-        print(f"error: {common.tensorflow_error_line(error)}", file=sys.stderr)
         return 2
     if metrics is None:
         print(f"worker {strategy.cluster_resolver.task_id} finished; the chief writes {args.out_dir}")

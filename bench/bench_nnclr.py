@@ -1,14 +1,18 @@
 """Throughput of the NNCLR tidal-feature detector: training steps and classifier inference.
 
-Times ``NNCLR.train_step`` (two augmented views, encoder, projection head, nearest-neighbour
-loss, queue update, Adam) and the classifier's forward pass on the deterministic test-time
-view, on random stretched images of the configured size. Runs on whatever device TensorFlow
-sees (a GPU when there is one). The first step of each is a warm-up (tracing) and is not timed.
+Times NNCLR training through Keras ``fit`` (two augmented views, encoder, projection head,
+nearest-neighbour loss, queue update, Adam) on one batch given again at every step, and the
+classifier's forward pass on the deterministic test-time view, on random stretched images of
+the configured size. Runs on the Keras backend in use (``KERAS_BACKEND``: TensorFlow or JAX)
+and on whatever device it sees. Compiling is a warm-up and is not timed. On a GPU the
+training is also timed with ``mixed_bfloat16`` (``--policies`` chooses), beside the fp32
+baseline in the same run.
 
 Example::
 
     python bench/bench_nnclr.py                      # paper configuration, 128 px, batch 220
     python bench/bench_nnclr.py --batch-size 32 --steps 3 --out bench/nnclr_cpu.json
+    KERAS_BACKEND=jax python bench/bench_nnclr.py --steps 50 --policies float32 mixed_bfloat16
 """
 
 import pathlib
@@ -25,9 +29,9 @@ if __name__ in common.MAIN_NAMES:
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
 import time  # noqa: E402
+
+import machine  # noqa: E402
 
 # Defaults; every one can be set from the command line.
 BATCH_SIZE = 220  # images per NNCLR step (Desmons et al. 2023)
@@ -37,14 +41,38 @@ INFERENCE_BATCHES = 5  # timed classifier forward passes
 SEED = 0
 
 
-def device_description():
-    import tensorflow as tf
+def repeated(batch, steps):
+    """A ``keras.utils.PyDataset`` giving the same unlabelled batch ``steps`` times."""
+    import keras
 
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        return f"GPU: {details.get('device_name', gpus[0].name)}"
-    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores visible"
+    class Repeated(keras.utils.PyDataset):
+        def __len__(self):
+            return steps
+
+        def __getitem__(self, index):
+            return batch
+
+    return Repeated()
+
+
+def training_rate(config, images, steps, seed, policy):
+    """Images per second of ``steps`` NNCLR training steps through ``fit`` under a dtype policy."""
+    import keras
+
+    import nnclr_model
+
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(seed)
+        model = nnclr_model.NNCLR(config, seed=seed)
+        model.compile(optimizer=keras.optimizers.Adam())
+        model.fit(repeated(images, 2), epochs=1, verbose=0)  # compiles the step
+        start = time.perf_counter()
+        history = model.fit(repeated(images, steps), epochs=1, verbose=0)
+        seconds = time.perf_counter() - start
+        return len(images) * steps / seconds, float(history.history["loss"][-1]), model
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 def main(argv=None):
@@ -57,12 +85,14 @@ def main(argv=None):
     parser.add_argument("--inference-batch-size", type=int, default=INFERENCE_BATCH_SIZE)
     parser.add_argument("--inference-batches", type=int, default=INFERENCE_BATCHES)
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--policies", nargs="+", metavar="POLICY",
+                        help="Keras dtype policies of the timed training, the first the baseline "
+                             "(default: float32, and mixed_bfloat16 too on a GPU)")
     parser.add_argument("--out", help="also write the results to this JSON file")
     common.add_verbose_argument(parser)
     args = parser.parse_args(argv)
     import keras
     import numpy as np
-    import tensorflow as tf
 
     import nnclr_model
 
@@ -70,40 +100,38 @@ def main(argv=None):
     config = nnclr_model.TINY_CONFIG if args.tiny else nnclr_model.NNCLRConfig()
     if args.binning != 1:
         config = dataclasses.replace(config, binning=args.binning)
+    on_gpu = bool(machine.accelerators())
+    policies = args.policies or (["float32", "mixed_bfloat16"] if on_gpu else ["float32"])
     rng = np.random.default_rng(args.seed)
-    model = nnclr_model.NNCLR(config, seed=args.seed)
-    model.compile(optimizer=keras.optimizers.Adam())
-    images = tf.constant(rng.normal(size=(args.batch_size,) + config.input_shape).astype(np.float32))
-    step = tf.function(model.train_step, reduce_retracing=True)
-    keras.ops.convert_to_numpy(step(images)["loss"])
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        logs = step(images)
-    keras.ops.convert_to_numpy(logs["loss"])
-    train_seconds = time.perf_counter() - start
+    images = rng.normal(size=(args.batch_size,) + config.input_shape).astype(np.float32)
+    training = []
+    for policy in policies:
+        rate, loss, model = training_rate(config, images, args.steps, args.seed, policy)
+        training.append({"policy": policy, "images_per_second": rate, "ratio": rate / training[0]["images_per_second"]
+                         if training else 1.0, "final_loss": loss})
 
     classifier = nnclr_model.build_classifier(model.encoder, config)
-    predict = tf.function(lambda batch: classifier(batch, training=False))
-    batch = tf.constant(rng.normal(size=(args.inference_batch_size,) + config.input_shape).astype(np.float32))
-    keras.ops.convert_to_numpy(predict(batch))
+    batch = rng.normal(size=(args.inference_batch_size,) + config.input_shape).astype(np.float32)
+    classifier.predict(batch, batch_size=args.inference_batch_size, verbose=0)  # compiles the forward pass
     start = time.perf_counter()
     for _ in range(args.inference_batches):
-        scores = predict(batch)
+        scores = classifier.predict_on_batch(batch)
     keras.ops.convert_to_numpy(scores)
     inference_seconds = time.perf_counter() - start
 
     results = {
-        "device": device_description(),
+        "machine": machine.machine_description(),
+        "backend": keras.backend.backend(),
         "config": "tiny" if args.tiny else "paper",
         "binning": config.binning,
         "image_shape": list(config.input_shape),
         "train_batch_size": args.batch_size,
         "train_steps": args.steps,
-        "train_images_per_second": args.batch_size * args.steps / train_seconds,
+        "train_images_per_second": training[0]["images_per_second"],
+        "training": training,
         "inference_batch_size": args.inference_batch_size,
         "inference_batches": args.inference_batches,
         "inference_images_per_second": args.inference_batch_size * args.inference_batches / inference_seconds,
-        "tensorflow": tf.__version__,
     }
     print(json.dumps(results, indent=2))
     if args.out:

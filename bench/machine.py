@@ -22,18 +22,50 @@ def cpu_name():
     return cpu
 
 
-def machine_description():
-    """One line naming the CPU, its cores, the accelerators and the TensorFlow version."""
-    import tensorflow as tf
+def accelerators():
+    """Names of the accelerators the Keras backend sees (empty on a CPU-only machine)."""
+    import keras
 
-    cpu = cpu_name()
-    gpus = tf.config.list_physical_devices("GPU")
-    gpu_names = []
-    for gpu in gpus:
-        details = tf.config.experimental.get_device_details(gpu)
-        gpu_names.append(details.get("device_name", gpu.name))
-    accelerators = ", ".join(gpu_names) if gpu_names else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {accelerators}; TensorFlow {tf.__version__}, Python {platform.python_version()}"
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return [
+            tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+            for gpu in tf.config.list_physical_devices("GPU")
+        ]
+    if backend == "jax":
+        import jax
+
+        return [device.device_kind for device in jax.devices() if device.platform != "cpu"]
+    if backend == "torch":
+        import torch
+
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return []
+
+
+def backend_version():
+    """The Keras backend and its version, e.g. ``JAX 0.10.2``."""
+    import keras
+
+    backend = keras.backend.backend()
+    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend)
+    version = __import__(module).__version__ if module else "?"
+    name = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}.get(backend, backend)
+    return f"{name} {version}"
+
+
+def machine_description():
+    """One line naming the CPU, its cores, the accelerators and the Keras backend with its version."""
+    import keras
+
+    names = accelerators()
+    accelerator = ", ".join(names) if names else "no GPU"
+    return (
+        f"{cpu_name()}, {os.cpu_count()} cores, {accelerator}; {backend_version()} "
+        f"(Keras {keras.__version__}), Python {platform.python_version()}"
+    )
 
 
 def best_time(function, repeats=3, warmup=1):

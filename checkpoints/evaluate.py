@@ -118,6 +118,9 @@ def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE, heldout_se
     dict
         ``{"checkpoint", "n", "heldout_seed", "interval_scale", "columns": {key: metrics}}``.
     """
+    import keras
+
+    import loaders
     import model
     import plots
     import prep_data
@@ -130,8 +133,11 @@ def evaluate(checkpoint, inputs, out_dir=None, batch_size=BATCH_SIZE, heldout_se
         raise ValueError(f"none of the truth columns {', '.join(LABEL_KEYS)} is in {', '.join(map(str, inputs))}")
     predictor = model.Predictor(icl_model if icl_model is not None else model.load_icl_model(checkpoint))
     image_size = predictor.model.input_shape[1]
-    dataset = prep_data.cutout_dataset(refs, batch_size, image_size, strict=True)
-    parts = [predictor(batch["image"]) for batch in dataset]
+    if keras.backend.backend() == "tensorflow":
+        batches = prep_data.cutout_dataset(refs, batch_size, image_size, strict=True)
+    else:  # no tf.data without TensorFlow: the same batches from the backend-agnostic loader
+        batches = loaders.iterate(loaders.CutoutLoader(refs, batch_size, image_size, strict=True))
+    parts = [predictor(batch["image"]) for batch in batches]
     raw = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     if calibrate is not None:
         if calibrate not in labels:

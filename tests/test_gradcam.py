@@ -141,6 +141,14 @@ def test_feature_map_is_a_tensor_of_the_model_graph(tiny_model):
     assert {id(v) for v in features_and_output.weights} == {id(v) for v in tiny_model.weights}
 
 
+def test_model_split_at_the_feature_map_composes_to_the_model(tiny_model):
+    features_model, head_model = model.split_at_feature_map(tiny_model)
+    images = _images(2, seed=3)
+    np.testing.assert_allclose(head_model(features_model(images)), tiny_model(images), rtol=1e-5, atol=1e-6)
+    assert {id(v) for v in features_model.weights} | {id(v) for v in head_model.weights} == {id(v) for v in tiny_model.weights}
+    assert [layer.name for layer in head_model.layers[1:]] == [model.POOLING_NAME, "hidden", "mixture_params"]
+
+
 def test_heatmaps_agree_with_an_independent_computation(tiny_model):
     images = _images(2, seed=4)
     heatmaps, params = model.gradcam_heatmaps(tiny_model, images)

@@ -88,6 +88,29 @@ def test_negative_log_likelihood_matches_scipy_and_clamps(random_params):
     assert np.isfinite(edge).all()
 
 
+def test_negative_log_likelihood_matches_tensorflow_probability():
+    """The direct NLL (log-sum-exp of log w_k plus the Beta log-density) against TFP's mixture,
+    up to the Beta parameters of a narrow predicted distribution (the shipped heads reach 500)."""
+    rng = np.random.default_rng(8)
+    params = np.concatenate([rng.normal(0.0, 2.0, (500, 16)), rng.uniform(-3.0, 800.0, (500, 32))], axis=1)
+    params = params.astype(np.float32)
+    labels = rng.uniform(0.0, 1.0, 500).astype(np.float32)
+    labels[:2] = 0.0, 1.0
+    direct = model.negative_log_likelihood(labels, params).numpy()
+    clamped = np.clip(labels, model.LABEL_FLOOR, model.LABEL_CEILING).astype(np.float32)
+    via_tfp = -model.beta_mixture(params).log_prob(clamped).numpy()
+    assert np.isfinite(direct).all()
+    np.testing.assert_allclose(direct, via_tfp, rtol=1e-5, atol=1e-4)
+
+
+def test_loss_is_float32_for_a_bfloat16_head(random_params):
+    labels = np.linspace(0.05, 0.9, len(random_params)).astype(np.float32)
+    loss = model.BetaMixtureNLL()(labels, keras.ops.cast(random_params, "bfloat16"))
+    assert keras.backend.standardize_dtype(loss.dtype) == "float32"
+    rounded = keras.ops.cast(keras.ops.cast(random_params, "bfloat16"), "float32")
+    assert float(loss) == pytest.approx(float(np.mean(model.negative_log_likelihood(labels, rounded))), rel=1e-6)
+
+
 def test_summary_rejects_bad_grid():
     with pytest.raises(ValueError, match="grid step must be in"):
         model.summary_grid(0.0)
