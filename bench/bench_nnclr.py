@@ -18,8 +18,10 @@ Example::
 import pathlib
 import sys
 
-# Benchmarks run as scripts from anywhere; the project's modules live one folder up.
+# Benchmarks run as scripts from anywhere (or are loaded from their file): the project's modules
+# live one folder up, ``machine`` beside this file.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
