@@ -215,8 +215,10 @@ class Kit:
                 raise SystemExit(f"error: Keras is not installed and {WHEELS} is missing: run bench/gpu/fetch_wheels.py "
                                  "and carry bench/gpu/wheels")
             self.say(f"installing {', '.join(PACKAGES)} from {WHEELS}")
-            subprocess.run([self.python, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", str(WHEELS),
-                            "--target", str(site), *PACKAGES], check=True)
+            # --no-deps: with --target pip ignores what is installed and would look for NumPy & co.
+            # among the wheels; PACKAGES is exactly what the machine lacks.
+            subprocess.run([self.python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--find-links",
+                            str(WHEELS), "--target", str(site), *PACKAGES], check=True)
             paths.insert(0, str(site))
         self.env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
 
