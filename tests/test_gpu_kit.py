@@ -5,6 +5,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -90,3 +91,29 @@ def test_what_to_commit_says_when_a_stage_is_incomplete():
              "steps": [{"name": "train_icl", "status": "stopped at the deadline"}]}
     lines = kit.what_to_commit([stage])
     assert any("NOT complete" in line and "train_icl: stopped at the deadline" in line for line in lines)
+
+
+def test_a_step_past_the_deadline_is_stopped_and_its_dependants_skipped(tmp_path):
+    kit_module = load(KIT, "kit")
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    work.mkdir()
+    checkpoint = work / "best.weights.h5"
+
+    def run(deadline):
+        kit = kit_module.Kit(out, work, kit_module.DRY_RUN, dry_run=True, deadline=deadline, workers=1)
+        kit.prepare()
+        # The training keeps 7 s of the deadline for the step after it.
+        slow = kit_module.Step("train", ["-c", "import time; time.sleep(60)"], reserve=7, produces=checkpoint)
+        after = kit_module.Step("evaluate", ["-c", "pass"])
+        started = time.monotonic()
+        kit.run_all([(slow, []), (after, ["train"])])
+        assert time.monotonic() - started < deadline + 20
+        return slow, after
+
+    slow, after = run(deadline=14)
+    assert slow.status == "stopped at the deadline" and after.status == "skipped: needs train"
+    # A training stopped at the deadline that has written its checkpoint still serves the next step.
+    checkpoint.write_bytes(b"weights")
+    slow, after = run(deadline=14)
+    assert slow.status == "stopped at the deadline" and after.status == "ok"
