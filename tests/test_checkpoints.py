@@ -54,7 +54,7 @@ def test_evaluate_generates_its_heldout_mocks(tiny_checkpoint, tmp_path):
     assert result.returncode == 2 and "give either held-out cutout files or --generate N SEED" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["icl_trained", "icl_finetuned"])
+@pytest.mark.parametrize("name", ["icl_trained", "icl_finetuned", "icl_randomised"])
 def test_shipped_icl_checkpoint_loads_and_predicts(name):
     path = CHECKPOINTS / f"{name}.weights.h5"
     assert path.exists(), f"shipped checkpoint {path} is missing"
