@@ -229,9 +229,9 @@ def _backend():
 
 
 def _require_tensorflow(what):
-    """Import TensorFlow for ``what``, a ``tf.distribute`` feature; one clear error on another backend."""
-    if _backend() != "tensorflow":
-        raise ValueError(f"{what} needs the TensorFlow backend (KERAS_BACKEND=tensorflow); this run uses {_backend()}")
+    """Import TensorFlow for ``what``, a ``tf.distribute`` feature; one clear error on another backend
+    (:func:`common.require_tensorflow`)."""
+    common.require_tensorflow(what)
     import tensorflow as tf
 
     return tf
